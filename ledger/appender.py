@@ -1,0 +1,224 @@
+"""Group commit: one writer task takes every queued command, appends them in one transaction
+(one lock, one fsync), then answers each caller. Concurrent requests share the cost of a commit.
+
+A caller's future resolves only after COMMIT: an acknowledged delivery is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger.codec import canonical_bytes, chain_hash, dumps, format_time, loads
+from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
+from ledger.errors import LedgerError, StorageUnavailable
+from ledger.events import NewEvent, WebhookReceived
+from ledger.schema import IDEMPOTENCY_INDEX, events
+from ledger.store import read_head, read_versions, take_append_lock, write_transaction
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: Command
+    future: asyncio.Future[Any]
+
+
+def is_idempotency_violation(exc: sa.exc.IntegrityError) -> bool:
+    text = str(exc.orig)
+    return IDEMPOTENCY_INDEX in text or "events.trigger_id, events.idempotency_key" in text
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Errors that mean 'the database cannot take writes now', as opposed to a bug or bad data."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | OSError | TimeoutError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("disk is full", "no space left", "database is locked"))
+
+
+async def _read_originals(
+    conn: AsyncConnection, keys: set[tuple[str, str]]
+) -> dict[tuple[str, str], Original]:
+    if not keys:
+        return {}
+    by_trigger: dict[str, list[str]] = {}
+    for trigger_id, key in keys:
+        by_trigger.setdefault(trigger_id, []).append(key)
+    # The predicate repeats the partial index's own, so both planners use the index.
+    clauses = [
+        sa.and_(events.c.trigger_id == trigger_id, events.c.idempotency_key.in_(sorted(k)))
+        for trigger_id, k in by_trigger.items()
+    ]
+    query = sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
+        events.c.type == WebhookReceived.TYPE, sa.or_(*clauses)
+    )
+    originals = {}
+    for trigger_id, key, event_id, data in (await conn.execute(query)).all():
+        parsed = loads(data)
+        originals[(trigger_id, key)] = Original(event_id, parsed["execution_id"], parsed["body_sha256"])
+    return originals
+
+
+async def _plan_state(conn: AsyncConnection, commands: Sequence[Command]) -> PlanState:
+    keys = {c.key for c in commands if isinstance(c, RecordDelivery) and c.key}
+    originals = await _read_originals(conn, keys)
+    streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
+    streams += [f"execution-{o.execution_id}" for o in originals.values()]
+    return PlanState(await read_versions(conn, streams), originals)
+
+
+def _rows(
+    planned: list[tuple[NewEvent, int]], head: tuple[int, str], now: datetime
+) -> list[dict[str, Any]]:
+    seq, previous = head
+    rows = []
+    for event, version in planned:
+        seq += 1
+        row = {
+            "seq": seq,
+            "id": event.id,
+            "stream": event.stream,
+            "version": version,
+            "type": event.type,
+            "trigger_id": event.trigger_id,
+            "idempotency_key": event.idempotency_key,
+            "data": dumps(event.data),
+            "meta": dumps(event.meta),
+        }
+        previous = chain_hash(previous, canonical_bytes(**row, recorded_at=format_time(now)))
+        rows.append(row | {"recorded_at": now, "hash": previous})
+    return rows
+
+
+async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
+    """Append every command in the caller's transaction; each result is its outcome or its error.
+
+    The caller must hold the append lock for the whole transaction (see `write_connection`).
+    """
+    await take_append_lock(conn)
+    head = await read_head(conn)
+    state = await _plan_state(conn, commands)
+    planned_all: list[tuple[NewEvent, int]] = []
+    spans: list[tuple[Command, int, int] | LedgerError] = []
+    for command in commands:
+        try:
+            planned = command.plan(state)
+        except LedgerError as exc:
+            spans.append(exc)
+            continue
+        spans.append((command, len(planned_all), len(planned)))
+        planned_all.extend(planned)
+    now = datetime.now(UTC)
+    rows = _rows(planned_all, head, now)
+    if rows:
+        await conn.execute(events.insert(), rows)
+    seqs = [row["seq"] for row in rows]
+    return [
+        span
+        if isinstance(span, LedgerError)
+        else result_of(span[0], planned_all[span[1] : span[1] + span[2]], seqs[span[1] : span[1] + span[2]])
+        for span in spans
+    ]
+
+
+class Appender:
+    """The one writer of this process. `submit` queues a command and waits for its commit."""
+
+    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+        self._engine = engine
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._max_batch = max_batch
+        self.committed = asyncio.Event()  # set after each commit; listeners clear it
+        self.last_seq = 0
+        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
+
+    async def submit(self, command: Command) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(command, future))
+        return await future
+
+    async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:
+        return await self.submit(AppendEvents(events=events_, expected_version=expected_version))
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return
+        try:
+            results = await self._transaction([p.command for p in live])
+        except sa.exc.IntegrityError as exc:
+            await self._isolate(live, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - every caller must be answered, whatever failed
+            self._fail_all(live, exc)
+            return
+        for pending, result in zip(live, results, strict=True):
+            _resolve(pending.future, result)
+        self._notify(results)
+
+    async def _transaction(self, commands: list[Command]) -> list[Any]:
+        async with write_transaction(self._engine) as conn:
+            return await append_commands(conn, commands)
+
+    async def _isolate(self, batch: list[_Pending], exc: sa.exc.IntegrityError) -> None:
+        """One bad command must not fail its neighbours: retry each alone."""
+        if len(batch) == 1:
+            if is_idempotency_violation(exc):
+                # Another appender got in without our lock (should not happen): re-plan once,
+                # and the re-read sees the original, so this becomes a duplicate.
+                logger.warning("evt=idempotency_race_absorbed cause=%s", exc.orig)
+                try:
+                    results = await self._transaction([batch[0].command])
+                except Exception as again:  # noqa: BLE001
+                    self._fail_all(batch, again)
+                    return
+                _resolve(batch[0].future, results[0])
+                self._notify(results)
+                return
+            logger.error("evt=append_integrity_error cause=%s", exc.orig)
+            self._fail_all(batch, exc)
+            return
+        for pending in batch:
+            await self._commit_batch([pending])
+
+    def _fail_all(self, batch: list[_Pending], exc: BaseException) -> None:
+        error: BaseException = StorageUnavailable(exc) if is_unavailable(exc) else exc
+        if isinstance(error, StorageUnavailable):
+            logger.warning("evt=storage_unavailable cause=%r", exc)
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _notify(self, results: list[Any]) -> None:
+        self.batch_sizes.append(len(results))
+        del self.batch_sizes[:-100]
+        self.committed.set()
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -1,0 +1,51 @@
+"""JSON in and out of the store (orjson), and the canonical bytes the hash chain covers."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+GENESIS_HASH = "0" * 64
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def loads(text: str | bytes) -> Any:
+    return orjson.loads(text)
+
+
+def format_time(moment: datetime) -> str:
+    """ISO-8601 UTC with microseconds and a `Z`: sorts as text, reads the same on both backends."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def canonical_bytes(
+    *,
+    seq: int,
+    id: str,
+    stream: str,
+    version: int,
+    type: str,
+    trigger_id: str,
+    idempotency_key: str | None,
+    data: str,
+    meta: str,
+    recorded_at: str,
+) -> bytes:
+    """The bytes an event's hash covers: every stored column but the hash, `data`/`meta` as stored text."""
+    return orjson.dumps(
+        [seq, id, stream, version, type, trigger_id, idempotency_key, data, meta, recorded_at]
+    )
+
+
+def chain_hash(previous: str, canonical: bytes) -> str:
+    return hashlib.sha256(previous.encode() + canonical).hexdigest()

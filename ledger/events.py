@@ -1,0 +1,217 @@
+"""Event types of the log: one frozen dataclass per stored type name, and the registry between them.
+
+A stored type name never changes; evolve with a new type or an upcaster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from ledger.errors import UnknownEventType
+
+JSON = dict[str, Any]
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7): 48 bits of Unix milliseconds, then randomness."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+def execution_stream(execution_id: str) -> str:
+    return f"execution-{execution_id}"
+
+
+def trigger_stream(trigger_id: str) -> str:
+    return f"trigger-{trigger_id}"
+
+
+class EventData:
+    """Base of the typed payloads; `TYPE` is the stored type name."""
+
+    TYPE: ClassVar[str]
+
+    def to_data(self) -> JSON:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerConfigured(EventData):
+    """Common shape of trigger.registered / trigger.updated: the whole configuration after the change."""
+
+    id: str
+    source: str
+    secrets: list[JSON] = field(default_factory=list)  # [{"ciphertext", "expires_at"}], never clear
+    destination: JSON | None = None  # {"url", "timeout_s", "secret_ciphertext"}
+    idempotency_key_path: str | None = None
+    filter: JSON | None = None
+    retry: JSON | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerRegistered(TriggerConfigured):
+    TYPE: ClassVar[str] = "trigger.registered"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerUpdated(TriggerConfigured):
+    TYPE: ClassVar[str] = "trigger.updated"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerPaused(EventData):
+    TYPE: ClassVar[str] = "trigger.paused"
+    id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerResumed(EventData):
+    TYPE: ClassVar[str] = "trigger.resumed"
+    id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerDeleted(EventData):
+    TYPE: ClassVar[str] = "trigger.deleted"
+    id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookReceived(EventData):
+    TYPE: ClassVar[str] = "webhook.received"
+    execution_id: str
+    headers: dict[str, str]
+    body: str  # the exact text received (base64 when body_encoding says so), never re-serialised
+    content_type: str
+    body_sha256: str
+    initial_status: str  # pending | recorded | filtered, decided by the trigger at receipt
+    body_encoding: str = "utf-8"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookDuplicate(EventData):
+    TYPE: ClassVar[str] = "webhook.duplicate"
+    original_event_id: str
+    execution_id: str
+    body_sha256: str
+    body_matches: bool
+    body: str | None = None  # kept as evidence only when it differs
+    body_encoding: str | None = None
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionStarted(EventData):
+    TYPE: ClassVar[str] = "execution.started"
+    attempt: int
+    lease_until: str
+    worker: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionSucceeded(EventData):
+    TYPE: ClassVar[str] = "execution.succeeded"
+    attempt: int
+    status_code: int
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionFailed(EventData):
+    TYPE: ClassVar[str] = "execution.failed"
+    attempt: int
+    error_category: str
+    error: str
+    status_code: int | None
+    retry_at: str | None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionDeadLettered(EventData):
+    TYPE: ClassVar[str] = "execution.dead_lettered"
+    reason: str
+    error_category: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionReplayRequested(EventData):
+    TYPE: ClassVar[str] = "execution.replay_requested"
+    requested_by: str
+    bulk_id: str | None = None
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    cls.TYPE: cls
+    for cls in (
+        TriggerRegistered,
+        TriggerUpdated,
+        TriggerPaused,
+        TriggerResumed,
+        TriggerDeleted,
+        WebhookReceived,
+        WebhookDuplicate,
+        ExecutionStarted,
+        ExecutionSucceeded,
+        ExecutionFailed,
+        ExecutionDeadLettered,
+        ExecutionReplayRequested,
+    )
+}
+
+
+def payload_of(type_name: str, data: JSON) -> EventData:
+    """The typed payload of a stored event (unknown fields from newer writers are dropped)."""
+    cls = EVENT_TYPES.get(type_name)
+    if cls is None:
+        raise UnknownEventType(type_name)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewEvent:
+    """What is appended. `version` is assigned by the store under the append lock."""
+
+    stream: str
+    type: str
+    trigger_id: str
+    data: JSON
+    idempotency_key: str | None = None
+    meta: JSON = field(default_factory=dict)
+    id: str = field(default_factory=uuid7)
+
+    @classmethod
+    def of(cls, stream: str, trigger_id: str, payload: EventData, **kw: Any) -> NewEvent:
+        return cls(stream=stream, type=payload.TYPE, trigger_id=trigger_id, data=payload.to_data(), **kw)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedEvent:
+    """What is read back: a NewEvent plus its place in the log and its hash."""
+
+    seq: int
+    id: str
+    stream: str
+    version: int
+    type: str
+    trigger_id: str
+    idempotency_key: str | None
+    data: JSON
+    meta: JSON
+    recorded_at: datetime
+    hash: str
+
+    @property
+    def payload(self) -> EventData:
+        return payload_of(self.type, self.data)

@@ -1,0 +1,105 @@
+"""The tables of the log and of projection checkpoints, declared once on a named MetaData.
+
+Projections declare their read tables on the same `metadata` (see projections/), so that one
+Alembic history owns the whole schema. Names are stable: migrations and code refer to them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+IDEMPOTENCY_INDEX = "uq_events_trigger_id_idempotency_key"
+STREAM_VERSION_CONSTRAINT = "uq_events_stream_version"
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes on both backends (timestamptz on PostgreSQL, ISO text on SQLite)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# BIGINT on PostgreSQL, but INTEGER on SQLite so that `seq` is the rowid.
+BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+events = sa.Table(
+    "events",
+    metadata,
+    # seq is assigned by the single appender under the append lock, never by a sequence:
+    # commit order is seq order, so a reader following seq never passes a gap that fills later.
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=False),
+    sa.Column("id", sa.String(36), nullable=False, unique=True),
+    sa.Column("stream", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("trigger_id", sa.String(64), nullable=False),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    sa.Column("data", sa.Text, nullable=False),  # JSON text: text scans and inserts beat jsonb
+    sa.Column("meta", sa.Text, nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.UniqueConstraint("stream", "version"),
+    # The idempotency arbiter: one webhook.received per (trigger_id, key), for the life of the log.
+    sa.Index(
+        IDEMPOTENCY_INDEX,
+        "trigger_id",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=sa.text("type = 'webhook.received'"),
+        postgresql_where=sa.text("type = 'webhook.received'"),
+    ),
+    sa.Index("ix_events_trigger_id_seq", "trigger_id", "seq"),
+    sa.Index("ix_events_type_seq", "type", "seq"),
+)
+
+projection_checkpoints = sa.Table(
+    "projection_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("seq", BigInt, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The append-only rule, enforced by the database whatever code asks.
+SQLITE_APPEND_ONLY = [
+    """CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+       BEGIN SELECT RAISE(ABORT, 'events is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+       BEGIN SELECT RAISE(ABORT, 'events is append-only: DELETE refused'); END""",
+]
+POSTGRES_APPEND_ONLY = [
+    """CREATE OR REPLACE FUNCTION hookledger_events_append_only() RETURNS trigger
+       LANGUAGE plpgsql AS $$
+       BEGIN RAISE EXCEPTION 'events is append-only: % refused', TG_OP; END $$""",
+    "DROP TRIGGER IF EXISTS events_append_only ON events",
+    """CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+       FOR EACH ROW EXECUTE FUNCTION hookledger_events_append_only()""",
+    "DROP TRIGGER IF EXISTS events_no_truncate ON events",
+    """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+       FOR EACH STATEMENT EXECUTE FUNCTION hookledger_events_append_only()""",
+]

@@ -1,0 +1,210 @@
+"""The event store: engines for both backends, the append transaction, and reads by `seq` and stream.
+
+Every append runs under one lock (PostgreSQL: a transaction-scoped advisory lock; SQLite: the
+database write lock, taken by BEGIN IMMEDIATE). Under it the appender reads the chain head, assigns
+`seq` and `hash` itself and commits: commit order is `seq` order on both backends, so a reader
+that follows `seq` never passes an event that becomes visible later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ledger.codec import GENESIS_HASH, loads
+from ledger.events import RecordedEvent
+from ledger.schema import events
+
+APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
+WRITE_OPTION = "hookledger_write"
+
+
+def normalise_url(url: str) -> str:
+    """Accept plain `sqlite:///` and `postgresql://` URLs and pick the asyncio drivers."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+def create_engine(url: str, **kw: Any) -> AsyncEngine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, **kw)
+    kw.setdefault("pool_size", 10)
+    kw.setdefault("max_overflow", 10)
+    kw.setdefault("pool_pre_ping", True)
+    return create_async_engine(url, **kw)
+
+
+def _sqlite_engine(url: str, **kw: Any) -> AsyncEngine:
+    engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
+
+    @sa_event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control from the driver so BEGIN IMMEDIATE is ours to emit.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged delivery survives power loss
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa_event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Writers take the write lock up front, so that what they read under it stays true.
+        is_write = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if is_write else "BEGIN")
+
+    return engine
+
+
+def is_postgres(conn: AsyncConnection | AsyncEngine) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+async def write_connection(engine: AsyncEngine) -> AsyncConnection:
+    """A connection whose transactions take the append lock (SQLite: BEGIN IMMEDIATE)."""
+    conn = await engine.connect()
+    return await conn.execution_options(**{WRITE_OPTION: True})
+
+
+async def take_append_lock(conn: AsyncConnection) -> None:
+    if is_postgres(conn):
+        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_ID})
+
+
+async def read_head(conn: AsyncConnection) -> tuple[int, str]:
+    """The last event's seq and hash (0 and the genesis hash for an empty log)."""
+    row = (
+        await conn.execute(sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1))
+    ).first()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
+async def read_last_seq(conn: AsyncConnection) -> int:
+    return (await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)))).scalar_one()
+
+
+async def read_versions(conn: AsyncConnection, streams: Sequence[str]) -> dict[str, int]:
+    if not streams:
+        return {}
+    query = (
+        sa.select(events.c.stream, sa.func.max(events.c.version))
+        .where(events.c.stream.in_(sorted(set(streams))))
+        .group_by(events.c.stream)
+    )
+    return {stream: version for stream, version in (await conn.execute(query)).all()}
+
+
+def to_recorded(row: Any) -> RecordedEvent:
+    return RecordedEvent(
+        seq=row.seq,
+        id=row.id,
+        stream=row.stream,
+        version=row.version,
+        type=row.type,
+        trigger_id=row.trigger_id,
+        idempotency_key=row.idempotency_key,
+        data=loads(row.data),
+        meta=loads(row.meta),
+        recorded_at=row.recorded_at,
+        hash=row.hash,
+    )
+
+
+def _filtered(
+    query: sa.Select[Any], *, types: Sequence[str] | None, trigger_id: str | None
+) -> sa.Select[Any]:
+    if types:
+        query = query.where(events.c.type.in_(list(types)))
+    if trigger_id:
+        query = query.where(events.c.trigger_id == trigger_id)
+    return query
+
+
+async def read_events(
+    conn: AsyncConnection,
+    *,
+    after: int = 0,
+    limit: int = 100,
+    until: int | None = None,
+    types: Sequence[str] | None = None,
+    trigger_id: str | None = None,
+) -> list[RecordedEvent]:
+    """Events with seq > after (and <= until), in seq order, at most `limit`."""
+    query = sa.select(events).where(events.c.seq > after)
+    if until is not None:
+        query = query.where(events.c.seq <= until)
+    query = _filtered(query, types=types, trigger_id=trigger_id).order_by(events.c.seq).limit(limit)
+    return [to_recorded(row) for row in (await conn.execute(query)).all()]
+
+
+async def iter_events(
+    engine: AsyncEngine, *, after: int = 0, until: int | None = None, batch: int = 5000
+) -> AsyncIterator[list[RecordedEvent]]:
+    """The log in bounded batches, each read in its own short transaction: memory stays flat."""
+    while True:
+        async with engine.connect() as conn:
+            chunk = await read_events(conn, after=after, until=until, limit=batch)
+        if not chunk:
+            return
+        yield chunk
+        after = chunk[-1].seq
+
+
+async def read_event(conn: AsyncConnection, seq: int) -> RecordedEvent | None:
+    row = (await conn.execute(sa.select(events).where(events.c.seq == seq))).first()
+    return to_recorded(row) if row else None
+
+
+async def read_stream(conn: AsyncConnection, stream: str) -> list[RecordedEvent]:
+    query = sa.select(events).where(events.c.stream == stream).order_by(events.c.version)
+    return [to_recorded(row) for row in (await conn.execute(query)).all()]
+
+
+async def first_seq_at(conn: AsyncConnection, moment: datetime) -> int:
+    """The last seq recorded at or before `moment` (for point-in-time rebuilds)."""
+    query = sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)).where(
+        events.c.recorded_at <= moment
+    )
+    return (await conn.execute(query)).scalar_one()
+
+
+_write_locks: dict[int, asyncio.Lock] = {}
+
+
+def _process_write_lock(engine: AsyncEngine) -> asyncio.Lock:
+    # SQLite has one writer: inside a process, writers queue on an asyncio lock instead of
+    # spinning in SQLite's busy handler, whose sleeps would show up as latency spikes.
+    return _write_locks.setdefault(id(engine.sync_engine), asyncio.Lock())
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that may write (SQLite: BEGIN IMMEDIATE, one writer at a time per process)."""
+    lock = _process_write_lock(engine) if engine.dialect.name == "sqlite" else None
+    if lock is not None:
+        await lock.acquire()
+    try:
+        conn = await write_connection(engine)
+        try:
+            async with conn.begin():
+                yield conn
+        finally:
+            await conn.close()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,43 @@
+"""Secrets at rest: Fernet (AES-128-CBC + HMAC-SHA256) from `cryptography`, one key per deployment."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from ledger.errors import SecretUnavailable
+
+
+class Vault:
+    """Encrypts trigger and destination secrets before they reach the log."""
+
+    def __init__(self, key_material: str) -> None:
+        # Any string serves as key material: a Fernet key is derived from it, so an operator
+        # can set HOOKLEDGER_SECRET_KEY to a passphrase as well as to a generated key.
+        digest = hashlib.sha256(key_material.encode()).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(digest))
+
+    def encrypt(self, secret: str) -> str:
+        return self._fernet.encrypt(secret.encode()).decode()
+
+    def decrypt(self, ciphertext: str) -> str:
+        try:
+            return self._fernet.decrypt(ciphertext.encode()).decode()
+        except (InvalidToken, ValueError) as exc:
+            raise SecretUnavailable() from exc
+
+
+def load_or_create_key(path: Path) -> str:
+    """The key kept in `path`, created (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key().decode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key

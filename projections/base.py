@@ -1,0 +1,93 @@
+"""What a projection is to the runner: a named read table and how a batch of events changes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.events import RecordedEvent
+
+Row = dict[str, Any]
+# SQLite binds at most 32766 parameters a statement; stay well under it.
+_CHUNK = 500
+
+
+class Projection(Protocol):
+    name: str
+    table: sa.Table
+
+    def shadow_table(self, name: str) -> sa.Table: ...
+
+    def index_ddl(self, table_name: str) -> list[sa.Index]: ...
+
+    async def apply(self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RowProjection:
+    """A projection with one row per key, folded by a pure `evolve(row, event) -> row`."""
+
+    name: str
+    table: sa.Table
+    key_column: str
+    key_of: Callable[[RecordedEvent], str | None]
+    evolve: Callable[[Row | None, RecordedEvent], Row | None]
+    shadow: Callable[[str], sa.Table]
+    indexes: Sequence[tuple[str, list[str]]] = ()
+
+    def shadow_table(self, name: str) -> sa.Table:
+        return self.shadow(name)
+
+    def index_ddl(self, table_name: str) -> list[sa.Index]:
+        target = self.shadow(table_name)
+        return [sa.Index(name, *(target.c[c] for c in cols)) for name, cols in self.indexes]
+
+    async def apply(
+        self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]
+    ) -> None:
+        keyed = [(key, event) for event in events if (key := self.key_of(event)) is not None]
+        if not keyed:
+            return
+        existing = await self._load(conn, table, {key for key, _ in keyed})
+        rows = dict(existing)
+        for key, event in keyed:
+            after = self.evolve(rows.get(key), event)
+            if after is not None:
+                rows[key] = after
+        await self._store(conn, table, rows, existing)
+
+    async def _load(self, conn: AsyncConnection, table: sa.Table, keys: set[str]) -> dict[str, Row]:
+        column = table.c[self.key_column]
+        ordered, found = sorted(keys), {}
+        for start in range(0, len(ordered), _CHUNK):
+            query = sa.select(table).where(column.in_(ordered[start : start + _CHUNK]))
+            for row in (await conn.execute(query)).mappings():
+                found[row[self.key_column]] = dict(row)
+        return found
+
+    async def _store(
+        self, conn: AsyncConnection, table: sa.Table, rows: dict[str, Row], existing: dict[str, Row]
+    ) -> None:
+        inserts = [row for key, row in rows.items() if key not in existing]
+        updates = [row for key, row in rows.items() if key in existing and row != existing[key]]
+        if inserts:
+            await conn.execute(table.insert(), inserts)
+        if updates:
+            await conn.execute(_update_statement(table, self.key_column), [_bind(u) for u in updates])
+
+
+def _bind(row: Row) -> Row:
+    return {f"b_{name}": value for name, value in row.items()}
+
+
+def _update_statement(table: sa.Table, key_column: str) -> sa.Update:
+    values = {c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column}
+    return (
+        table.update()
+        .where(table.c[key_column] == sa.bindparam(f"b_{key_column}"))
+        .values(values)
+    )

@@ -1,0 +1,90 @@
+"""Rebuild a projection from the log into a shadow table, then swap it in (or keep it aside).
+
+The live table keeps serving while the shadow fills; the swap is one transaction that also sets
+the checkpoint to the rebuilt position, so the live runner goes on from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.store import iter_events, read_last_seq, write_transaction
+from projections.base import Projection
+from projections.runner import _take_projector_lock, set_checkpoint
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, int], None]  # (seq reached, target seq, events done)
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    name: str
+    table: str
+    until_seq: int
+    events: int
+    seconds: float
+    swapped: bool
+
+
+async def _recreate(engine: AsyncEngine, table: sa.Table) -> None:
+    async with write_transaction(engine) as conn:
+        await conn.run_sync(lambda sync: table.drop(sync, checkfirst=True))
+        await conn.run_sync(lambda sync: table.create(sync))
+
+
+async def _fill(
+    engine: AsyncEngine, projection: Projection, table: sa.Table, until: int, progress: Progress | None
+) -> int:
+    done = 0
+    async for batch in iter_events(engine, until=until, batch=5000):
+        async with write_transaction(engine) as conn:
+            await projection.apply(conn, table, batch)
+        done += len(batch)
+        if progress:
+            progress(batch[-1].seq, until, done)
+    return done
+
+
+async def _swap(engine: AsyncEngine, projection: Projection, shadow: str, until: int) -> None:
+    live = projection.table.name
+    async with write_transaction(engine) as conn:
+        await _take_projector_lock(conn, wait=True)
+        await conn.execute(sa.text(f'DROP TABLE "{live}"'))
+        await conn.execute(sa.text(f'ALTER TABLE "{shadow}" RENAME TO "{live}"'))
+        for index in projection.index_ddl(live):
+            await conn.run_sync(lambda sync, ix=index: ix.create(sync))
+        await set_checkpoint(conn, projection.name, until)
+
+
+async def rebuild(
+    engine: AsyncEngine,
+    projection: Projection,
+    *,
+    until_seq: int | None = None,
+    into: str | None = None,
+    progress: Progress | None = None,
+) -> RebuildResult:
+    """Rebuild `projection` from the log up to `until_seq` (default: the head).
+
+    With `into`, the result stays in that table and the live one is untouched (point in time).
+    """
+    started = time.monotonic()
+    async with engine.connect() as conn:
+        head = await read_last_seq(conn)
+    until = head if until_seq is None else min(until_seq, head)
+    target = into or f"{projection.name}__rebuild"
+    table = projection.shadow_table(target)
+    await _recreate(engine, table)
+    done = await _fill(engine, projection, table, until, progress)
+    if into is None:
+        await _swap(engine, projection, target, until)
+    seconds = time.monotonic() - started
+    logger.info("evt=rebuilt projection=%s events=%d seconds=%.2f", projection.name, done, seconds)
+    return RebuildResult(projection.name, into or projection.table.name, until, done, seconds, into is None)

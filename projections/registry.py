@@ -1,0 +1,27 @@
+"""Every projection hookledger keeps, by name."""
+
+from __future__ import annotations
+
+from projections import trigger_executions, triggers
+from projections.base import Projection, RowProjection
+
+TRIGGERS = RowProjection(
+    name=triggers.NAME,
+    table=triggers.table,
+    key_column="id",
+    key_of=triggers.key_of,
+    evolve=triggers.evolve,
+    shadow=triggers.shadow_table,
+)
+
+TRIGGER_EXECUTIONS = RowProjection(
+    name=trigger_executions.NAME,
+    table=trigger_executions.table,
+    key_column="execution_id",
+    key_of=trigger_executions.execution_id_of,
+    evolve=trigger_executions.evolve,
+    shadow=trigger_executions.shadow_table,
+    indexes=trigger_executions.INDEXES,
+)
+
+PROJECTIONS: dict[str, Projection] = {p.name: p for p in (TRIGGERS, TRIGGER_EXECUTIONS)}

@@ -1,0 +1,135 @@
+"""The runner: feeds the log to every projection and moves each checkpoint in the same transaction.
+
+One runner at a time projects a database: on PostgreSQL the others find the projector lock taken
+and wait their turn; on SQLite the write lock serialises them. A failing projection stops the runner
+and says why; it never skips an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger.events import RecordedEvent
+from ledger.schema import projection_checkpoints as checkpoints
+from ledger.store import is_postgres, read_events, read_last_seq, write_transaction
+from projections.base import Projection
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_LOCK_ID = 0x70726F6A  # "proj"
+
+
+async def read_checkpoints(conn: AsyncConnection) -> dict[str, int]:
+    rows = (await conn.execute(sa.select(checkpoints.c.name, checkpoints.c.seq))).all()
+    return {name: seq for name, seq in rows}
+
+
+async def set_checkpoint(conn: AsyncConnection, name: str, seq: int) -> None:
+    values = {"seq": seq, "updated_at": datetime.now(UTC)}
+    result = await conn.execute(checkpoints.update().where(checkpoints.c.name == name).values(values))
+    if result.rowcount == 0:
+        await conn.execute(checkpoints.insert().values(name=name, **values))
+
+
+async def _take_projector_lock(conn: AsyncConnection, *, wait: bool) -> bool:
+    if not is_postgres(conn):
+        return True  # the SQLite write transaction already excludes other runners
+    function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+    result = await conn.execute(sa.text(f"SELECT {function}(:k)"), {"k": PROJECTOR_LOCK_ID})
+    return wait or bool(result.scalar())
+
+
+class ProjectionRunner:
+    """Keeps every projection caught up with the log."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        projections: Sequence[Projection],
+        *,
+        batch: int = 1000,
+        poll_s: float = 0.2,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        self.engine = engine
+        self.projections = list(projections)
+        self._batch = batch
+        self._poll_s = poll_s
+        self._wake = wake or asyncio.Event()
+        self.advanced = asyncio.Event()
+        self.positions: dict[str, int] = {}
+        self.caught_up_at = time.monotonic()
+
+    async def step(self) -> int:
+        """Project the next batch; the number of events read (0: caught up or another runner's turn)."""
+        async with write_transaction(self.engine) as conn:
+            if not await _take_projector_lock(conn, wait=False):
+                return 0
+            positions = await read_checkpoints(conn)
+            low = min(positions.get(p.name, 0) for p in self.projections)
+            batch = await read_events(conn, after=low, limit=self._batch)
+            for projection in self.projections:
+                await self._apply(conn, projection, positions.get(projection.name, 0), batch)
+        self.positions = positions | {p.name: batch[-1].seq for p in self.projections} if batch else positions
+        if batch:
+            self.advanced.set()
+        return len(batch)
+
+    @staticmethod
+    async def _apply(
+        conn: AsyncConnection, projection: Projection, position: int, batch: list[RecordedEvent]
+    ) -> None:
+        pending = [event for event in batch if event.seq > position]
+        if pending:
+            await projection.apply(conn, projection.table, pending)
+            await set_checkpoint(conn, projection.name, pending[-1].seq)
+
+    async def catch_up(self) -> None:
+        while await self.step():
+            pass
+        self.caught_up_at = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A projection that fails stops here and retries from the same checkpoint:
+                # it never skips the event it cannot fold.
+                logger.exception("evt=projector_failed")
+                await asyncio.sleep(1.0)
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+            except TimeoutError:
+                pass
+
+    async def wait_for(self, seq: int, *, timeout: float = 10.0) -> None:
+        """Return once every projection has folded in `seq` (read-your-writes for commands)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.engine.connect() as conn:
+                positions = await read_checkpoints(conn)
+            if all(positions.get(p.name, 0) >= seq for p in self.projections):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"projections did not reach seq {seq} in {timeout} s")
+            self._wake.set()
+            await asyncio.sleep(0.005)
+
+    async def lag(self) -> dict[str, int]:
+        """Events each projection is behind the head of the log."""
+        async with self.engine.connect() as conn:
+            head = await read_last_seq(conn)
+            positions = await read_checkpoints(conn)
+        return {p.name: head - positions.get(p.name, 0) for p in self.projections}

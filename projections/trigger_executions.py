@@ -1,0 +1,136 @@
+"""`trigger_executions`: one row per execution, folded from its stream's events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from ledger.codec import parse_time
+from ledger.events import RecordedEvent
+from ledger.schema import BigInt, UTCDateTime, metadata
+
+NAME = "trigger_executions"
+Row = dict[str, Any]
+
+STATUSES = ("recorded", "filtered", "pending", "running", "succeeded", "retrying", "dead_lettered")
+TERMINAL = frozenset({"recorded", "filtered", "succeeded", "dead_lettered"})
+DISPATCHABLE = ("pending", "retrying", "running")
+
+
+def columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("execution_id", sa.String(36), primary_key=True),
+        sa.Column("trigger_id", sa.String(64), nullable=False),
+        sa.Column("idempotency_key", sa.String(255)),
+        sa.Column("received_event_id", sa.String(36), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("error_category", sa.String(16)),
+        sa.Column("last_error", sa.Text),
+        sa.Column("last_status_code", sa.Integer),
+        sa.Column("next_attempt_at", UTCDateTime),
+        sa.Column("lease_until", UTCDateTime),
+        sa.Column("duplicate_count", sa.Integer, nullable=False),
+        sa.Column("last_duplicate_at", UTCDateTime),
+        sa.Column("replay_count", sa.Integer, nullable=False),
+        sa.Column("last_replay_at", UTCDateTime),
+        sa.Column("received_at", UTCDateTime, nullable=False),
+        sa.Column("completed_at", UTCDateTime),
+        sa.Column("last_seq", BigInt, nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),  # stream version: the dispatcher's claim
+    ]
+
+
+INDEXES: list[tuple[str, list[str]]] = [
+    ("ix_trigger_executions_trigger_id_execution_id", ["trigger_id", "execution_id"]),
+    ("ix_trigger_executions_status_next_attempt_at", ["status", "next_attempt_at"]),
+]
+
+table = sa.Table(NAME, metadata, *columns())
+for _name, _cols in INDEXES:
+    sa.Index(_name, *(table.c[c] for c in _cols))
+
+
+def shadow_table(name: str) -> sa.Table:
+    """A copy of the table without secondary indexes, for rebuilds and point-in-time views."""
+    return sa.Table(name, sa.MetaData(), *columns())
+
+
+def _received(event: RecordedEvent) -> Row:
+    data = event.data
+    status = data.get("initial_status", "pending")
+    return {
+        "execution_id": data["execution_id"],
+        "trigger_id": event.trigger_id,
+        "idempotency_key": event.idempotency_key,
+        "received_event_id": event.id,
+        "status": status,
+        "attempts": 0,
+        "error_category": None,
+        "last_error": None,
+        "last_status_code": None,
+        "next_attempt_at": event.recorded_at if status == "pending" else None,
+        "lease_until": None,
+        "duplicate_count": 0,
+        "last_duplicate_at": None,
+        "replay_count": 0,
+        "last_replay_at": None,
+        "received_at": event.recorded_at,
+        "completed_at": None,
+    }
+
+
+def _time(value: str | None) -> datetime | None:
+    return parse_time(value) if value else None
+
+
+def _change(row: Row, event: RecordedEvent) -> Row:
+    """The columns an execution event changes (the fold's heart)."""
+    data, at = event.data, event.recorded_at
+    match event.type:
+        case "webhook.duplicate":
+            return {"duplicate_count": row["duplicate_count"] + 1, "last_duplicate_at": at}
+        case "execution.started":
+            lease = _time(data["lease_until"])
+            return {"status": "running", "attempts": data["attempt"], "lease_until": lease,
+                    "next_attempt_at": lease}
+        case "execution.succeeded":
+            return {"status": "succeeded", "attempts": data["attempt"], "error_category": None,
+                    "last_error": None, "last_status_code": data["status_code"],
+                    "next_attempt_at": None, "lease_until": None, "completed_at": at}
+        case "execution.failed":
+            retry_at = _time(data.get("retry_at"))
+            return {"status": "retrying" if retry_at else row["status"],
+                    "attempts": data["attempt"], "error_category": data["error_category"],
+                    "last_error": data["error"], "last_status_code": data.get("status_code"),
+                    "next_attempt_at": retry_at, "lease_until": None}
+        case "execution.dead_lettered":
+            category = data.get("error_category") or row["error_category"] or "permanent"
+            return {"status": "dead_lettered", "error_category": category,
+                    "last_error": row["last_error"] or data["reason"], "next_attempt_at": None,
+                    "lease_until": None, "completed_at": at}
+        case "execution.replay_requested":
+            return {"status": "pending", "attempts": 0, "replay_count": row["replay_count"] + 1,
+                    "last_replay_at": at, "next_attempt_at": at, "lease_until": None,
+                    "completed_at": None}
+        case _:
+            return {}
+
+
+def evolve(row: Row | None, event: RecordedEvent) -> Row | None:
+    """The execution's row after `event` (pure). Events of other streams leave it as it is."""
+    if row is not None and event.seq <= row["last_seq"]:
+        return row  # already folded in: applying an event twice equals once
+    if event.type == "webhook.received":
+        changed: Row = _received(event)
+    elif row is None:
+        return None
+    else:
+        changed = row | _change(row, event)
+    return changed | {"last_seq": event.seq, "version": event.version}
+
+
+def execution_id_of(event: RecordedEvent) -> str | None:
+    return event.stream[len("execution-") :] if event.stream.startswith("execution-") else None
