@@ -184,3 +184,11 @@ export function sleep(ms, signal) {
     signal?.addEventListener('abort', () => { clearTimeout(timer); resolve(); }, { once: true });
   });
 }
+
+/** A signal that aborts with its parent, or earlier through the returned controller. */
+export function childController(parent) {
+  const controller = new AbortController();
+  if (parent.aborted) controller.abort();
+  else parent.addEventListener('abort', () => controller.abort(), { once: true });
+  return controller;
+}

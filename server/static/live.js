@@ -171,3 +171,23 @@ export function executionIdOf(event) {
   const match = /^execution[-:/](.+)$/.exec(stream);
   return match ? match[1] : null;
 }
+
+/**
+ * Fetch a projection row until it has caught up with the log (row.last_seq >= seq): the live
+ * feed can announce an event a moment before the projector has applied it. Returns the last
+ * row fetched (possibly still behind after a few tries) or null when it does not exist yet.
+ */
+export async function fetchCaughtUp(fetchRow, seq, signal, tries = 6) {
+  let row = null;
+  for (let attempt = 1; attempt <= tries && !signal?.aborted; attempt += 1) {
+    try {
+      row = await fetchRow();
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      row = null;
+    }
+    if (row && (seq == null || Number(row.last_seq) >= seq)) return row;
+    await sleep(200 * attempt, signal);
+  }
+  return row;
+}

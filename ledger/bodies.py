@@ -1,0 +1,73 @@
+"""Decoding a delivery's body: which content types are accepted, and what the body says.
+
+The stored body is always the exact text received; parsing only serves keys and filters.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from ledger.errors import InvalidBody
+
+JSON_KIND, FORM_KIND, TEXT_KIND = "json", "form", "text"
+
+
+def content_kind(content_type: str) -> str | None:
+    """json, form or text for an accepted media type (parameters already stripped), else None."""
+    media = content_type.strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return JSON_KIND
+    if media == "application/x-www-form-urlencoded":
+        return FORM_KIND
+    if media == "text/plain":
+        return TEXT_KIND
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    text: str  # the exact text received, or its base64 when it is not UTF-8 text
+    encoding: str  # "utf-8" or "base64"
+    parsed: Any  # the JSON value keys and filters read; None for plain text
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidBody(f"body is not valid UTF-8 (byte {exc.start})") from exc
+
+
+def _json(raw: bytes | str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidBody(f"body is not valid JSON: {exc}") from exc
+
+
+def _form(text: str) -> Any:
+    fields = dict(parse_qsl(text, keep_blank_values=True))
+    payload = fields.get("payload")
+    # GitHub's and Slack's form deliveries carry the JSON document in a `payload` field.
+    if payload is not None:
+        return _json(payload)
+    return fields
+
+
+def decode_body(kind: str, raw: bytes) -> Body:
+    """Check and parse a body of an accepted kind; InvalidBody when it is not what it claims."""
+    if kind == JSON_KIND:
+        text = _utf8(raw)
+        return Body(text, "utf-8", _json(raw))
+    if kind == FORM_KIND:
+        text = _utf8(raw)
+        return Body(text, "utf-8", _form(text))
+    try:
+        return Body(raw.decode("utf-8"), "utf-8", None)
+    except UnicodeDecodeError:
+        return Body(base64.b64encode(raw).decode(), "base64", None)

@@ -1,0 +1,134 @@
+"""The aiohttp application: middlewares, routes, and the services' lifetimes (cleanup contexts)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from ledger.appender import Appender
+from ledger.migrate import upgrade
+from ledger.store import create_engine
+from ledger.vault import Vault
+from projections.registry import PROJECTIONS
+from projections.runner import ProjectionRunner
+from server import admin
+from server.catalog import TriggerCache
+from server.config import Settings
+from server.errors import ApiError, Handler, error_middleware
+from server.logs import request_id
+from server.receiver import receive_webhook
+from server.state import SERVICES, Services
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+    token = request_id.set(rid)
+    try:
+        response = await handler(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+    finally:
+        request_id.reset(token)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        expected = request.app[SERVICES].admin_token
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), expected.encode()
+        ):
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin token>")
+    return await handler(request)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    tasks = [asyncio.create_task(services.appender.run(), name="appender")]
+    if services.settings.projector:
+        tasks.append(asyncio.create_task(services.runner.run(), name="projector"))
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return admin.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        async with asyncio.timeout(2):
+            lag = await services.runner.lag()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the database means not ready
+        raise ApiError(503, "not_ready", f"database unreachable: {type(exc).__name__}") from exc
+    return admin.json_response({"status": "ready", "projection_lag": lag})
+
+
+async def dashboard(_request: web.Request) -> web.StreamResponse:
+    index = STATIC / "index.html"
+    if not index.exists():
+        raise ApiError(404, "not_found", "the dashboard is not installed")
+    return web.FileResponse(index)
+
+
+def build_services(settings: Settings) -> Services:
+    engine = create_engine(settings.database_url)
+    appender = Appender(engine)
+    vault = Vault(settings.resolved_secret_key())
+    token, _ = settings.resolved_admin_token()
+    runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
+    return Services(
+        settings=settings,
+        engine=engine,
+        appender=appender,
+        runner=runner,
+        vault=vault,
+        triggers=TriggerCache(engine, vault),
+        admin_token=token,
+    )
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    await upgrade(services.engine)
+    yield
+    await services.engine.dispose()
+
+
+def make_app(settings: Settings, services: Services | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SERVICES] = services or build_services(settings)
+    app.cleanup_ctx.extend([_database, _background])
+    app.router.add_post("/webhooks/{trigger_id}", receive_webhook)
+    app.router.add_routes(admin.routes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/", dashboard)
+    if STATIC.exists():
+        app.router.add_static("/static/", STATIC)
+    return app

@@ -1,0 +1,263 @@
+"""The `hookledger` command line.
+
+Commands that change triggers or executions go through the same admin API a running server
+offers, served in-process on a loopback port, so the CLI and HTTP share one code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ledger.codec import parse_time
+from ledger.migrate import upgrade
+from ledger.store import create_engine, first_seq_at, read_events
+from projections.rebuild import rebuild
+from projections.registry import PROJECTIONS
+from server import logs
+from server.app import make_app
+from server.config import Settings
+from server.progress import ProgressBar
+
+logger = logging.getLogger(__name__)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return Settings.from_env(database_url=args.database_url, **extra)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        dispatch=not args.no_dispatch,
+        log_format=args.log_format,
+    )
+    logs.configure(settings.log_format)
+    token, is_new = settings.resolved_admin_token()
+    app = make_app(settings)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    await site.start()
+    url = f"http://{settings.host}:{settings.port}/"
+    if is_new:
+        # Shown once, as a notebook server does; later starts point at the file instead.
+        print(
+            f"hookledger listening on {url}\n  dashboard: {url}#token={token}\n  admin token: {token}",
+            flush=True,
+        )
+    else:
+        print(
+            f"hookledger listening on {url} (admin token in {settings.data_dir / 'hookledger.token'}"
+            " or HOOKLEDGER_ADMIN_TOKEN)",
+            flush=True,
+        )
+    if settings.private_destinations_allowed:
+        print("  destinations on loopback and private networks are allowed", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def local_api(args: argparse.Namespace) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """The admin API of this database, served in-process on a loopback port for one command."""
+    settings = _settings(args, dispatch=False, host="127.0.0.1")
+    token, _ = settings.resolved_admin_token()
+    settings = replace(settings, admin_token=token)
+    runner = web.AppRunner(make_app(settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers=headers) as session:
+            yield session, token
+    finally:
+        await runner.cleanup()
+
+
+async def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    async with (
+        local_api(args) as (session, _),
+        session.request(method, path, json=body) as response,
+    ):
+        payload = await response.read()
+        result = orjson.loads(payload) if payload else None
+        if response.status >= 400:
+            message = result["error"]["message"] if result else response.reason
+            raise SystemExit(f"error: {message}")
+        return result
+
+
+async def _triggers(args: argparse.Namespace) -> None:
+    if args.action == "add":
+        body: dict[str, Any] = {"id": args.id, "source": args.source}
+        if args.secret:
+            body["secret"] = args.secret
+        if args.generate_secret:
+            body["generate_secret"] = True
+        if args.destination:
+            body["destination"] = {"url": args.destination}
+        if args.key_path:
+            body["idempotency_key_path"] = args.key_path
+        _print_json(await _call(args, "POST", "/api/triggers", body))
+    elif args.action == "list":
+        _print_json(await _call(args, "GET", "/api/triggers"))
+    elif args.action == "delete":
+        await _call(args, "DELETE", f"/api/triggers/{args.id}")
+        print(f"deleted {args.id}")
+    else:
+        _print_json(await _call(args, "POST", f"/api/triggers/{args.id}/{args.action}"))
+
+
+async def _executions(args: argparse.Namespace) -> None:
+    query = {
+        k: v
+        for k, v in (
+            ("trigger_id", args.trigger),
+            ("status", args.status),
+            ("limit", str(args.limit)),
+        )
+        if v
+    }
+    path = "/api/executions?" + "&".join(f"{k}={v}" for k, v in query.items())
+    if args.id:
+        path = f"/api/executions/{args.id}"
+    _print_json(await _call(args, "GET", path))
+
+
+async def _events(args: argparse.Namespace) -> None:
+    engine = create_engine(_settings(args).database_url)
+    after = args.after
+    try:
+        while True:
+            async with engine.connect() as conn:
+                page = await read_events(
+                    conn, after=after, limit=1000, types=args.type or None, trigger_id=args.trigger
+                )
+            for event in page:
+                sys.stdout.write(orjson.dumps(event, default=str).decode() + "\n")
+            sys.stdout.flush()
+            after = page[-1].seq if page else after
+            if not page and not args.follow:
+                return
+            if not page:
+                await asyncio.sleep(0.5)
+    finally:
+        await engine.dispose()
+
+
+async def _rebuild(args: argparse.Namespace) -> None:
+    projection = PROJECTIONS.get(args.name)
+    if projection is None:
+        raise SystemExit(f"error: no projection {args.name!r}; known: {', '.join(PROJECTIONS)}")
+    engine = create_engine(_settings(args).database_url)
+    try:
+        await upgrade(engine)
+        until = args.until_seq
+        if args.as_of:
+            async with engine.connect() as conn:
+                until = await first_seq_at(conn, parse_time(args.as_of))
+        into = args.into or (f"{projection.name}_at_{until}" if until is not None else None)
+        bar = ProgressBar(f"rebuild {projection.name}")
+        result = await rebuild(engine, projection, until_seq=until, into=into, progress=bar.update)
+        bar.close()
+        print(
+            f"rebuilt {result.name} into {result.table}: {result.events} events up to seq "
+            f"{result.until_seq} in {result.seconds:.2f} s"
+        )
+    finally:
+        await engine.dispose()
+
+
+async def _db_upgrade(args: argparse.Namespace) -> None:
+    engine = create_engine(_settings(args).database_url)
+    try:
+        print(f"schema at revision {await upgrade(engine)}")
+    finally:
+        await engine.dispose()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hookledger", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--database-url", help="default: HOOKLEDGER_DATABASE_URL or ./hookledger.db"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the receiver, admin API, projector and dispatcher")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--no-dispatch", action="store_true", help="do not forward deliveries here")
+    serve.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
+    db = sub.add_parser("db", help="schema")
+    db.add_argument("action", choices=["upgrade"])
+    triggers = sub.add_parser("triggers", help="add|list|pause|resume|delete")
+    triggers.add_argument("action", choices=["add", "list", "pause", "resume", "delete"])
+    triggers.add_argument("id", nargs="?")
+    triggers.add_argument("--source", default="generic")
+    triggers.add_argument("--secret")
+    triggers.add_argument("--generate-secret", action="store_true")
+    triggers.add_argument("--destination", help="URL to forward each delivery to")
+    triggers.add_argument(
+        "--key-path", help="idempotency_key_path: header:NAME or body:dotted.path"
+    )
+    events = sub.add_parser("events", help="print the log as JSON lines")
+    events.add_argument("--after", type=int, default=0)
+    events.add_argument("--follow", action="store_true")
+    events.add_argument("--type", action="append")
+    events.add_argument("--trigger")
+    executions = sub.add_parser("executions", help="list executions, or show one with its timeline")
+    executions.add_argument("id", nargs="?")
+    executions.add_argument("--trigger")
+    executions.add_argument("--status")
+    executions.add_argument("--limit", type=int, default=50)
+    rebuild_cmd = sub.add_parser("rebuild", help="rebuild a projection from the log")
+    rebuild_cmd.add_argument("name", choices=sorted(PROJECTIONS))
+    rebuild_cmd.add_argument("--until-seq", type=int)
+    rebuild_cmd.add_argument("--as-of", help="ISO-8601 time: the view as it was then")
+    rebuild_cmd.add_argument("--into", help="table to build into (default: swap into the live one)")
+    return parser
+
+
+COMMANDS = {
+    "serve": _serve,
+    "db": _db_upgrade,
+    "triggers": _triggers,
+    "events": _events,
+    "executions": _executions,
+    "rebuild": _rebuild,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command != "serve":
+        logs.configure("text", logging.WARNING)
+    if args.command == "triggers" and args.action != "list" and not args.id:
+        raise SystemExit("error: give the trigger id")
+    runner = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run  # type: ignore[assignment]
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(COMMANDS[args.command](args))

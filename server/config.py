@@ -1,0 +1,93 @@
+"""Settings of one hookledger process, from the environment and the command line."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ledger.store import normalise_url
+from ledger.vault import load_or_create_key
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./hookledger.db"
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token: str | None = None
+    secret_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    allow_private_destinations: bool | None = None  # None: implied by a loopback-only listener
+    replay_interval_s: float = 60.0
+    dispatch: bool = True
+    projector: bool = True
+    log_format: str = "auto"
+    header_timeout_s: float = 10.0
+    data_dir: Path = field(default_factory=lambda: Path("."))
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        settings = cls(
+            database_url=env.get("HOOKLEDGER_DATABASE_URL", DEFAULT_DATABASE_URL),
+            admin_token=env.get("HOOKLEDGER_ADMIN_TOKEN") or None,
+            secret_key=env.get("HOOKLEDGER_SECRET_KEY") or None,
+            max_body_bytes=int(env.get("HOOKLEDGER_MAX_BODY_BYTES", MAX_BODY_BYTES)),
+            allow_private_destinations=(
+                _flag("HOOKLEDGER_ALLOW_PRIVATE_DESTINATIONS")
+                if "HOOKLEDGER_ALLOW_PRIVATE_DESTINATIONS" in env
+                else None
+            ),
+            replay_interval_s=float(env.get("HOOKLEDGER_REPLAY_INTERVAL_S", "60")),
+            log_format=env.get("HOOKLEDGER_LOG_FORMAT", "auto"),
+        )
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()
+
+    def with_data_dir(self) -> Settings:
+        """State files (key, token) live beside the SQLite file, or in ./.hookledger for PostgreSQL."""
+        if self.is_sqlite:
+            path = self.database_url.split("///", 1)[-1]
+            return replace(self, data_dir=Path(path).resolve().parent)
+        return replace(self, data_dir=Path(".hookledger").resolve())
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_loopback_only(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def private_destinations_allowed(self) -> bool:
+        if self.allow_private_destinations is not None:
+            return self.allow_private_destinations
+        return self.is_loopback_only
+
+    def resolved_secret_key(self) -> str:
+        return self.secret_key or load_or_create_key(self.data_dir / "hookledger.key")
+
+    def resolved_admin_token(self) -> tuple[str, bool]:
+        """The admin token, and whether it was generated just now (to print it once)."""
+        if self.admin_token:
+            return self.admin_token, False
+        path = self.data_dir / "hookledger.token"
+        if path.exists():
+            return path.read_text().strip(), False
+        token = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        return token, True

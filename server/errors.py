@@ -1,0 +1,99 @@
+"""The server's errors and the one place that turns any error into the documented HTTP shape.
+
+ApiError(status, code, message)       raised by handlers for documented outcomes
+ledger.errors.*                        mapped by `error_middleware` (see _LEDGER_ERRORS)
+anything else                          500 internal_error, logged with its cause
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import orjson
+from aiohttp import web
+
+from ledger import errors as ledger_errors
+from server.logs import fact
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+_LEDGER_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    ledger_errors.InvalidIdempotencyKey: (400, "invalid_idempotency_key"),
+    ledger_errors.InvalidBody: (400, "invalid_json"),
+    ledger_errors.InvalidSignature: (401, "invalid_signature"),
+    ledger_errors.DuplicateTrigger: (409, "trigger_exists"),
+    ledger_errors.StreamVersionConflict: (409, "conflict"),
+}
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    400: "bad_request",
+    431: "headers_too_large",
+}
+
+
+def _from_http(exc: web.HTTPException) -> web.Response:
+    code = _HTTP_CODES.get(exc.status, "http_error")
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return error_response(exc.status, code, exc.reason or code, headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except ledger_errors.StorageUnavailable as exc:
+        fact(logger, "storage_unavailable", logging.WARNING, cause=exc.cause)
+        return error_response(
+            503,
+            "storage_unavailable",
+            "the database is unavailable; retry later",
+            {"Retry-After": "5"},
+        )
+    except ledger_errors.LedgerError as exc:
+        for kind, (status, code) in _LEDGER_ERRORS.items():
+            if isinstance(exc, kind):
+                return error_response(status, code, str(exc))
+        logger.exception("evt=internal_error path=%s", request.path)
+        return error_response(
+            500, "internal_error", "an internal error occurred; it has been logged"
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http(exc)
+    except Exception:
+        logger.exception("evt=internal_error path=%s", request.path)
+        return error_response(
+            500, "internal_error", "an internal error occurred; it has been logged"
+        )

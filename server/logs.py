@@ -1,0 +1,83 @@
+"""Structured logs: one line per fact (`evt=… key=value`), as text or JSON, with the request id.
+
+Values are quoted and escaped, so a payload's newlines or escape sequences never split a line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+")
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    if text and all(ch in _PLAIN for ch in text):
+        return text
+    return orjson.dumps(text).decode()  # quoted, with every control character escaped
+
+
+def fact(logger: logging.Logger, evt: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one structured fact; the fields also travel as `extra` for the JSON formatter."""
+    if not logger.isEnabledFor(level):
+        return
+    line = " ".join([f"evt={evt}", *(f"{k}={_text(v)}" for k, v in fields.items())])
+    logger.log(level, line, extra={"evt": evt, "fields": fields})
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if getattr(record, "evt", None):
+            entry["evt"] = record.evt
+            entry.update({k: v for k, v in record.fields.items() if k not in entry})
+        if getattr(record, "request_id", None):
+            entry["request_id"] = record.request_id
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", None)
+        line = f"{line} request_id={rid}" if rid else line
+        # Tracebacks are the one multi-line thing; keep them on one line too.
+        return line.replace("\n", "\\n")
+
+
+def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(
+        JsonFormatter()
+        if log_format == "json"
+        else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

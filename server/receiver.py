@@ -1,0 +1,129 @@
+"""The webhook receiver: `POST /webhooks/{trigger_id}`.
+
+Size, content type and signature are checked on the raw bytes before anything is parsed; the
+answer goes out only after the delivery is committed to the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import orjson
+from aiohttp import web
+
+from ledger.bodies import Body, content_kind, decode_body
+from ledger.commands import DeliveryOutcome, RecordDelivery
+from ledger.events import WebhookReceived, uuid7
+from ledger.filters import filter_matches
+from ledger.keys import extract_key
+from ledger.signatures import redact_headers, verify_signature
+from server.catalog import ActiveTrigger
+from server.errors import ApiError
+from server.logs import fact, request_id
+from server.state import SERVICES, Services
+
+logger = logging.getLogger(__name__)
+
+
+def _initial_status(trigger: ActiveTrigger, body: Body) -> str:
+    if not filter_matches(trigger.filter, body.parsed):
+        return "filtered"
+    return "pending" if trigger.has_destination else "recorded"
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
+    # aiohttp stops reading at client_max_size (after decompression), so memory stays bounded.
+    return await request.read()
+
+
+async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
+    trigger = await services.triggers.get(trigger_id)
+    if trigger is None:
+        raise ApiError(404, "trigger_not_found", f"no trigger {trigger_id!r}")
+    return trigger
+
+
+def _command(
+    trigger: ActiveTrigger, request: web.Request, raw: bytes, body: Body, key: str | None
+) -> RecordDelivery:
+    received = WebhookReceived(
+        execution_id=uuid7(),
+        headers=redact_headers(request.headers.items()),
+        body=body.text,
+        content_type=request.headers.get("Content-Type", ""),
+        body_sha256=hashlib.sha256(raw).hexdigest(),
+        initial_status=_initial_status(trigger, body),
+        body_encoding=body.encoding,
+    )
+    meta = {"request_id": request_id.get(), "source": trigger.source}
+    return RecordDelivery(trigger_id=trigger.id, idempotency_key=key, received=received, meta=meta)
+
+
+def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> web.Response:
+    if not outcome.is_duplicate:
+        fact(
+            logger,
+            "webhook_accepted",
+            trigger_id=trigger_id,
+            event_id=outcome.event_id,
+            execution_id=outcome.execution_id,
+        )
+        body = {
+            "event_id": outcome.event_id,
+            "execution_id": outcome.execution_id,
+            "duplicate": False,
+        }
+        return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+    fact(
+        logger,
+        "idempotent_replay",
+        trigger_id=trigger_id,
+        idempotency_key=key,
+        event_id=outcome.event_id,
+        original_event_id=outcome.original_event_id,
+        body_matches=outcome.body_matches,
+    )
+    body = {
+        "event_id": outcome.event_id,
+        "original_event_id": outcome.original_event_id,
+        "execution_id": outcome.execution_id,
+        "duplicate": True,
+    }
+    return web.Response(
+        status=200,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Idempotent-Replayed": "true"},
+    )
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    trigger = await _find_trigger(services, request.match_info["trigger_id"])
+    kind = content_kind(request.content_type)
+    if (
+        request.content_length is not None
+        and request.content_length > services.settings.max_body_bytes
+    ):
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"the body is larger than {services.settings.max_body_bytes} bytes",
+        )
+    if kind is None:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{request.content_type!r} is not accepted: send JSON, a form or text/plain",
+        )
+    raw = await _read_body(request, services.settings.max_body_bytes)
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    if trigger.requires_signature:
+        verify_signature(trigger.source, trigger.secrets, headers, raw)
+    body = decode_body(kind, raw)
+    key = extract_key(trigger.source, trigger.idempotency_key_path, headers, body.parsed)
+    outcome = await services.appender.submit(_command(trigger, request, raw, body, key))
+    return _answer(trigger.id, key, outcome)

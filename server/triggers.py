@@ -1,0 +1,182 @@
+"""Trigger configuration: validation of what an operator asks, and the commands that record it.
+
+Triggers are event-sourced (`trigger.*` events in stream `trigger-{id}`); the `triggers` table is
+their projection. Secrets are encrypted before they reach an event and shown in clear only once.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets as random_secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ledger.events import (
+    JSON,
+    EventData,
+    NewEvent,
+    TriggerDeleted,
+    TriggerPaused,
+    TriggerRegistered,
+    TriggerResumed,
+    TriggerUpdated,
+    trigger_stream,
+)
+from ledger.signatures import SOURCES
+from ledger.vault import Vault
+from server.addresses import DestinationRefused, check_destination_url, check_header_value
+from server.errors import ApiError
+from server.policy import RetryPolicy
+
+TRIGGER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_SECRET_LENGTH = 1024
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(400, "invalid_trigger", message)
+
+
+def _text(payload: JSON, name: str, *, limit: int = 255) -> str | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise invalid(f"{name} must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def generate_secret(source: str) -> str:
+    if source == "discord":
+        raise invalid("a discord trigger's secret is the application's public key: give it")
+    raw = random_secrets.token_bytes(24)
+    return "whsec_" + base64.b64encode(raw).decode() if source == "standard" else raw.hex()
+
+
+def _check_secret(source: str, secret: str) -> None:
+    if source == "discord" and not re.fullmatch(r"[0-9a-fA-F]{64}", secret):
+        raise invalid("a discord secret is the application's Ed25519 public key, 64 hex digits")
+    if source == "standard" and not secret.startswith("whsec_"):
+        raise invalid("a standard (Standard Webhooks) secret starts with whsec_")
+
+
+def _destination(payload: Any, vault: Vault, *, allow_private: bool) -> JSON | None:
+    if payload is None:
+        return None
+    if not isinstance(payload, dict):
+        raise invalid("destination must be an object {url, timeout_s?, secret?, headers?}")
+    url = _text(payload, "url", limit=2048)
+    if url is None:
+        raise invalid("destination.url is required")
+    timeout = payload.get("timeout_s", DEFAULT_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 120:
+        raise invalid("destination.timeout_s must be a number of seconds in (0, 120]")
+    headers = payload.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise invalid("destination.headers must map names to strings")
+    try:
+        check_destination_url(url, allow_private=allow_private)
+        for name, value in headers.items():
+            check_header_value(name, value)
+    except DestinationRefused as exc:
+        raise invalid(f"destination refused: {exc}") from exc
+    secret = _text(payload, "secret", limit=MAX_SECRET_LENGTH)
+    return {
+        "url": url,
+        "timeout_s": float(timeout),
+        "headers": headers,
+        "secret_ciphertext": vault.encrypt(secret) if secret else None,
+    }
+
+
+def _retry(value: Any) -> JSON | None:
+    if value is None:
+        return None
+    try:
+        policy = RetryPolicy.from_json(value)
+    except (ValueError, TypeError) as exc:
+        raise invalid(f"retry: {exc}") from exc
+    return {"max_attempts": policy.max_attempts, "base_s": policy.base_s, "cap_s": policy.cap_s}
+
+
+def _filter(value: Any) -> JSON | None:
+    if value is not None and not isinstance(value, dict):
+        raise invalid("filter must be an object of dotted paths to values")
+    return value
+
+
+def config_changes(payload: Any, vault: Vault, *, allow_private: bool) -> JSON:
+    """The configuration fields a create or PATCH payload sets, validated and sealed."""
+    if not isinstance(payload, dict):
+        raise invalid("the body must be a JSON object")
+    changes: JSON = {}
+    if "destination" in payload:
+        changes["destination"] = _destination(
+            payload["destination"], vault, allow_private=allow_private
+        )
+    if "idempotency_key_path" in payload:
+        changes["idempotency_key_path"] = _text(payload, "idempotency_key_path")
+    if "filter" in payload:
+        changes["filter"] = _filter(payload["filter"])
+    if "retry" in payload:
+        changes["retry"] = _retry(payload["retry"])
+    return changes
+
+
+def new_config(payload: Any, vault: Vault, *, allow_private: bool) -> tuple[JSON, str | None]:
+    """A new trigger's whole configuration (as `trigger.registered` data) and its clear secret."""
+    changes = config_changes(payload, vault, allow_private=allow_private)
+    trigger_id = payload.get("id")
+    if not isinstance(trigger_id, str) or not TRIGGER_ID.match(trigger_id):
+        raise invalid("id must match ^[a-z0-9][a-z0-9_-]{0,63}$")
+    source = payload.get("source", "generic")
+    if source not in SOURCES:
+        raise invalid(f"source must be one of {', '.join(sorted(SOURCES))}")
+    secret = _text(payload, "secret", limit=MAX_SECRET_LENGTH)
+    if secret is None and payload.get("generate_secret") is True:
+        secret = generate_secret(source)
+    if secret is not None:
+        _check_secret(source, secret)
+    config = {
+        "id": trigger_id,
+        "source": source,
+        "secrets": sealed_secrets(vault, secret, [], 0),
+        "destination": None,
+        "idempotency_key_path": None,
+        "filter": None,
+        "retry": None,
+    }
+    return config | changes, secret
+
+
+def sealed_secrets(
+    vault: Vault, secret: str | None, previous: list[JSON], grace_s: float
+) -> list[JSON]:
+    """The stored secret list after setting `secret`: the previous one kept for `grace_s`."""
+    if secret is None:
+        return []
+    kept = []
+    if previous and grace_s > 0:
+        until = (datetime.now(UTC) + timedelta(seconds=grace_s)).isoformat()
+        kept = [{"ciphertext": previous[0]["ciphertext"], "expires_at": until}]
+    return [{"ciphertext": vault.encrypt(secret), "expires_at": None}, *kept]
+
+
+def event_for(trigger_id: str, payload: EventData) -> NewEvent:
+    return NewEvent.of(trigger_stream(trigger_id), trigger_id, payload)
+
+
+def registered(config: JSON) -> TriggerRegistered:
+    return TriggerRegistered(**config)
+
+
+def updated(config: JSON) -> TriggerUpdated:
+    return TriggerUpdated(**config)
+
+
+STATE_EVENTS: dict[str, type[EventData]] = {
+    "pause": TriggerPaused,
+    "resume": TriggerResumed,
+    "delete": TriggerDeleted,
+}

@@ -1,0 +1,103 @@
+"""Fixtures: every database test runs on a real SQLite file and on the real PostgreSQL.
+
+PostgreSQL tests create a database of their own (random name) on HOOKLEDGER_TEST_PG_URL
+(default postgresql://postgres@127.0.0.1:5432/test) and drop it after. Where no PostgreSQL answers
+they skip with the reason — unless HOOKLEDGER_REQUIRE_POSTGRES=1 (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from server.app import make_app
+from server.config import Settings
+
+PG_URL = os.environ.get("HOOKLEDGER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("HOOKLEDGER_REQUIRE_POSTGRES") == "1"
+ADMIN_TOKEN = "test-admin-token"
+BACKENDS = ["sqlite", "postgres"]
+
+
+async def _pg_admin() -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(PG_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        reason = f"PostgreSQL not reachable at {PG_URL}: {exc}"
+        if REQUIRE_PG:
+            pytest.fail(reason + " (HOOKLEDGER_REQUIRE_POSTGRES=1)")
+        pytest.skip(reason)
+
+
+async def create_pg_database() -> str:
+    admin = await _pg_admin()
+    name = f"hl_test_{secrets.token_hex(6)}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base = PG_URL.rsplit("/", 1)[0]
+    return f"{base}/{name}".replace("postgresql://", "postgresql+asyncpg://")
+
+
+async def drop_pg_database(url: str) -> None:
+    admin = await _pg_admin()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}"
+        return
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(url)
+
+
+@pytest.fixture
+def backend(database_url: str) -> str:
+    return "postgres" if database_url.startswith("postgresql") else "sqlite"
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        secret_key="test-secret-key",
+        data_dir=tmp_path,
+        allow_private_destinations=True,
+        dispatch=False,
+        replay_interval_s=60.0,
+    )
+
+
+MakeClient = Callable[..., Any]
+
+
+@pytest.fixture
+async def client(aiohttp_client: MakeClient, settings: Settings) -> TestClient:  # type: ignore[type-arg]
+    return await aiohttp_client(make_app(settings))
+
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def create_trigger(client: TestClient, **config: Any) -> dict[str, Any]:  # type: ignore[type-arg]
+    config.setdefault("source", "generic")
+    response = await client.post("/api/triggers", json=config, headers=AUTH)
+    assert response.status == 201, await response.text()
+    return await response.json()  # type: ignore[no-any-return]
