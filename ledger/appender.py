@@ -49,24 +49,31 @@ def is_unavailable(exc: BaseException) -> bool:
     return any(s in text for s in ("disk is full", "no space left", "database is locked"))
 
 
+def _originals_query(keys: set[tuple[str, str]]) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+    by_trigger: dict[str, list[str]] = {}
+    for trigger_id, key in keys:
+        by_trigger.setdefault(trigger_id, []).append(key)
+    # One branch per trigger, each `type = … AND trigger_id = … AND key IN (…)`: it repeats the
+    # partial index's predicate and binds both its columns, so both planners probe that index
+    # (an OR across triggers made SQLite fall back to scanning the type index).
+    selects = [
+        sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
+            events.c.type == WebhookReceived.TYPE,
+            events.c.trigger_id == trigger_id,
+            events.c.idempotency_key.in_(sorted(trigger_keys)),
+        )
+        for trigger_id, trigger_keys in sorted(by_trigger.items())
+    ]
+    return selects[0] if len(selects) == 1 else sa.union_all(*selects)
+
+
 async def _read_originals(
     conn: AsyncConnection, keys: set[tuple[str, str]]
 ) -> dict[tuple[str, str], Original]:
     if not keys:
         return {}
-    by_trigger: dict[str, list[str]] = {}
-    for trigger_id, key in keys:
-        by_trigger.setdefault(trigger_id, []).append(key)
-    # The predicate repeats the partial index's own, so both planners use the index.
-    clauses = [
-        sa.and_(events.c.trigger_id == trigger_id, events.c.idempotency_key.in_(sorted(k)))
-        for trigger_id, k in by_trigger.items()
-    ]
-    query = sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
-        events.c.type == WebhookReceived.TYPE, sa.or_(*clauses)
-    )
     originals = {}
-    for trigger_id, key, event_id, data in (await conn.execute(query)).all():
+    for trigger_id, key, event_id, data in (await conn.execute(_originals_query(keys))).all():
         parsed = loads(data)
         originals[(trigger_id, key)] = Original(event_id, parsed["execution_id"], parsed["body_sha256"])
     return originals

@@ -51,7 +51,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= _MAX_ATTEMPTS_LIMIT:
             raise ValueError(
-                f"retry.max_attempts must be from 1 to {_MAX_ATTEMPTS_LIMIT}, got {self.max_attempts}"
+                f"retry.max_attempts must be from 1 to {_MAX_ATTEMPTS_LIMIT},"
+                f" got {self.max_attempts}"
             )
         if not 0.0 < self.base_s <= _MAX_CAP_S:  # NaN fails every comparison
             raise ValueError(
@@ -64,21 +65,21 @@ class RetryPolicy:
             )
 
     @classmethod
-    def from_dict(cls, raw: object) -> RetryPolicy:
+    def from_json(cls, raw: object) -> RetryPolicy:
         """Validate a trigger's decoded `retry` JSON; missing fields keep the default."""
         if not isinstance(raw, dict):
             raise ValueError("retry must be an object with max_attempts, base_s, cap_s")
         unknown = sorted(str(key) for key in raw.keys() - {"max_attempts", "base_s", "cap_s"})
         if unknown:
             raise ValueError(f"retry has unknown fields: {', '.join(unknown)}")
-        fields = DEFAULT_RETRY_POLICY.to_dict() | raw
+        fields = DEFAULT_RETRY_POLICY.to_json() | raw
         return cls(
             max_attempts=_json_int("max_attempts", fields["max_attempts"]),
             base_s=_json_seconds("base_s", fields["base_s"]),
             cap_s=_json_seconds("cap_s", fields["cap_s"]),
         )
 
-    def to_dict(self) -> dict[str, int | float]:
+    def to_json(self) -> dict[str, int | float]:
         """The JSON-native form kept in trigger events."""
         return {"max_attempts": self.max_attempts, "base_s": self.base_s, "cap_s": self.cap_s}
 

@@ -35,8 +35,13 @@ SIGNATURE_HEADER = {
     "evolution": "apikey",
     "generic": "x-signature-256",
 }
-PUBLIC_HEADERS = ["webhook-id", "webhook-timestamp", "x-signature-timestamp"]
-PUBLIC_HEADERS += ["x-slack-request-timestamp"]
+# Timestamps and ids: signed, but neither secret nor a signature.
+PUBLIC_HEADERS = [
+    "webhook-id",
+    "webhook-timestamp",
+    "x-signature-timestamp",
+    "x-slack-request-timestamp",
+]
 HEX64 = "ab" * 32
 
 

@@ -1,6 +1,6 @@
 // Executions (#/executions?…): filters in the URL, cursor paging, sort by time, live rows.
 import { enc } from './api.js';
-import { debounce, describeError, emptyState, errorState, field, h, loadingState, swapContent } from './dom.js';
+import { debounce, describeError, emptyState, errorState, field, h, loadingState } from './dom.js';
 import {
   STATUSES, categoryBadge, formatCount, href, isoToLocalInput, localInputToIso, shortId, statusBadge, timeEl,
 } from './format.js';
@@ -165,7 +165,7 @@ function tableHead(ctx, filters) {
 }
 
 function executionRow(row) {
-  const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, ...content);
+  const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, h('div', { class: 'cell' }, ...content));
   return h('tr', { testid: 'execution-row', 'data-key': row.execution_id, 'data-execution-id': row.execution_id, 'data-status': row.status },
     cell('Received', 'execution-received-at', timeEl(row.received_at)),
     cell('Execution', null, h('a', { href: href.execution(row.execution_id), testid: 'execution-link', title: row.execution_id }, shortId(row.execution_id))),

@@ -49,7 +49,7 @@ function triggersTable(ctx, triggers, reload) {
 
 function triggerRow(ctx, trigger, reload) {
   const counts = trigger.counts ?? {};
-  const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, ...content);
+  const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, h('div', { class: 'cell' }, ...content));
   return h('tr', { testid: 'trigger-row', 'data-key': trigger.id, 'data-trigger-id': trigger.id, 'data-paused': String(Boolean(trigger.paused)) },
     cell('Trigger', null, h('strong', { testid: 'trigger-id' }, trigger.id),
       h('div', { class: 'url-line' }, h('code', { class: 'wrap', testid: 'trigger-webhook-url' }, webhookUrl(trigger.id)),

@@ -1,0 +1,199 @@
+"""The store's contract, on SQLite and on PostgreSQL: appends, concurrency, ordering, enforcement."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.appender import Appender, append_commands
+from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
+from ledger.commands import AppendEvents, RecordDelivery
+from ledger.errors import StreamVersionConflict
+from ledger.events import NewEvent, WebhookReceived, uuid7
+from ledger.migrate import current_revision, head_revision, upgrade
+from ledger.store import create_engine, read_events, read_stream, write_transaction
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncEngine:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def appender(engine: AsyncEngine) -> Appender:
+    appender = Appender(engine)
+    task = asyncio.create_task(appender.run())
+    yield appender
+    task.cancel()
+
+
+def event(stream: str = "s-1", n: int = 0) -> NewEvent:
+    return NewEvent(stream=stream, type="test.happened", trigger_id="t", data={"n": n})
+
+
+def delivery(key: str | None, body: str = "{}", trigger_id: str = "t") -> RecordDelivery:
+    received = WebhookReceived(
+        execution_id=uuid7(), headers={}, body=body, content_type="application/json",
+        body_sha256=hashlib.sha256(body.encode()).hexdigest(), initial_status="recorded",
+    )
+    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
+
+
+async def test_append_then_read_back_in_order(engine: AsyncEngine, appender: Appender) -> None:
+    appended = await appender.append([event(n=1), event(n=2)], expected_version=0)
+    assert [a.version for a in appended] == [1, 2]
+    async with engine.connect() as conn:
+        read = await read_events(conn, after=0, limit=10)
+        stream = await read_stream(conn, "s-1")
+    assert [e.data["n"] for e in read] == [1, 2]
+    assert [e.seq for e in read] == [a.seq for a in appended]
+    assert [e.version for e in stream] == [1, 2]
+    assert read[0].recorded_at.tzinfo is not None
+
+
+async def test_expected_version_conflict_appends_nothing(engine: AsyncEngine, appender: Appender) -> None:
+    await appender.append([event()], expected_version=0)
+    with pytest.raises(StreamVersionConflict) as caught:
+        await appender.append([event()], expected_version=0)
+    assert caught.value.actual == 1
+    async with engine.connect() as conn:
+        assert len(await read_events(conn, limit=10)) == 1
+
+
+async def test_racing_appends_with_one_expected_version_one_wins(engine: AsyncEngine, appender: Appender) -> None:
+    results = await asyncio.gather(
+        *(appender.append([event(n=i)], expected_version=0) for i in range(20)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert all(isinstance(r, StreamVersionConflict) for r in results if isinstance(r, Exception))
+
+
+async def test_hash_chain_links_each_event_to_the_previous(engine: AsyncEngine, appender: Appender) -> None:
+    for i in range(3):
+        await appender.append([event(stream=f"s-{i}")])
+    async with engine.connect() as conn:
+        read = await read_events(conn, limit=10)
+    previous = GENESIS_HASH
+    for e in read:
+        canonical = canonical_bytes(
+            seq=e.seq, id=e.id, stream=e.stream, version=e.version, type=e.type, trigger_id=e.trigger_id,
+            idempotency_key=e.idempotency_key, data=dumps(e.data), meta=dumps(e.meta),
+            recorded_at=format_time(e.recorded_at),
+        )
+        previous = chain_hash(previous, canonical)
+        assert e.hash == previous
+
+
+async def test_update_and_delete_on_events_are_refused_by_the_database(
+    engine: AsyncEngine, appender: Appender
+) -> None:
+    await appender.append([event()])
+    for statement in ("UPDATE events SET data = '{}'", "DELETE FROM events"):
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(statement)
+    async with engine.connect() as conn:
+        assert len(await read_events(conn, limit=10)) == 1
+
+
+async def test_duplicate_detection_uses_the_idempotency_index(engine: AsyncEngine, backend: str) -> None:
+    async with write_transaction(engine) as conn:
+        await append_commands(conn, [delivery(f"k{i}") for i in range(200)])
+    query = (
+        "SELECT trigger_id, idempotency_key, id, data FROM events "
+        "WHERE type = 'webhook.received' AND trigger_id = 't' AND idempotency_key IN ('k1', 'k2')"
+    )
+    async with engine.connect() as conn:
+        if backend == "postgres":
+            await conn.exec_driver_sql("ANALYZE events")
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + query))
+        else:
+            plan = "\n".join(str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query))
+    assert "uq_events_trigger_id_idempotency_key" in plan, plan
+
+
+async def test_the_appenders_own_duplicate_query_uses_the_index(engine: AsyncEngine, backend: str) -> None:
+    """The statement the appender really sends, compiled for this backend, is planned on the index."""
+    from ledger.appender import _originals_query
+
+    statement = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
+    async with write_transaction(engine) as conn:
+        await append_commands(conn, [delivery(f"k{i}") for i in range(50)])
+    async with engine.connect() as conn:
+        sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        if backend == "postgres":
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
+        else:
+            plan = "\n".join(str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+    assert "uq_events_trigger_id_idempotency_key" in plan, plan
+
+
+async def test_in_batch_and_cross_batch_duplicates(engine: AsyncEngine) -> None:
+    async with write_transaction(engine) as conn:
+        first = await append_commands(conn, [delivery("a"), delivery("a", body="[1]"), delivery(None)])
+    async with write_transaction(engine) as conn:
+        second = await append_commands(conn, [delivery("a")])
+    assert [r.is_duplicate for r in first] == [False, True, False]
+    assert first[1].body_matches is False
+    assert second[0].is_duplicate and second[0].original_event_id == first[0].event_id
+    assert second[0].execution_id == first[0].execution_id
+    async with engine.connect() as conn:
+        timeline = await read_stream(conn, f"execution-{first[0].execution_id}")
+    assert [e.type for e in timeline] == ["webhook.received", "webhook.duplicate", "webhook.duplicate"]
+    assert timeline[1].data["body"] == "[1]"
+
+
+async def test_upgrade_is_idempotent_and_keeps_events(engine: AsyncEngine, appender: Appender) -> None:
+    await appender.append([event()])
+    assert await upgrade(engine) == head_revision()
+    assert await current_revision(engine) == head_revision()
+    async with engine.connect() as conn:
+        assert len(await read_events(conn, limit=10)) == 1
+
+
+async def test_concurrent_appenders_never_let_a_reader_skip(database_url: str) -> None:
+    """Several engines (connection pools) append at once while a reader tails `after=seq`."""
+    engines = [create_engine(database_url) for _ in range(4)]
+    await upgrade(engines[0])
+    appenders = [Appender(e, max_batch=7) for e in engines]
+    tasks = [asyncio.create_task(a.run()) for a in appenders]
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def tail() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()
+            async with engines[0].connect() as conn:
+                page = await read_events(conn, after=after, limit=50)
+            seen.extend(e.seq for e in page)
+            after = page[-1].seq if page else after
+            if finished and not page:
+                return
+
+    async def write(appender: Appender, n: int) -> None:
+        for i in range(60):
+            await asyncio.gather(*(appender.append([event(stream=f"w{n}-{i}-{j}")]) for j in range(3)))
+
+    reader = asyncio.create_task(tail())
+    await asyncio.gather(*(write(a, n) for n, a in enumerate(appenders)))
+    done.set()
+    await reader
+    async with engines[0].connect() as conn:
+        final = [e.seq for e in await read_events(conn, limit=10_000)]
+    for t in tasks:
+        t.cancel()
+    for e in engines:
+        await e.dispose()
+    assert len(final) == 4 * 60 * 3
+    assert seen == final
+    assert final == list(range(1, len(final) + 1))
