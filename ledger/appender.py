@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -151,6 +152,9 @@ class Appender:
         self.committed = asyncio.Event()  # set after each commit; listeners clear it
         self.last_seq = 0
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
+        # Called after each commit with (batch size, seconds of the transaction): metrics, feeds.
+        self.commit_listeners: list[Callable[[int, float], None]] = []
+        self._started = 0.0
 
     async def submit(self, command: Command) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -184,6 +188,7 @@ class Appender:
         self._notify(results)
 
     async def _transaction(self, commands: list[Command]) -> list[Any]:
+        self._started = time.perf_counter()
         async with write_transaction(self._engine) as conn:
             return await append_commands(conn, commands)
 
@@ -220,6 +225,12 @@ class Appender:
         self.batch_sizes.append(len(results))
         del self.batch_sizes[:-100]
         self.committed.set()
+        seconds = time.perf_counter() - self._started
+        for listener in self.commit_listeners:
+            try:
+                listener(len(results), seconds)
+            except Exception:  # a listener must never stop the one writer
+                logger.exception("evt=commit_listener_failed")
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -17,8 +17,12 @@ _CHUNK = 500
 
 
 class Projection(Protocol):
-    name: str
-    table: sa.Table
+    # Read-only: frozen dataclasses and plain classes both satisfy it.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def table(self) -> sa.Table: ...
 
     def shadow_table(self, name: str) -> sa.Table: ...
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from projections import trigger_executions, triggers
+from projections import trigger_executions, trigger_stats, triggers
 from projections.base import Projection, RowProjection
 
 TRIGGERS = RowProjection(
@@ -24,4 +24,8 @@ TRIGGER_EXECUTIONS = RowProjection(
     indexes=trigger_executions.INDEXES,
 )
 
-PROJECTIONS: dict[str, Projection] = {p.name: p for p in (TRIGGERS, TRIGGER_EXECUTIONS)}
+TRIGGER_STATS = trigger_stats.PROJECTION
+
+PROJECTIONS: dict[str, Projection] = {
+    p.name: p for p in (TRIGGERS, TRIGGER_EXECUTIONS, TRIGGER_STATS)
+}

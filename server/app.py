@@ -19,9 +19,10 @@ from ledger.store import create_engine
 from ledger.vault import Vault
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
-from server import admin
+from server import admin, replays
 from server.catalog import TriggerCache
 from server.config import Settings
+from server.dispatcher import Dispatcher
 from server.errors import ApiError, Handler, error_middleware
 from server.logs import request_id
 from server.receiver import receive_webhook
@@ -64,6 +65,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(services.appender.run(), name="appender")]
     if services.settings.projector:
         tasks.append(asyncio.create_task(services.runner.run(), name="projector"))
+    if services.settings.dispatch and services.dispatcher is not None:
+        tasks.append(asyncio.create_task(services.dispatcher.run(), name="dispatcher"))
     yield
     for task in tasks:
         task.cancel()
@@ -99,6 +102,9 @@ def build_services(settings: Settings) -> Services:
     vault = Vault(settings.resolved_secret_key())
     token, _ = settings.resolved_admin_token()
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
+    dispatcher = Dispatcher(
+        engine=engine, appender=appender, vault=vault, settings=settings, wake=runner.advanced
+    )
     return Services(
         settings=settings,
         engine=engine,
@@ -107,6 +113,7 @@ def build_services(settings: Settings) -> Services:
         vault=vault,
         triggers=TriggerCache(engine, vault),
         admin_token=token,
+        dispatcher=dispatcher,
     )
 
 
@@ -126,6 +133,7 @@ def make_app(settings: Settings, services: Services | None = None) -> web.Applic
     app.cleanup_ctx.extend([_database, _background])
     app.router.add_post("/webhooks/{trigger_id}", receive_webhook)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(replays.routes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", dashboard)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -145,6 +146,47 @@ async def _executions(args: argparse.Namespace) -> None:
     _print_json(await _call(args, "GET", path))
 
 
+def _requester() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name in some containers
+        return "cli"
+
+
+async def _replay(args: argparse.Namespace) -> None:
+    if args.id:
+        path = f"/api/executions/{args.id}/replay"
+        _print_json(await _call(args, "POST", path, {"requested_by": _requester()}))
+        return
+    if not (args.dead_lettered and args.trigger):
+        raise SystemExit("error: give an execution id, or --dead-lettered --trigger T")
+    body: dict[str, Any] = {
+        "trigger_id": args.trigger,
+        "status": "dead_lettered",
+        "requested_by": _requester(),
+        "dry_run": args.dry_run,
+    }
+    body |= {k: v for k, v in (("since", args.since), ("until", args.until)) if v}
+    if args.limit is not None:
+        body["limit"] = args.limit
+    _print_json(await _call(args, "POST", "/api/replays", body))
+
+
+async def _dispatch(args: argparse.Namespace) -> None:
+    """The dispatcher and the projector of this database, without an HTTP listener."""
+    settings = _settings(args, dispatch=True, log_format=args.log_format)
+    logs.configure(settings.log_format)
+    runner = web.AppRunner(make_app(settings), access_log=None)
+    await runner.setup()  # runs the app's cleanup contexts: schema, appender, projector, dispatcher
+    print(f"hookledger dispatching from {settings.database_url.split('://', 1)[0]}", flush=True)
+    if settings.private_destinations_allowed:
+        print("  destinations on loopback and private networks are allowed", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
 async def _events(args: argparse.Namespace) -> None:
     engine = create_engine(_settings(args).database_url)
     after = args.after
@@ -230,6 +272,16 @@ def _parser() -> argparse.ArgumentParser:
     executions.add_argument("--trigger")
     executions.add_argument("--status")
     executions.add_argument("--limit", type=int, default=50)
+    replay = sub.add_parser("replay", help="replay an execution, or a trigger's dead letters")
+    replay.add_argument("id", nargs="?", help="the execution to replay")
+    replay.add_argument("--dead-lettered", action="store_true", help="bulk: dead letters")
+    replay.add_argument("--trigger", help="bulk: the trigger whose dead letters to replay")
+    replay.add_argument("--since", help="bulk: received at or after (ISO-8601)")
+    replay.add_argument("--until", help="bulk: received before (ISO-8601)")
+    replay.add_argument("--limit", type=int, help="bulk: replay at most this many")
+    replay.add_argument("--dry-run", action="store_true", help="bulk: only count")
+    dispatch = sub.add_parser("dispatch", help="run only the dispatcher and projector (no HTTP)")
+    dispatch.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
     rebuild_cmd = sub.add_parser("rebuild", help="rebuild a projection from the log")
     rebuild_cmd.add_argument("name", choices=sorted(PROJECTIONS))
     rebuild_cmd.add_argument("--until-seq", type=int)
@@ -245,6 +297,8 @@ COMMANDS = {
     "events": _events,
     "executions": _executions,
     "rebuild": _rebuild,
+    "replay": _replay,
+    "dispatch": _dispatch,
 }
 
 

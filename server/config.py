@@ -30,9 +30,14 @@ class Settings:
     allow_private_destinations: bool | None = None  # None: implied by a loopback-only listener
     replay_interval_s: float = 60.0
     dispatch: bool = True
+    lease_s: float = 30.0  # a claim outlives its attempt's timeout by this much
+    dispatch_poll_s: float = 1.0  # longest sleep between looks for due executions
+    dispatch_concurrency: int = 64  # attempts in flight in this process, all destinations
+    destination_concurrency: int = 8  # attempts in flight in this process to one destination
     projector: bool = True
     log_format: str = "auto"
     header_timeout_s: float = 10.0
+    ready_max_lag_s: float = 60.0  # /readyz fails when a projection is further behind
     data_dir: Path = field(default_factory=lambda: Path("."))
 
     @classmethod
@@ -49,7 +54,12 @@ class Settings:
                 else None
             ),
             replay_interval_s=float(env.get("HOOKLEDGER_REPLAY_INTERVAL_S", "60")),
+            lease_s=float(env.get("HOOKLEDGER_LEASE_S", "30")),
+            dispatch_poll_s=float(env.get("HOOKLEDGER_DISPATCH_POLL_S", "1")),
+            dispatch_concurrency=int(env.get("HOOKLEDGER_DISPATCH_CONCURRENCY", "64")),
+            destination_concurrency=int(env.get("HOOKLEDGER_DESTINATION_CONCURRENCY", "8")),
             log_format=env.get("HOOKLEDGER_LOG_FORMAT", "auto"),
+            ready_max_lag_s=float(env.get("HOOKLEDGER_READY_MAX_LAG_S", "60")),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
         return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()

@@ -3,7 +3,7 @@
 The default policy rides out a 24 h outage despite full jitter (a delay can draw 0): the
 84 waits of 85 attempts are independent U(0, c_k), c_k = min(3600, 10 * 2**(k-1)), and the
 Chernoff bound P(sum <= a) <= e^(λa) * Π (1 - e^(-λ c_k)) / (λ c_k) puts P(sum < 24 h)
-below 6e-8 (tests/test_policy.py computes it). The mean span is 38 h and the longest 76 h,
+below 6e-8 (tests/test_policy.py computes it). The mean span is 38 h, the longest 76 h, about
 Stripe's 3 days. Retry-After only ever lengthens a wait, so it cannot break the bound.
 """
 
@@ -37,7 +37,13 @@ _MAX_ATTEMPTS_LIMIT = 1000
 _MAX_CAP_S = 7 * 24 * 3600.0
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _DELTA_SECONDS = re.compile(r"-?[0-9]+", re.ASCII)
-_PERMANENT_ERRORS = (DestinationRefused, aiohttp.InvalidURL, aiohttp.TooManyRedirects)
+_PERMANENT_ERRORS = (
+    DestinationRefused,
+    aiohttp.InvalidURL,
+    aiohttp.NonHttpUrlClientError,
+    aiohttp.RedirectClientError,
+    aiohttp.TooManyRedirects,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

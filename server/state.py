@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -12,6 +12,8 @@ from ledger.vault import Vault
 from projections.runner import ProjectionRunner
 from server.catalog import TriggerCache
 from server.config import Settings
+from server.dispatcher import Dispatcher
+from server.metrics import Metrics
 
 
 @dataclass(slots=True)
@@ -23,6 +25,8 @@ class Services:
     vault: Vault
     triggers: TriggerCache
     admin_token: str
+    dispatcher: Dispatcher | None = None  # started when settings.dispatch
+    metrics: Metrics = field(default_factory=Metrics)  # a registry per app
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

@@ -80,7 +80,7 @@ def _destination(payload: Any, vault: Vault, *, allow_private: bool) -> JSON | N
         for name, value in headers.items():
             check_header_value(name, value)
     except DestinationRefused as exc:
-        raise invalid(f"destination refused: {exc}") from exc
+        raise invalid(f"destination refused: {exc.reason}") from exc
     secret = _text(payload, "secret", limit=MAX_SECRET_LENGTH)
     return {
         "url": url,

@@ -28,11 +28,11 @@ export function chartFigure({ title, testid, series, draw, signal }) {
 }
 
 /** Bars per day; grouped side by side, or stacked. rows: [{day, [key]: number}]. */
-export function barChart({ rows, series, width, stacked = false, label, format = String }) {
+export function barChart({ rows, series, width, stacked = false, label, format = String, emptyText = 'None in this period' }) {
   const max = Math.max(0, ...rows.map((row) => (stacked
     ? series.reduce((sum, s) => sum + (row[s.key] ?? 0), 0)
     : Math.max(0, ...series.map((s) => row[s.key] ?? 0)))));
-  const frame = chartFrame({ rows, width, max, label, format });
+  const frame = chartFrame({ rows, width, max, label, format, emptyText });
   const band = frame.plotWidth / rows.length;
   const barWidth = stacked ? band * 0.7 : (band * 0.8) / series.length;
   rows.forEach((row, i) => {
@@ -52,9 +52,9 @@ export function barChart({ rows, series, width, stacked = false, label, format =
 }
 
 /** Lines per day with a dot per known value; null values leave a gap. */
-export function lineChart({ rows, series, width, label, format = String }) {
+export function lineChart({ rows, series, width, label, format = String, emptyText = 'No data in this period' }) {
   const values = rows.flatMap((row) => series.map((s) => row[s.key])).filter((v) => v !== null && v !== undefined);
-  const frame = chartFrame({ rows, width, max: Math.max(0, ...values), label, format });
+  const frame = chartFrame({ rows, width, max: Math.max(0, ...values), label, format, emptyText: values.length ? null : emptyText });
   const band = frame.plotWidth / rows.length;
   const x = (i) => MARGIN.left + band * (i + 0.5);
   for (const s of series) {
@@ -80,7 +80,7 @@ function linePath(points) {
 }
 
 /** Axes, grid and day labels; returns the y scale and the group to draw the data in. */
-function chartFrame({ rows, width, max, label, format }) {
+function chartFrame({ rows, width, max, label, format, emptyText }) {
   const plotWidth = Math.max(10, width - MARGIN.left - MARGIN.right);
   const plotHeight = HEIGHT - MARGIN.top - MARGIN.bottom;
   const { top, step } = niceScale(max);
@@ -94,6 +94,9 @@ function chartFrame({ rows, width, max, label, format }) {
   root.append(grid, dayLabels(rows, plotWidth));
   const plot = svg('g', { class: 'plot' });
   root.append(plot);
+  if (emptyText && !(max > 0)) {
+    root.append(svg('text', { class: 'empty-note', x: MARGIN.left + plotWidth / 2, y: MARGIN.top + plotHeight / 2, 'text-anchor': 'middle' }, emptyText));
+  }
   return { root, plot, y, plotWidth };
 }
 

@@ -9,7 +9,7 @@ import { kv, timelineItem } from './timeline.js';
 export function mountEvent(ctx) {
   const seq = Number(ctx.params[0]);
   ctx.setTitle(`Event #${seq}`);
-  const body = h('div', {}, loadingState('Loading the event…'));
+  const body = h('div', { class: 'stack' }, loadingState('Loading the event…'));
   ctx.root.append(h('section', { class: 'view', testid: 'view-event' },
     h('div', { class: 'view-head' },
       h('h1', { tabindex: '-1' }, `Event #${seq}`),

@@ -10,7 +10,7 @@ import { kv, timeline } from './timeline.js';
 export function mountExecution(ctx) {
   const id = ctx.params[0];
   ctx.setTitle(`Execution ${shortId(id)}`);
-  const body = h('div', {}, loadingState('Loading the execution…'));
+  const body = h('div', { class: 'stack' }, loadingState('Loading the execution…'));
   ctx.root.append(h('section', { class: 'view', testid: 'view-execution', 'data-execution-id': id },
     h('div', { class: 'view-head' },
       h('div', {},

@@ -85,7 +85,7 @@ function executionList(ctx, filters) {
   empty.hidden = true;
   const count = h('p', { class: 'muted', role: 'status', testid: 'executions-count' });
   const more = h('button', { type: 'button', hidden: true, testid: 'executions-load-more', on: { click: () => loadMore() } }, 'Load more');
-  const status = h('div', {}, loadingState('Loading executions…'));
+  const status = h('div', { class: 'stack' }, loadingState('Loading executions…'));
   const state = { cursor: null, done: false, fresh: 0 };
 
   async function loadMore() {
@@ -134,7 +134,7 @@ function executionList(ctx, filters) {
     sync();
   }
 
-  const el = h('div', { class: 'list' }, status, table, empty, h('div', { class: 'list-foot' }, count, more));
+  const el = h('div', { class: 'list stack' }, status, table, empty, h('div', { class: 'list-foot' }, count, more));
   return { el, loadMore, merge, has: (id) => rows.has(id) };
 }
 
@@ -158,16 +158,17 @@ function tableHead(ctx, filters) {
     title: ascending ? 'Oldest first: show newest first' : 'Newest first: show oldest first',
     on: { click: () => navigateWith(ctx, { ...filters, order: ascending ? 'desc' : 'asc' }) },
   }, 'Received ', h('span', { 'aria-hidden': 'true' }, ascending ? '▲' : '▼'));
-  const columns = ['Execution', 'Trigger', 'Idempotency key', 'Status', 'Attempts', 'Error category', 'Last code', 'Duplicates', 'Replays', 'Last replay'];
+  const columns = [['Execution'], ['Trigger'], ['Key', 'Idempotency key'], ['Status'], ['Attempts'], ['Error', 'Error category and last error'],
+    ['Last code', 'Last status code from the destination'], ['Dups', 'Duplicate deliveries'], ['Replays'], ['Last replay']];
   return h('thead', {}, h('tr', {},
     h('th', { scope: 'col', 'aria-sort': ascending ? 'ascending' : 'descending' }, sort),
-    columns.map((name) => h('th', { scope: 'col' }, name))));
+    columns.map(([name, title]) => h('th', { scope: 'col', title }, name))));
 }
 
 function executionRow(row) {
   const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, h('div', { class: 'cell' }, ...content));
   return h('tr', { testid: 'execution-row', 'data-key': row.execution_id, 'data-execution-id': row.execution_id, 'data-status': row.status },
-    cell('Received', 'execution-received-at', timeEl(row.received_at)),
+    cell('Received', 'execution-received-at', timeEl(row.received_at, null, { compact: true })),
     cell('Execution', null, h('a', { href: href.execution(row.execution_id), testid: 'execution-link', title: row.execution_id }, shortId(row.execution_id))),
     cell('Trigger', 'execution-trigger', row.trigger_id),
     cell('Key', 'execution-key', row.idempotency_key ? h('code', { class: 'truncate', title: row.idempotency_key }, row.idempotency_key) : h('span', { class: 'muted' }, '—')),
@@ -178,17 +179,18 @@ function executionRow(row) {
     cell('Last code', 'execution-status-code', row.last_status_code ? String(row.last_status_code) : '—'),
     cell('Duplicates', 'execution-duplicates', formatCount(row.duplicate_count)),
     cell('Replays', 'execution-replays', formatCount(row.replay_count)),
-    cell('Last replay', 'execution-last-replay', timeEl(row.last_replay_at)));
+    cell('Last replay', 'execution-last-replay', timeEl(row.last_replay_at, null, { compact: true })));
 }
 
 export function matchesFilters(row, filters) {
   if (filters.trigger_id && row.trigger_id !== filters.trigger_id) return false;
   if (filters.status && row.status !== filters.status) return false;
   if (filters.error_category && row.error_category !== filters.error_category) return false;
-  if (filters.key && !String(row.idempotency_key ?? '').toLowerCase().includes(filters.key.toLowerCase())) return false;
+  // As the server: key is a substring match, since inclusive, until exclusive.
+  if (filters.key && !String(row.idempotency_key ?? '').includes(filters.key)) return false;
   const received = Date.parse(row.received_at);
   if (filters.since && received < Date.parse(filters.since)) return false;
-  if (filters.until && received > Date.parse(filters.until)) return false;
+  if (filters.until && received >= Date.parse(filters.until)) return false;
   return true;
 }
 

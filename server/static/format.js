@@ -13,16 +13,21 @@ export const NOT_REPLAYABLE_REASON = {
   recorded: 'The trigger has no destination: there is nowhere to send it.',
 };
 
-const LOCAL_TIME = new Intl.DateTimeFormat(undefined, {
-  year: 'numeric', month: 'short', day: '2-digit', hour: '2-digit', minute: '2-digit', second: '2-digit',
-});
+const TIME_PARTS = { month: 'short', day: '2-digit', hour: '2-digit', minute: '2-digit', second: '2-digit' };
+const LOCAL_TIME = new Intl.DateTimeFormat(undefined, { year: 'numeric', ...TIME_PARTS });
+const LOCAL_TIME_THIS_YEAR = new Intl.DateTimeFormat(undefined, TIME_PARTS);
 
-/** A <time> element in the viewer's zone; the exact UTC instant is in the title. */
-export function timeEl(iso, testid) {
+/**
+ * A <time> element in the viewer's zone; the exact UTC instant is in the title.
+ * compact: leave the year out when it is this year (for table cells).
+ */
+export function timeEl(iso, testid, { compact = false } = {}) {
   if (!iso) return h('span', { class: 'muted', testid }, '—');
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return h('span', { testid }, iso);
-  return h('time', { datetime: iso, title: utcLabel(date), testid }, LOCAL_TIME.format(date));
+  const thisYear = date.getFullYear() === new Date().getFullYear();
+  const format = compact && thisYear ? LOCAL_TIME_THIS_YEAR : LOCAL_TIME;
+  return h('time', { datetime: iso, title: utcLabel(date), testid }, format.format(date));
 }
 
 export function utcLabel(date) {

@@ -109,41 +109,69 @@ function prettyForm(text) {
   return lines.join('\n');
 }
 
-function prettyVersion(body, contentType) {
-  const type = String(contentType ?? '').toLowerCase();
-  if (type.includes('x-www-form-urlencoded')) return { kind: 'form', text: prettyForm(body) };
-  // jsonBlock() re-indents the exact text itself.
-  return prettyJson(body) === null ? null : { kind: 'json', text: body };
-}
-
 /**
- * The body viewer: pretty (JSON re-indented, or form fields) and raw (exact text received),
- * size, sha256, copy.
+ * The body viewer: pretty (JSON re-indented, or form fields) and raw (the exact text received);
+ * a body stored as base64 that is not UTF-8 is shown as hex and base64. Size, sha256, copy.
  */
-export function bodyViewer({ body, contentType, sha256, testid = 'body-viewer' }) {
-  const text = body ?? '';
-  const pretty = prettyVersion(text, contentType);
+export function bodyViewer({ body, contentType, sha256, encoding, testid = 'body-viewer' }) {
+  const stored = body ?? '';
+  const decoded = decodeBody(stored, encoding);
+  const modes = bodyModes(decoded, contentType);
   const view = h('div', { class: 'body-view', testid: 'body-content' });
-  const rawButton = h('button', { type: 'button', class: 'small', testid: 'body-raw-toggle', on: { click: () => show('raw') } }, 'Raw');
-  const prettyButton = pretty && h('button', { type: 'button', class: 'small', testid: 'body-pretty-toggle', on: { click: () => show('pretty') } }, 'Pretty');
+  const buttons = modes.map((mode) => h('button', { type: 'button', class: 'small', testid: `body-${mode.id}-toggle`, on: { click: () => show(mode) } }, mode.label));
 
   function show(mode) {
-    const usePretty = mode === 'pretty' && pretty;
-    view.replaceChildren(usePretty && pretty.kind === 'json'
-      ? jsonBlock(pretty.text, 'body-pretty')
-      : h('pre', { class: 'code', tabindex: '0', testid: usePretty ? 'body-pretty' : 'body-raw' }, usePretty ? pretty.text : text));
-    rawButton.setAttribute('aria-pressed', String(!usePretty));
-    prettyButton?.setAttribute('aria-pressed', String(Boolean(usePretty)));
+    view.replaceChildren(mode.render());
+    modes.forEach((m, i) => buttons[i].setAttribute('aria-pressed', String(m === mode)));
   }
 
-  show(pretty ? 'pretty' : 'raw');
+  show(modes[0]);
   return h('div', { class: 'body-viewer', testid },
     h('div', { class: 'body-meta' },
       h('span', {}, contentType || 'no content type'),
-      h('span', {}, formatBytes(byteLength(text))),
+      h('span', { testid: 'body-size' }, formatBytes(decoded.size)),
+      encoding === 'base64' && h('span', { class: 'badge' }, decoded.text === null ? 'binary' : 'stored as base64'),
       sha256 && h('code', { class: 'hash', title: `sha256 ${sha256}` }, `sha256 ${sha256.slice(0, 12)}…`),
       h('span', { class: 'spacer' }),
-      h('span', { class: 'toggle-group', role: 'group', 'aria-label': 'Body format' }, prettyButton, rawButton),
-      copyButton(() => text, { label: 'Copy body', testid: 'body-copy' })),
+      h('span', { class: 'toggle-group', role: 'group', 'aria-label': 'Body format' }, buttons),
+      copyButton(() => decoded.text ?? stored, { label: 'Copy body', testid: 'body-copy' })),
     view);
+}
+
+function bodyModes(decoded, contentType) {
+  const plain = (id, text) => () => h('pre', { class: 'code', tabindex: '0', testid: `body-${id}` }, text);
+  if (decoded.text === null) {
+    return [{ id: 'hex', label: 'Hex', render: plain('hex', hexDump(decoded.bytes)) },
+      { id: 'base64', label: 'Base64', render: plain('base64', decoded.base64) }];
+  }
+  const raw = { id: 'raw', label: 'Raw', render: plain('raw', decoded.text) };
+  const type = String(contentType ?? '').toLowerCase();
+  if (type.includes('x-www-form-urlencoded')) return [{ id: 'pretty', label: 'Pretty', render: plain('pretty', prettyForm(decoded.text)) }, raw];
+  // jsonBlock() re-indents the exact text itself.
+  if (prettyJson(decoded.text) !== null) return [{ id: 'pretty', label: 'Pretty', render: () => jsonBlock(decoded.text, 'body-pretty') }, raw];
+  return [raw];
+}
+
+/** {text (null when not UTF-8), size in bytes, bytes, base64} of a stored body. */
+function decodeBody(stored, encoding) {
+  if (encoding !== 'base64') return { text: stored, size: byteLength(stored) };
+  let bytes;
+  try { bytes = Uint8Array.from(atob(stored), (c) => c.charCodeAt(0)); } catch { return { text: stored, size: byteLength(stored) }; }
+  let text = null;
+  try { text = new TextDecoder('utf-8', { fatal: true }).decode(bytes); } catch { text = null; }
+  return { text, size: bytes.length, bytes, base64: stored };
+}
+
+const HEX_LIMIT = 64 * 1024;
+
+function hexDump(bytes) {
+  const lines = [];
+  for (let offset = 0; offset < Math.min(bytes.length, HEX_LIMIT); offset += 16) {
+    const chunk = [...bytes.subarray(offset, offset + 16)];
+    const hex = chunk.map((b) => b.toString(16).padStart(2, '0')).join(' ').padEnd(47);
+    const ascii = chunk.map((b) => (b >= 32 && b < 127 ? String.fromCharCode(b) : '.')).join('');
+    lines.push(`${offset.toString(16).padStart(8, '0')}  ${hex}  ${ascii}`);
+  }
+  if (bytes.length > HEX_LIMIT) lines.push(`… ${bytes.length - HEX_LIMIT} more bytes (copy the body to see them all)`);
+  return lines.join('\n');
 }

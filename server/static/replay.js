@@ -3,7 +3,7 @@
 import { enc } from './api.js';
 import { confirmDialog, describeError, field, h, openDialog, toast } from './dom.js';
 import {
-  NOT_REPLAYABLE_REASON, REPLAYABLE, byteLength, formatBytes, href, localInputToIso, statusBadge,
+  NOT_REPLAYABLE_REASON, REPLAYABLE, href, localInputToIso, statusBadge,
 } from './format.js';
 import { bodyViewer } from './json.js';
 import { kv } from './timeline.js';
@@ -29,7 +29,10 @@ export function replayPanel(ctx, execution, trigger, refresh) {
     button.textContent = left > 0 ? `Replay again in ${left} s` : 'Replay…';
     button.dataset.cooldown = String(left);
     note.textContent = allowed || left > 0 ? '' : `Not replayable now: ${NOT_REPLAYABLE_REASON[row.status] ?? row.status}`;
-    if (left === 0 && message.dataset.kind === 'rate_limited') setMessage('You can replay again now.', 'info');
+    if (message.dataset.kind === 'rate_limited') {
+      setMessage(left > 0 ? `Rate limited: this execution was replayed moments ago. Replay again in ${left} s.` : 'You can replay again now.',
+        left > 0 ? 'rate_limited' : 'info');
+    }
   }
 
   function setMessage(text, kind, ...extra) {
@@ -62,7 +65,7 @@ export function replayPanel(ctx, execution, trigger, refresh) {
     if (error.status === 429) {
       const seconds = error.retryAfter ?? 60;
       app.cooldowns.set(row.execution_id, Date.now() + seconds * 1000);
-      setMessage(`Rate limited: this execution was replayed moments ago. Replay again in ${seconds} s.`, 'rate_limited');
+      setMessage('', 'rate_limited'); // render() writes the countdown
     } else if (error.status === 409) {
       const why = NOT_REPLAYABLE_REASON[row.status];
       setMessage(`Replay refused: ${error.message}${why ? ` ${why}` : ''}`, 'refused');
@@ -103,12 +106,12 @@ function replaySummary(row, execution, trigger) {
         destination ? `POST ${destination.url}` : trigger ? 'no destination configured' : 'unknown (the trigger could not be loaded)')],
       ['Timeout', destination?.timeout_s ? `${destination.timeout_s} s` : '—'],
       ['Idempotency key', row.idempotency_key ? h('code', {}, row.idempotency_key) : 'none'],
-      ['Body', `${received?.data?.content_type ?? 'unknown type'}, ${formatBytes(byteLength(body))}, the exact bytes received`],
+      ['Body', `${received?.data?.content_type ?? 'unknown type'}, the exact bytes received (below)`],
     ], 'replay-summary'),
     trigger?.paused && h('p', { class: 'callout warn' }, 'This trigger is paused: the replay waits until it is resumed.'),
     row.idempotency_key && h('p', { class: 'muted' },
       'The destination receives the same idempotency key; if it deduplicates by key it may treat this as already processed.'),
-    received ? bodyViewer({ body, contentType: received.data.content_type, sha256: received.data.body_sha256, testid: 'replay-body' })
+    received ? bodyViewer({ body, contentType: received.data.content_type, sha256: received.data.body_sha256, encoding: received.data.body_encoding, testid: 'replay-body' })
       : h('p', { class: 'muted' }, 'The received event is not in this timeline.'),
   ];
 }
@@ -121,7 +124,7 @@ export function openBulkReplay(app, triggerId) {
   const result = h('div', { class: 'bulk-result', role: 'status', 'aria-live': 'polite', testid: 'bulk-replay-count' });
   const countButton = h('button', { type: 'button', testid: 'bulk-replay-dry-run', on: { click: () => count() } }, 'Count again');
   const confirm = h('button', { type: 'button', class: 'danger', disabled: true, testid: 'bulk-replay-confirm', on: { click: () => run() } }, 'Replay');
-  const close = h('button', { type: 'button', testid: 'bulk-replay-close', on: { click: () => dialog.close() } }, 'Close');
+  const close = h('button', { type: 'button', autofocus: true, testid: 'bulk-replay-close', on: { click: () => dialog.close() } }, 'Close');
   for (const input of [since, until, limit]) input.addEventListener('input', () => { confirm.disabled = true; result.textContent = 'Filters changed: count again.'; });
 
   const request = (dryRun) => ({

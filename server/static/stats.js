@@ -15,7 +15,7 @@ export function mountStats(ctx) {
   const days = DAY_CHOICES.includes(Number(ctx.query.get('days'))) ? Number(ctx.query.get('days')) : 7;
   const triggerId = ctx.query.get('trigger_id') ?? '';
   ctx.setTitle('Stats');
-  const body = h('div', {}, loadingState('Loading stats…'));
+  const body = h('div', { class: 'stack' }, loadingState('Loading stats…'));
   ctx.root.append(h('section', { class: 'view', testid: 'view-stats' },
     h('div', { class: 'view-head' }, h('h1', { tabindex: '-1' }, 'Stats'), controls(ctx, days, triggerId)),
     h('p', { class: 'muted' }, 'Per trigger and per day (days in UTC). Latency is the dispatch time of successful attempts.'),
@@ -102,12 +102,12 @@ function charts(ctx, rows) {
   const chart = (title, testid, series, draw) => chartFigure({ title, testid, series, signal: ctx.signal, draw: (width) => draw(width, series) });
   return [
     chart('Received and duplicates', 'chart-received', [{ key: 'received', label: 'received' }, { key: 'duplicates', label: 'duplicates' }],
-      (width, series) => barChart({ rows, series, width, label: 'Received and duplicate deliveries per day', format: count })),
+      (width, series) => barChart({ rows, series, width, label: 'Received and duplicate deliveries per day', format: count, emptyText: 'Nothing received in this period' })),
     chart('Failures and dead letters', 'chart-failures',
       [{ key: 'failed_transient', label: 'failed, transient' }, { key: 'failed_permanent', label: 'failed, permanent' }, { key: 'dead_lettered', label: 'dead-lettered' }],
-      (width, series) => barChart({ rows, series, width, label: 'Failed attempts by category, and dead letters, per day', format: count })),
+      (width, series) => barChart({ rows, series, width, label: 'Failed attempts by category, and dead letters, per day', format: count, emptyText: 'No failures in this period' })),
     chart('Dispatch latency', 'chart-latency', [{ key: 'latency_p50_ms', label: 'p50' }, { key: 'latency_p95_ms', label: 'p95' }],
-      (width, series) => lineChart({ rows, series, width, label: 'Dispatch latency p50 and p95 per day', format: formatMs })),
+      (width, series) => lineChart({ rows, series, width, label: 'Dispatch latency p50 and p95 per day', format: formatMs, emptyText: 'No successful dispatch in this period' })),
   ];
 }
 

@@ -38,7 +38,10 @@ function describe(event) {
     case 'webhook.received': return describeReceived(data);
     case 'webhook.duplicate': return describeDuplicate(data);
     case 'execution.started':
-      return { title: `Attempt ${data.attempt ?? '?'} started`, details: [kv([['Lease until', timeEl(data.lease_until)]])] };
+      return {
+        title: `Attempt ${data.attempt ?? '?'} started`,
+        details: [kv([['Lease until', timeEl(data.lease_until)], data.worker && ['Worker', h('code', {}, data.worker)]].filter(Boolean))],
+      };
     case 'execution.succeeded':
       return {
         title: `Attempt ${data.attempt ?? '?'} succeeded`,
@@ -46,7 +49,11 @@ function describe(event) {
       };
     case 'execution.failed': return describeFailed(data);
     case 'execution.dead_lettered':
-      return { title: 'Dead-lettered', badges: [h('span', { class: 'badge status-dead_lettered', testid: 'dead-letter-reason' }, data.reason ?? 'no reason given')] };
+      return {
+        title: 'Dead-lettered',
+        badges: [h('span', { class: 'badge status-dead_lettered', testid: 'dead-letter-reason' }, data.reason ?? 'no reason given'),
+          data.error_category && categoryBadge(data.error_category)],
+      };
     case 'execution.replay_requested': return describeReplay(data);
     default:
       return { title: labelOf(event.type), details: [jsonBlock(JSON.stringify(data, null, 2), 'event-data')] };
@@ -56,11 +63,14 @@ function describe(event) {
 function describeReceived(data) {
   return {
     title: 'Received',
-    badges: [h('span', { class: 'badge' }, data.content_type || 'no content type')],
+    badges: [
+      h('span', { class: 'badge' }, data.content_type || 'no content type'),
+      data.initial_status && h('span', { class: 'badge', title: 'Status given at receipt', testid: 'received-initial-status' }, data.initial_status),
+    ],
     details: [
       h('details', { class: 'headers', open: true },
         h('summary', {}, `Headers (${headerEntries(data.headers).length})`), headersTable(data.headers)),
-      bodyViewer({ body: data.body, contentType: data.content_type, sha256: data.body_sha256 }),
+      bodyViewer({ body: data.body, contentType: data.content_type, sha256: data.body_sha256, encoding: data.body_encoding }),
     ],
   };
 }
@@ -71,10 +81,13 @@ function describeDuplicate(data) {
     ['Original event', data.original_event_id ? h('code', {}, data.original_event_id) : '—'],
     ['Body sha256', data.body_sha256 ? h('code', { class: 'hash' }, data.body_sha256) : '—'],
   ])];
-  if (!matches && data.body !== undefined) {
+  if (data.headers) {
+    details.push(h('details', { class: 'headers' }, h('summary', {}, `Headers of the repeat (${headerEntries(data.headers).length})`), headersTable(data.headers)));
+  }
+  if (!matches && data.body != null) {
     details.push(h('details', {},
       h('summary', {}, 'The different body that came with this key'),
-      bodyViewer({ body: data.body, contentType: data.content_type, sha256: data.body_sha256, testid: 'duplicate-body-viewer' })));
+      bodyViewer({ body: data.body, contentType: data.content_type, sha256: data.body_sha256, encoding: data.body_encoding, testid: 'duplicate-body-viewer' })));
   }
   return {
     title: 'Duplicate delivery (not dispatched)',
@@ -87,7 +100,8 @@ function describeDuplicate(data) {
 function describeFailed(data) {
   return {
     title: `Attempt ${data.attempt ?? '?'} failed`,
-    badges: [categoryBadge(data.error_category, 'failure-category'), codeBadge(data.status_code)],
+    badges: [categoryBadge(data.error_category, 'failure-category'), codeBadge(data.status_code),
+      data.duration_ms != null && h('span', { class: 'badge', testid: 'attempt-duration' }, formatMs(data.duration_ms))],
     details: [kv([
       ['Error', h('span', { class: 'error-text', testid: 'failure-error' }, data.error ?? '—')],
       ['Next try', data.retry_at ? timeEl(data.retry_at) : h('span', {}, 'none')],

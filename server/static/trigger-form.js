@@ -24,6 +24,7 @@ export function openCreateTrigger(app, onCreated) {
   const cancel = h('button', { type: 'button', testid: 'create-trigger-cancel', on: { click: () => dialog.close() } }, 'Cancel');
   const form = h('form', { id: 'create-trigger-form', testid: 'create-trigger-form', novalidate: true, on: { submit: (event) => { event.preventDefault(); send(); } } },
     formLayout(controls), error);
+  syncSecretControls(controls);
 
   async function send() {
     error.textContent = '';
@@ -67,7 +68,6 @@ function createControls() {
   const syncSecret = () => syncSecretControls(c);
   c.source.addEventListener('change', () => { c.secretMode.value = SECRET_HINTS[c.source.value][0]; syncSecret(); });
   c.secretMode.addEventListener('change', syncSecret);
-  syncSecret();
   return c;
 }
 

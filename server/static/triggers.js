@@ -11,7 +11,7 @@ const LIVE_TYPES = /^(trigger\.|webhook\.|execution\.dead_lettered)/;
 
 export function mountTriggers(ctx) {
   ctx.setTitle('Triggers');
-  const body = h('div', {}, loadingState('Loading triggers…'));
+  const body = h('div', { class: 'stack' }, loadingState('Loading triggers…'));
   const reload = () => load(ctx, body);
   ctx.root.append(h('section', { class: 'view', testid: 'view-triggers' },
     h('div', { class: 'view-head' },

@@ -1,0 +1,225 @@
+"""`trigger_stats`: one row per trigger and UTC day of counts and a dispatch latency histogram.
+
+An event counts on the day it was recorded: a delivery received before midnight that succeeds
+after it is `received` on one day and `succeeded` on the next. Latency samples are the
+`duration_ms` of successful attempts. Histograms are mergeable (projections.histogram), so any
+range of days and triggers combines without rereading the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.events import RecordedEvent
+from ledger.schema import BigInt, metadata
+from projections import histogram
+
+NAME = "trigger_stats"
+Row = dict[str, Any]
+Key = tuple[str, date]
+
+COUNTERS = (
+    "received",
+    "duplicates",
+    "duplicates_body_mismatch",
+    "filtered",
+    "succeeded",
+    "failed_transient",
+    "failed_permanent",
+    "dead_lettered",
+    "replays",
+)
+INDEXES: list[tuple[str, list[str]]] = [("ix_trigger_stats_day", ["day"])]
+_CHUNK = 200  # keys per load query
+
+
+def columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("trigger_id", sa.String(64), primary_key=True),
+        sa.Column("day", sa.Date, primary_key=True),  # UTC
+        *(sa.Column(name, sa.Integer, nullable=False) for name in COUNTERS),
+        sa.Column("latency_count", sa.Integer, nullable=False),
+        sa.Column("latency_sum_ms", sa.Float, nullable=False),
+        sa.Column("latency_histogram", sa.Text, nullable=False),  # {"bucket": count}, see histogram
+        sa.Column("last_seq", BigInt, nullable=False),
+    ]
+
+
+table = sa.Table(NAME, metadata, *columns())
+for _name, _cols in INDEXES:
+    sa.Index(_name, *(table.c[c] for c in _cols))
+
+
+def shadow_table(name: str) -> sa.Table:
+    return sa.Table(name, sa.MetaData(), *columns())
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one event adds to its trigger's day."""
+
+    counts: dict[str, int]
+    latency_ms: float | None = None
+
+
+def change_of(event: RecordedEvent) -> Change | None:
+    """The fold's heart (pure): which counters an event moves, None for events not counted."""
+    data = event.data
+    match event.type:
+        case "webhook.received":
+            is_filtered = data.get("initial_status") == "filtered"
+            return Change({"received": 1, "filtered": int(is_filtered)})
+        case "webhook.duplicate":
+            return Change(
+                {
+                    "duplicates": 1,
+                    "duplicates_body_mismatch": int(not data.get("body_matches", True)),
+                }
+            )
+        case "execution.succeeded":
+            duration = data.get("duration_ms")
+            return Change({"succeeded": 1}, float(duration) if duration is not None else None)
+        case "execution.failed":
+            category = "permanent" if data.get("error_category") == "permanent" else "transient"
+            return Change({f"failed_{category}": 1})
+        case "execution.dead_lettered":
+            return Change({"dead_lettered": 1})
+        case "execution.replay_requested":
+            return Change({"replays": 1})
+        case _:
+            return None
+
+
+def key_of(event: RecordedEvent) -> Key:
+    return event.trigger_id, event.recorded_at.astimezone(UTC).date()
+
+
+@dataclass(slots=True)
+class DayStats:
+    """A row being folded: counters and the histogram as a dict (serialised once, at store)."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    latency: histogram.Histogram = field(default_factory=dict)
+    latency_count: int = 0
+    latency_sum_ms: float = 0.0
+    last_seq: int = 0
+
+    @classmethod
+    def from_row(cls, row: Row) -> DayStats:
+        return cls(
+            {name: row[name] for name in COUNTERS},
+            histogram.loads(row["latency_histogram"]),
+            row["latency_count"],
+            row["latency_sum_ms"],
+            row["last_seq"],
+        )
+
+    def fold(self, seq: int, change: Change) -> None:
+        if seq <= self.last_seq:
+            return  # already folded in: applying an event twice equals once
+        for name, count in change.counts.items():
+            self.counts[name] += count
+        if change.latency_ms is not None:
+            histogram.add(self.latency, change.latency_ms)
+            self.latency_count += 1
+            self.latency_sum_ms += change.latency_ms
+        self.last_seq = seq
+
+    def to_row(self, key: Key) -> Row:
+        return {
+            "trigger_id": key[0],
+            "day": key[1],
+            **self.counts,
+            "latency_count": self.latency_count,
+            "latency_sum_ms": self.latency_sum_ms,
+            "latency_histogram": histogram.dumps(self.latency),
+            "last_seq": self.last_seq,
+        }
+
+
+def changes_of(events: Iterable[RecordedEvent]) -> list[tuple[Key, int, Change]]:
+    return [(key_of(e), e.seq, change) for e in events if (change := change_of(e)) is not None]
+
+
+def fold(changes: Iterable[tuple[Key, int, Change]], rows: dict[Key, DayStats]) -> set[Key]:
+    """Fold `changes` into `rows` (missing days are created); the keys that changed."""
+    touched = set()
+    for key, seq, change in changes:
+        rows.setdefault(key, DayStats()).fold(seq, change)
+        touched.add(key)
+    return touched
+
+
+async def _load(conn: AsyncConnection, target: sa.Table, keys: set[Key]) -> dict[Key, Row]:
+    found: dict[Key, Row] = {}
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), _CHUNK):
+        chunk = ordered[start : start + _CHUNK]
+        # A superset (every trigger × every day of the chunk), narrowed here: portable and indexed.
+        query = sa.select(target).where(
+            target.c.trigger_id.in_(sorted({t for t, _ in chunk})),
+            target.c.day.in_(sorted({d for _, d in chunk})),
+        )
+        for row in (await conn.execute(query)).mappings():
+            key = (row["trigger_id"], row["day"])
+            if key in keys:
+                found[key] = dict(row)
+    return found
+
+
+def _update_statement(target: sa.Table) -> sa.Update:
+    keys = ("trigger_id", "day")
+    values: dict[str, Any] = {
+        c.name: sa.bindparam(f"b_{c.name}") for c in target.c if c.name not in keys
+    }
+    return (
+        target.update()
+        .where(
+            target.c.trigger_id == sa.bindparam("b_trigger_id"),
+            target.c.day == sa.bindparam("b_day"),
+        )
+        .values(values)
+    )
+
+
+class TriggerStatsProjection:
+    """The `Projection` the runner and rebuild drive (projections.base.Projection)."""
+
+    def __init__(self) -> None:
+        self.name = NAME
+        self.table = table
+
+    def shadow_table(self, name: str) -> sa.Table:
+        return shadow_table(name)
+
+    def index_ddl(self, table_name: str) -> list[sa.Index]:
+        target = shadow_table(table_name)
+        return [sa.Index(name, *(target.c[c] for c in cols)) for name, cols in INDEXES]
+
+    async def apply(
+        self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]
+    ) -> None:
+        changes = changes_of(events)
+        if not changes:
+            return
+        existing = await _load(conn, table, {key for key, _, _ in changes})
+        rows = {key: DayStats.from_row(row) for key, row in existing.items()}
+        touched = fold(changes, rows)
+        inserts = [rows[k].to_row(k) for k in sorted(touched) if k not in existing]
+        updates = [rows[k].to_row(k) for k in sorted(touched) if k in existing]
+        if inserts:
+            await conn.execute(table.insert(), inserts)
+        if updates:
+            statement = _update_statement(table)
+            await conn.execute(
+                statement, [{f"b_{n}": v for n, v in row.items()} for row in updates]
+            )
+
+
+PROJECTION = TriggerStatsProjection()

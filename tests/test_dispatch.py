@@ -1,0 +1,296 @@
+"""The dispatcher against a real local destination, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from standardwebhooks.webhooks import Webhook
+
+from conftest import AUTH, MakeClient, create_trigger
+from destinations import (
+    Destination,
+    EndlessBody,
+    Hang,
+    Reply,
+    closed_port,
+    execution,
+    hanging_tcp_server,
+    send,
+    start_destination,
+    types,
+    wait_until,
+)
+from ledger.store import create_engine
+from projections.rebuild import rebuild
+from projections.registry import TRIGGER_EXECUTIONS
+from projections.trigger_executions import table as executions
+from server.app import make_app
+from server.config import Settings
+from server.delivery import RESPONSE_CAP_BYTES
+
+FAST = {"max_attempts": 5, "base_s": 0.01, "cap_s": 0.05}
+
+
+@pytest.fixture
+def dispatching(settings: Settings) -> Settings:
+    return replace(settings, dispatch=True, dispatch_poll_s=0.05, lease_s=1.0)
+
+
+@pytest.fixture
+async def app(aiohttp_client: MakeClient, dispatching: Settings) -> TestClient:  # type: ignore[type-arg]
+    return await aiohttp_client(make_app(dispatching))
+
+
+@pytest.fixture
+async def destination(aiohttp_server: Any) -> AsyncIterator[Destination]:
+    async for running in start_destination(aiohttp_server):
+        yield running
+
+
+async def trigger_to(
+    client: TestClient,  # type: ignore[type-arg]
+    url: str,
+    *,
+    trigger_id: str = "t",
+    retry: dict[str, Any] | None = None,
+    timeout_s: float = 5.0,
+    secret: str | None = None,
+) -> None:
+    destination: dict[str, Any] = {"url": url, "timeout_s": timeout_s}
+    if secret:
+        destination["secret"] = secret
+    await create_trigger(client, id=trigger_id, destination=destination, retry=retry or FAST)
+
+
+def event(row: dict[str, Any], type_name: str, index: int = 0) -> dict[str, Any]:
+    return [e for e in row["events"] if e["type"] == type_name][index]["data"]  # type: ignore[no-any-return]
+
+
+async def test_2xx_delivers_the_exact_body_once_with_signed_headers_and_the_key(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    await trigger_to(app, destination.script("/ok", Reply(200)), secret=secret)
+    body = '{"b": 1,  "a": [1.0, 1e2], "big": 123456789012345678901234567890}'
+    execution_id = await send(app, "t", body, Idempotency_Key="order-42")
+    row = await wait_until(app, execution_id)
+    assert row["status"] == "succeeded"
+    assert (row["attempts"], row["last_status_code"], row["error_category"]) == (1, 200, None)
+    assert types(row) == ["webhook.received", "execution.started", "execution.succeeded"]
+    assert event(row, "execution.succeeded")["duration_ms"] >= 0
+    [received] = destination.of(execution_id)
+    assert received.body == body.encode()  # byte for byte, never re-serialised
+    assert received.headers["Content-Type"] == "application/json"
+    assert received.headers["Idempotency-Key"] == "order-42"
+    Webhook(secret).verify(received.body, received.headers, json_parse=False)
+
+
+async def test_500_then_200_is_retried_under_one_webhook_id(
+    app: TestClient, destination: Destination, caplog: pytest.LogCaptureFixture  # type: ignore[type-arg]
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.dispatcher")
+    await trigger_to(app, destination.script("/flaky", Reply(500), Reply(200)))
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"], row["last_status_code"]) == ("succeeded", 2, 200)
+    assert types(row)[1:] == [
+        "execution.started",
+        "execution.failed",
+        "execution.started",
+        "execution.succeeded",
+    ]
+    failed = event(row, "execution.failed")
+    assert (failed["attempt"], failed["error_category"], failed["status_code"]) == (1, "transient", 500)
+    assert failed["retry_at"] is not None
+    assert [event(row, "execution.started", i)["attempt"] for i in (0, 1)] == [1, 2]
+    assert {r.headers["webhook-id"] for r in destination.of(execution_id)} == {execution_id}
+    assert {r.headers["Idempotency-Key"] for r in destination.of(execution_id)} == {execution_id}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evt=attempt ")]
+    assert len(lines) == 2 and "outcome=failed" in lines[0] and "outcome=succeeded" in lines[1]
+
+
+async def test_503_with_retry_after_waits_as_long_as_asked(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    url = destination.script("/busy", Reply(503, {"Retry-After": "1"}), Reply(200))
+    await trigger_to(app, url, retry={"max_attempts": 3, "base_s": 0.01, "cap_s": 5})
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    first, second = destination.of(execution_id)
+    assert second.at - first.at >= 0.95
+    failed = next(e for e in row["events"] if e["type"] == "execution.failed")
+    wait = datetime.fromisoformat(failed["data"]["retry_at"]) - datetime.fromisoformat(
+        failed["recorded_at"]
+    )
+    assert 0.95 <= wait.total_seconds() <= 1.5
+
+
+@pytest.mark.parametrize("status", [400, 410, 302])
+async def test_client_errors_gone_and_redirects_are_permanent_after_one_attempt(
+    app: TestClient, destination: Destination, status: int  # type: ignore[type-arg]
+) -> None:
+    reply = Reply(status, {"Location": destination.url("/elsewhere")} if status == 302 else {})
+    await trigger_to(app, destination.script("/no", reply))
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert row["status"] == "dead_lettered"
+    assert (row["attempts"], row["error_category"], row["last_status_code"]) == (1, "permanent", status)
+    assert event(row, "execution.dead_lettered")["reason"] == "permanent_error"
+    assert destination.count(execution_id) == 1
+    assert not [r for r in destination.received if r.path == "/elsewhere"]  # never followed
+
+
+async def test_transient_failures_run_a_short_policy_to_exhaustion(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    retry = {"max_attempts": 3, "base_s": 0.01, "cap_s": 0.02}
+    await trigger_to(app, destination.script("/down", Reply(502)), retry=retry)
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"], row["error_category"]) == ("dead_lettered", 3, "transient")
+    assert event(row, "execution.dead_lettered")["reason"] == "attempts_exhausted"
+    assert event(row, "execution.failed", 2)["retry_at"] is None
+    assert destination.count(execution_id) == 3
+    assert row["next_attempt_at"] is None and row["completed_at"] is not None
+
+
+async def test_a_slow_destination_times_out_and_the_attempt_is_retried(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    url = destination.script("/slow", Reply(200, delay_s=3), Reply(200))
+    await trigger_to(app, url, timeout_s=0.3)
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    failed = event(row, "execution.failed")
+    assert failed["error_category"] == "transient" and "timeout" in failed["error"]
+    assert failed["status_code"] is None and 250 <= failed["duration_ms"] < 2000
+
+
+async def test_a_destination_that_hangs_is_cut_off_at_each_timeout(app: TestClient) -> None:  # type: ignore[type-arg]
+    server, port = await hanging_tcp_server()
+    try:
+        retry = {"max_attempts": 2, "base_s": 0.01, "cap_s": 0.02}
+        await trigger_to(app, f"http://127.0.0.1:{port}/", retry=retry, timeout_s=0.3)
+        execution_id = await send(app, "t")
+        row = await wait_until(app, execution_id)
+    finally:
+        server.close()
+    assert (row["status"], row["attempts"], row["error_category"]) == ("dead_lettered", 2, "transient")
+    assert all("timeout" in event(row, "execution.failed", i)["error"] for i in (0, 1))
+
+
+async def test_an_endless_response_body_is_read_only_up_to_the_cap(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    await trigger_to(app, destination.script("/stream", EndlessBody()), timeout_s=5)
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["last_status_code"]) == ("succeeded", 200)
+    assert event(row, "execution.succeeded")["duration_ms"] < 4000
+    assert RESPONSE_CAP_BYTES <= 1024 * 1024
+
+
+async def test_connection_refused_is_transient(app: TestClient) -> None:  # type: ignore[type-arg]
+    retry = {"max_attempts": 2, "base_s": 0.01, "cap_s": 0.02}
+    await trigger_to(app, f"http://127.0.0.1:{closed_port()}/", retry=retry)
+    execution_id = await send(app, "t")
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"], row["error_category"]) == ("dead_lettered", 2, "transient")
+    assert row["last_status_code"] is None
+    assert "Connect" in row["last_error"] or "connect" in row["last_error"]
+
+
+async def test_a_paused_trigger_holds_its_executions_and_drains_them_on_resume(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    await trigger_to(app, destination.script("/ok", Reply(200)))
+    assert (await app.post("/api/triggers/t/pause", headers=AUTH)).status == 200
+    ids = [await send(app, "t", f'{{"n": {n}}}') for n in range(3)]
+    await asyncio.sleep(0.4)  # several dispatcher rounds: none may take a held execution
+    assert [(await execution(app, i))["status"] for i in ids] == ["pending"] * 3
+    assert destination.received == []
+    assert (await app.post("/api/triggers/t/resume", headers=AUTH)).status == 200
+    rows = [await wait_until(app, i) for i in ids]
+    assert [r["status"] for r in rows] == ["succeeded"] * 3
+    assert all(destination.count(i) == 1 for i in ids)
+
+
+async def test_a_deleted_trigger_dead_letters_its_waiting_executions(
+    app: TestClient, destination: Destination  # type: ignore[type-arg]
+) -> None:
+    url = destination.script("/later", Reply(503, {"Retry-After": "3600"}))
+    await trigger_to(app, url, retry={"max_attempts": 5, "base_s": 1, "cap_s": 3600})
+    retrying = await send(app, "t", '{"n": 1}')
+    await wait_until(app, retrying, ("retrying",))
+    assert (await app.post("/api/triggers/t/pause", headers=AUTH)).status == 200
+    pending = await send(app, "t", '{"n": 2}')
+    assert (await app.delete("/api/triggers/t", headers=AUTH)).status == 204
+    for execution_id in (retrying, pending):
+        row = await wait_until(app, execution_id)
+        assert (row["status"], row["error_category"]) == ("dead_lettered", "permanent")
+        assert event(row, "execution.dead_lettered")["reason"] == "trigger_deleted"
+    assert destination.count(pending) == 0 and destination.count(retrying) == 1
+
+
+async def test_a_backlog_drains_at_a_bounded_concurrency_per_destination(
+    aiohttp_client: MakeClient, dispatching: Settings, destination: Destination
+) -> None:
+    app = await aiohttp_client(make_app(replace(dispatching, destination_concurrency=2)))
+    await trigger_to(app, destination.script("/slowish", Reply(200, delay_s=0.1)))
+    assert (await app.post("/api/triggers/t/pause", headers=AUTH)).status == 200
+    ids = [await send(app, "t", f'{{"n": {n}}}') for n in range(8)]
+    assert (await app.post("/api/triggers/t/resume", headers=AUTH)).status == 200
+    for execution_id in ids:
+        assert (await wait_until(app, execution_id))["status"] == "succeeded"
+    assert destination.max_in_flight == 2
+
+
+async def test_two_dispatchers_never_run_the_same_attempt(
+    aiohttp_client: MakeClient, dispatching: Settings, destination: Destination
+) -> None:
+    first = await aiohttp_client(make_app(dispatching))
+    second = await aiohttp_client(make_app(dispatching))
+    url = destination.script("/race", Reply(500, delay_s=0.02), Reply(200, delay_s=0.02))
+    await trigger_to(first, url)
+    ids = [await send(first if n % 2 else second, "t", f'{{"n": {n}}}') for n in range(20)]
+    rows = [await wait_until(first, i, timeout=30) for i in ids]
+    assert [r["status"] for r in rows] == ["succeeded"] * 20
+    assert all(destination.count(i) == 2 for i in ids), destination.counts()
+    for row in rows:
+        started = [e["data"]["attempt"] for e in row["events"] if e["type"] == "execution.started"]
+        assert started == [1, 2]
+
+
+async def test_a_rebuild_reproduces_the_projection_after_dispatch(
+    app: TestClient, destination: Destination, dispatching: Settings  # type: ignore[type-arg]
+) -> None:
+    await trigger_to(app, destination.script("/a", Reply(500), Reply(200)), trigger_id="a")
+    await trigger_to(app, destination.script("/b", Reply(400)), trigger_id="b")
+    ids = [await send(app, "a"), await send(app, "b"), await send(app, "a", Idempotency_Key="k")]
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
+    assert (await app.post("/webhooks/a", data='{"n": 1}', headers=headers)).status == 200
+    for execution_id in ids:
+        await wait_until(app, execution_id)
+    engine = create_engine(dispatching.database_url)
+    try:
+        query = sa.select(executions).order_by(executions.c.execution_id)
+        async with engine.connect() as conn:
+            live = [dict(r) for r in (await conn.execute(query)).mappings()]
+        await rebuild(engine, TRIGGER_EXECUTIONS)
+        async with engine.connect() as conn:
+            rebuilt = [dict(r) for r in (await conn.execute(query)).mappings()]
+    finally:
+        await engine.dispose()
+    assert len(live) == 3 and rebuilt == live

@@ -1,0 +1,301 @@
+"""trigger_executions and triggers: the live projection, the admin read API, and rebuilds."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import strategies as st
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conftest import AUTH, create_trigger
+from ledger.appender import append_commands
+from ledger.commands import AppendEvents, RecordDelivery
+from ledger.events import (
+    ExecutionFailed,
+    ExecutionReplayRequested,
+    ExecutionStarted,
+    ExecutionSucceeded,
+    NewEvent,
+    TriggerPaused,
+    TriggerRegistered,
+    TriggerResumed,
+    WebhookReceived,
+    execution_stream,
+    trigger_stream,
+    uuid7,
+)
+from ledger.migrate import upgrade
+from ledger.store import create_engine, read_last_seq, write_transaction
+from projections.rebuild import rebuild
+from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS
+from projections.runner import ProjectionRunner, read_checkpoints
+from server.config import Settings
+
+SPEC_COLUMNS = {
+    "execution_id", "trigger_id", "idempotency_key", "received_event_id", "status", "attempts",
+    "error_category", "last_error", "last_status_code", "next_attempt_at", "duplicate_count",
+    "last_duplicate_at", "replay_count", "last_replay_at", "received_at", "completed_at", "last_seq",
+}
+
+
+async def deliver(client: TestClient, key: str | None = None, body: str = "{}", trigger: str = "t") -> Any:  # type: ignore[type-arg]
+    headers = {"Content-Type": "application/json"} | ({"Idempotency-Key": key} if key else {})
+    response = await client.post(f"/webhooks/{trigger}", data=body, headers=headers)
+    assert response.status in (200, 202), await response.text()
+    return await response.json()
+
+
+async def settled(client: TestClient) -> None:  # type: ignore[type-arg]
+    """Wait until the live projections have folded everything appended so far."""
+    services = client.app["services"] if "services" in client.app else None  # noqa: F841
+    from server.state import SERVICES
+
+    runner = client.app[SERVICES].runner
+    async with runner.engine.connect() as conn:
+        head = await read_last_seq(conn)
+    await runner.wait_for(head)
+
+
+async def test_executions_show_every_spec_column(client: TestClient) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    first = await deliver(client, key="k1")
+    await deliver(client, key="k1", body='{"other": 1}')
+    await settled(client)
+    page = await (await client.get("/api/executions", headers=AUTH)).json()
+    [row] = page["executions"]
+    assert SPEC_COLUMNS <= set(row)
+    assert row["execution_id"] == first["execution_id"]
+    assert row["status"] == "recorded"  # no destination
+    assert row["duplicate_count"] == 1 and row["last_duplicate_at"]
+    assert row["attempts"] == 0 and row["replay_count"] == 0 and row["error_category"] is None
+    assert row["received_event_id"] == first["event_id"]
+    detail = await (await client.get(f"/api/executions/{first['execution_id']}", headers=AUTH)).json()
+    assert [e["type"] for e in detail["events"]] == ["webhook.received", "webhook.duplicate"]
+    assert detail["events"][1]["data"]["body_matches"] is False
+
+
+async def test_filters_and_cursor_paging(client: TestClient) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    await create_trigger(client, id="u", filter={"type": "push*"}, destination={"url": "http://127.0.0.1:9/x"})
+    made = [(await deliver(client, key=f"k{i}"))["execution_id"] for i in range(7)]
+    await deliver(client, body='{"type": "pushed"}', trigger="u")
+    await deliver(client, body='{"type": "other"}', trigger="u")
+    await settled(client)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = "/api/executions?trigger_id=t&limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await client.get(query, headers=AUTH)).json()
+        seen += [r["execution_id"] for r in page["executions"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(made))
+    filtered = await (await client.get("/api/executions?status=filtered", headers=AUTH)).json()
+    assert [r["trigger_id"] for r in filtered["executions"]] == ["u"]
+    pending = await (await client.get("/api/executions?trigger_id=u&status=pending", headers=AUTH)).json()
+    assert len(pending["executions"]) == 1
+    by_key = await (await client.get("/api/executions?key=k3", headers=AUTH)).json()
+    assert [r["idempotency_key"] for r in by_key["executions"]] == ["k3"]
+    bad = await client.get("/api/executions?limit=zero", headers=AUTH)
+    assert bad.status == 400 and (await bad.json())["error"]["code"] == "invalid_query"
+
+
+async def test_events_page_through_the_log(client: TestClient) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    for i in range(5):
+        await deliver(client, key=f"k{i}")
+    collected, after = [], 0
+    while True:
+        page = await (await client.get(f"/api/events?after={after}&limit=2", headers=AUTH)).json()
+        if not page["events"]:
+            break
+        collected += [e["seq"] for e in page["events"]]
+        after = page["next_after"]
+    assert collected == list(range(1, 7))  # trigger.registered + 5 deliveries
+    only = await (await client.get("/api/events?type=webhook.received&limit=10", headers=AUTH)).json()
+    assert len(only["events"]) == 5
+
+
+async def snapshot(engine: AsyncEngine, table: str) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.text(f'SELECT * FROM "{table}"'))).mappings().all()
+    key = "execution_id" if "execution_id" in (rows[0] if rows else {}) else "id"
+    return sorted((dict(r) for r in rows), key=lambda r: r.get(key) or "")
+
+
+async def test_rebuild_equals_live_and_live_serves_meanwhile(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    for i in range(30):
+        await deliver(client, key=f"k{i % 20}", body=f'{{"i": {i}}}')
+    await settled(client)
+    engine = create_engine(settings.database_url)
+    live = await snapshot(engine, "trigger_executions")
+    during: list[int] = []
+
+    def progress(reached: int, target: int, done: int) -> None:
+        during.append(done)
+
+    async def read_while_rebuilding() -> None:
+        for _ in range(20):
+            response = await client.get("/api/executions?limit=100", headers=AUTH)
+            assert response.status == 200
+            assert len((await response.json())["executions"]) == 20
+            await asyncio.sleep(0)
+
+    result, _ = await asyncio.gather(rebuild(engine, TRIGGER_EXECUTIONS, progress=progress), read_while_rebuilding())
+    assert result.swapped and result.events == 31 and during
+    assert await snapshot(engine, "trigger_executions") == live
+    # The live runner goes on from the rebuilt position.
+    await deliver(client, key="after-rebuild")
+    await settled(client)
+    assert len(await snapshot(engine, "trigger_executions")) == 21
+    await engine.dispose()
+
+
+async def test_rebuild_until_seq_builds_a_past_view_aside(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    for i in range(5):
+        await deliver(client, key=f"k{i}")
+    await settled(client)
+    engine = create_engine(settings.database_url)
+    result = await rebuild(engine, TRIGGER_EXECUTIONS, until_seq=3, into="te_at_3")
+    assert not result.swapped
+    assert len(await snapshot(engine, "te_at_3")) == 2
+    assert len(await snapshot(engine, "trigger_executions")) == 5
+    await engine.dispose()
+
+
+async def test_projector_catches_up_after_a_restart(database_url: str) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    async with write_transaction(engine) as conn:
+        await append_commands(conn, [delivery(f"k{i}") for i in range(25)])
+    first = ProjectionRunner(engine, list(PROJECTIONS.values()), batch=10)
+    assert await first.step() == 10
+    async with engine.connect() as conn:
+        assert (await read_checkpoints(conn))["trigger_executions"] == 10
+    second = ProjectionRunner(engine, list(PROJECTIONS.values()), batch=10)  # "after a restart"
+    await second.catch_up()
+    async with engine.connect() as conn:
+        assert (await read_checkpoints(conn))["trigger_executions"] == 25
+    assert len(await snapshot(engine, "trigger_executions")) == 25
+    await engine.dispose()
+
+
+def delivery(key: str | None, body: str = "{}", trigger_id: str = "t") -> RecordDelivery:
+    received = WebhookReceived(
+        execution_id=uuid7(), headers={}, body=body, content_type="application/json",
+        body_sha256=hashlib.sha256(body.encode()).hexdigest(), initial_status="pending",
+    )
+    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
+
+
+# --- property: live projection == rebuild, whatever the batches and restarts -----------------
+
+operation = st.one_of(
+    st.tuples(st.just("deliver"), st.sampled_from([None, "a", "b", "c", "d"]), st.sampled_from(["{}", "[1]"])),
+    st.tuples(st.just("execution"), st.integers(0, 9), st.sampled_from(["started", "succeeded", "failed", "replay"])),
+    st.tuples(st.just("trigger"), st.sampled_from(["register", "pause", "resume"]), st.just("")),
+)
+
+
+def _execution_event(kind: str, attempt: int) -> Any:
+    return {
+        "started": ExecutionStarted(attempt=attempt, lease_until="2030-01-01T00:00:00+00:00"),
+        "succeeded": ExecutionSucceeded(attempt=attempt, status_code=200, duration_ms=1.5),
+        "failed": ExecutionFailed(attempt=attempt, error_category="transient", error="HTTP 503",
+                                  status_code=503, retry_at="2030-01-01T00:00:00+00:00"),
+        "replay": ExecutionReplayRequested(requested_by="test"),
+    }[kind]
+
+
+def _commands(ops: list[tuple[str, Any, str]]) -> list[Any]:
+    commands: list[Any] = []
+    executions: list[str] = []
+    for kind, arg, extra in ops:
+        if kind == "deliver":
+            command = delivery(arg, extra)
+            executions.append(command.received.execution_id)
+            commands.append(command)
+        elif kind == "execution" and executions:
+            stream = execution_stream(executions[arg % len(executions)])
+            payload = _execution_event(extra, arg + 1)
+            commands.append(AppendEvents(events=[NewEvent.of(stream, "t", payload)]))
+        elif kind == "trigger":
+            payload = {"register": TriggerRegistered(id="t", source="generic"),
+                       "pause": TriggerPaused(id="t"), "resume": TriggerResumed(id="t")}[arg]
+            commands.append(AppendEvents(events=[NewEvent.of(trigger_stream("t"), "t", payload)]))
+    return commands
+
+
+async def _reset(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+            await conn.exec_driver_sql("CREATE SCHEMA public")
+        else:
+            for (name,) in (await conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")).all():
+                await conn.exec_driver_sql(f'DROP TABLE "{name}"')
+    await upgrade(engine)
+
+
+async def _run_property(url: str, ops: list[Any], splits: list[int], batches: list[int]) -> None:
+    engine = create_engine(url)
+    try:
+        await _reset(engine)
+        commands = _commands(ops)
+        i = 0
+        for n, split in enumerate(splits):
+            chunk, i = commands[i : i + split], i + split
+            if chunk:
+                async with write_transaction(engine) as conn:
+                    await append_commands(conn, chunk)
+            # A new runner each time: a restart between any two batches.
+            await ProjectionRunner(engine, list(PROJECTIONS.values()), batch=batches[n % len(batches)]).step()
+        if i < len(commands):
+            async with write_transaction(engine) as conn:
+                await append_commands(conn, commands[i:])
+        await ProjectionRunner(engine, list(PROJECTIONS.values()), batch=batches[0]).catch_up()
+        for projection in PROJECTIONS.values():
+            live = await snapshot(engine, projection.table.name)
+            await rebuild(engine, projection, into=f"{projection.name}_check")
+            assert await snapshot(engine, f"{projection.name}_check") == live
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.slow
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(operation, min_size=1, max_size=30),
+    splits=st.lists(st.integers(1, 6), min_size=1, max_size=10),
+    batches=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+)
+def test_live_projection_equals_rebuild_for_any_history(
+    database_url: str, ops: list[Any], splits: list[int], batches: list[int]
+) -> None:
+    asyncio.run(_run_property(database_url, ops, splits, batches))
+
+
+def test_applying_an_event_twice_equals_once() -> None:
+    from datetime import UTC, datetime
+
+    from ledger.events import RecordedEvent
+    from projections.trigger_executions import evolve
+
+    def recorded(seq: int, type_: str, data: dict[str, Any]) -> RecordedEvent:
+        return RecordedEvent(seq=seq, id=uuid7(), stream="execution-x", version=seq, type=type_, trigger_id="t",
+                             idempotency_key=None, data=data, meta={}, recorded_at=datetime.now(UTC), hash="")
+
+    received = recorded(1, "webhook.received", {"execution_id": "x", "initial_status": "pending"})
+    duplicate = recorded(2, "webhook.duplicate", {"execution_id": "x"})
+    once = evolve(evolve(None, received), duplicate)
+    twice = evolve(once, duplicate)
+    assert once == twice and once is not None and once["duplicate_count"] == 1

@@ -1,0 +1,253 @@
+"""The webhook receiver over real HTTP, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import logging
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+
+from conftest import AUTH, create_trigger
+from ledger.store import create_engine, read_events
+from server.config import Settings
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+async def post(client: TestClient, body: bytes | str, *, trigger: str = "t", **headers: str) -> Any:  # type: ignore[type-arg]
+    merged = JSON_HEADERS | {k.replace("_", "-"): v for k, v in headers.items()}
+    return await client.post(f"/webhooks/{trigger}", data=body, headers=merged)
+
+
+async def log_events(settings: Settings) -> list[Any]:
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            return await read_events(conn, limit=10_000)
+    finally:
+        await engine.dispose()
+
+
+async def deliveries(settings: Settings) -> list[Any]:
+    return [e for e in await log_events(settings) if e.type.startswith("webhook.")]
+
+
+async def test_new_delivery_is_accepted_and_stored_exactly(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    body = '{"b": 1,  "a": [1.0, 1e2], "big": 123456789012345678901234567890}'
+    response = await post(client, body, Idempotency_Key="k1")
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["duplicate"] is False and answer["event_id"] and answer["execution_id"]
+    [event] = await deliveries(settings)
+    assert event.type == "webhook.received"
+    assert event.id == answer["event_id"]
+    assert event.idempotency_key == "k1"
+    assert event.data["body"] == body  # byte for byte, never re-serialised
+    assert event.data["execution_id"] == answer["execution_id"]
+    assert event.data["content_type"] == "application/json"
+
+
+async def test_repeat_is_a_duplicate_answered_200_and_logged(
+    client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture  # type: ignore[type-arg]
+) -> None:
+    await create_trigger(client, id="t")
+    first = await (await post(client, "{}", Idempotency_Key="k")).json()
+    caplog.set_level(logging.INFO, logger="server.receiver")
+    response = await post(client, "{}", Idempotency_Key="k")
+    assert response.status == 200
+    assert response.headers["Idempotent-Replayed"] == "true"
+    answer = await response.json()
+    assert answer["duplicate"] is True
+    assert answer["original_event_id"] == first["event_id"]
+    assert answer["execution_id"] == first["execution_id"]
+    events = await deliveries(settings)
+    assert [e.type for e in events] == ["webhook.received", "webhook.duplicate"]
+    assert events[1].id == answer["event_id"]
+    assert events[1].data["body_matches"] is True
+    lines = [r.getMessage() for r in caplog.records if "evt=idempotent_replay" in r.getMessage()]
+    assert len(lines) == 1
+    for part in ("trigger_id=t", "idempotency_key=k", f"event_id={answer['event_id']}",
+                 f"original_event_id={first['event_id']}"):
+        assert part in lines[0]
+
+
+async def test_same_key_different_body_keeps_the_evidence(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    await post(client, '{"v": 1}', Idempotency_Key="k")
+    response = await post(client, '{"v": 2}', Idempotency_Key="k")
+    assert response.status == 200
+    duplicate = (await deliveries(settings))[1]
+    assert duplicate.data["body_matches"] is False
+    assert duplicate.data["body"] == '{"v": 2}'
+
+
+async def test_no_key_means_every_delivery_is_new(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    answers = [await (await post(client, '{"same": true}')).json() for _ in range(3)]
+    assert len({a["execution_id"] for a in answers}) == 3
+    events = await deliveries(settings)
+    assert [e.type for e in events] == ["webhook.received"] * 3
+    assert all(e.idempotency_key is None for e in events)
+
+
+async def test_racing_duplicates_execute_once(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    responses = await asyncio.gather(*(post(client, "{}", Idempotency_Key="race") for _ in range(50)))
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200] * 49 + [202]
+    events = await deliveries(settings)
+    assert sum(e.type == "webhook.received" for e in events) == 1
+    assert sum(e.type == "webhook.duplicate" for e in events) == 49
+    assert len({(await r.json())["execution_id"] for r in responses}) == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "headers", "body"),
+    [
+        ({"idempotency_key_path": "data.key.id"}, {}, '{"data": {"key": {"id": "p1"}}}'),
+        ({}, {"Idempotency-Key": "h1"}, "{}"),
+        ({}, {"webhook-id": "w1"}, "{}"),
+        ({"source": "github"}, {"X-GitHub-Delivery": "g1"}, "{}"),
+        ({"source": "stripe"}, {}, '{"id": "evt_1"}'),
+        ({"source": "evolution"}, {}, '{"data": {"key": {"id": "wamid"}}}'),
+        ({}, {}, '{"messageId": "m1"}'),
+        ({}, {}, '{"idempotency_key": 77}'),
+    ],
+)
+async def test_every_key_rule_deduplicates_over_http(
+    client: TestClient, settings: Settings, config: dict[str, Any], headers: dict[str, str], body: str  # type: ignore[type-arg]
+) -> None:
+    await create_trigger(client, id="t", **config)
+    merged = JSON_HEADERS | headers
+    first = await client.post("/webhooks/t", data=body, headers=merged)
+    second = await client.post("/webhooks/t", data=body, headers=merged)
+    assert (first.status, second.status) == (202, 200)
+
+
+@pytest.mark.parametrize("value", ['{"a": 1}', "[1]", "1.5", "true", "null"])
+async def test_keys_of_other_json_types_are_ignored(client: TestClient, value: str) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    body = '{"idempotency_key": %s}' % value
+    statuses = [(await post(client, body)).status for _ in range(2)]
+    assert statuses == [202, 202]
+
+
+@pytest.mark.parametrize("bad", ["x" * 256, "line\nbreak", "bell\x07"])
+async def test_invalid_key_is_400_and_stores_nothing(client: TestClient, settings: Settings, bad: str) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    response = await post(client, '{"idempotency_key": %s}' % __import__("json").dumps(bad))
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_idempotency_key"
+    assert await deliveries(settings) == []
+
+
+async def test_unknown_trigger_is_404(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    response = await post(client, "{}", trigger="nobody")
+    assert response.status == 404
+    assert await response.json() == {"error": {"code": "trigger_not_found", "message": "no trigger 'nobody'"}}
+
+
+async def test_deleted_trigger_is_404(client: TestClient) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    assert (await client.delete("/api/triggers/t", headers=AUTH)).status == 204
+    assert (await post(client, "{}")).status == 404
+
+
+async def test_body_over_the_limit_is_413_by_content_length(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    body = io.BytesIO(("[" + "1," * (settings.max_body_bytes // 2) + "1]").encode())
+    response = await client.post("/webhooks/t", data=body, headers=JSON_HEADERS)
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "payload_too_large"
+    assert await deliveries(settings) == []
+
+
+async def test_chunked_body_over_the_limit_is_413(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+
+    async def chunks() -> Any:
+        for _ in range(settings.max_body_bytes // 65536 + 2):
+            yield b" " * 65536
+
+    response = await client.post("/webhooks/t", data=chunks(), headers=JSON_HEADERS)
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "payload_too_large"
+    assert await deliveries(settings) == []
+
+
+async def test_gzip_body_is_limited_after_decompression(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    bomb = gzip.compress(b"[" + b" " * (settings.max_body_bytes * 4) + b"]")
+    response = await client.post("/webhooks/t", data=io.BytesIO(bomb), headers=JSON_HEADERS | {"Content-Encoding": "gzip"})
+    assert response.status == 413
+    assert await deliveries(settings) == []
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"a": NaN}', b"\xff\xfe{}", b'{"a": "\xed\xa0\x80"}', b"[" * 2000])
+async def test_malformed_json_is_400(client: TestClient, settings: Settings, body: bytes) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    response = await post(client, body)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_json"
+    assert await deliveries(settings) == []
+
+
+async def test_json_deeper_than_a_serializer_writes_is_stored_as_received(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    body = "[" * 600 + "]" * 600
+    assert (await post(client, body)).status == 202
+    assert (await deliveries(settings))[0].data["body"] == body
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "application/xml", "application/octet-stream"])
+async def test_unsupported_media_type_is_415(client: TestClient, settings: Settings, content_type: str) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    response = await client.post("/webhooks/t", data=b"{}", headers={"Content-Type": content_type})
+    assert response.status == 415
+    assert (await response.json())["error"]["code"] == "unsupported_media_type"
+    assert await deliveries(settings) == []
+
+
+async def test_vendor_json_form_and_text_are_accepted(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t", source="github")
+    form = "payload=%7B%22zen%22%3A%22ok%22%7D"
+    headers = {"X-GitHub-Delivery": "d1"}
+    r1 = await client.post("/webhooks/t", data=form, headers=headers | {"Content-Type": "application/x-www-form-urlencoded"})
+    r2 = await client.post("/webhooks/t", data="{}", headers={"Content-Type": "application/vnd.api+json"})
+    r3 = await client.post("/webhooks/t", data="plain words", headers={"Content-Type": "text/plain; charset=utf-8"})
+    assert [r1.status, r2.status, r3.status] == [202, 202, 202]
+    bodies = [e.data["body"] for e in await deliveries(settings)]
+    assert bodies == [form, "{}", "plain words"]
+
+
+async def test_only_the_idempotency_constraint_is_absorbed(client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[type-arg]
+    """Another integrity error (here a unique index an operator added) is a logged 500."""
+    await create_trigger(client, id="t")
+    assert (await post(client, "{}")).status == 202
+    engine = create_engine(settings.database_url)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(
+            "CREATE UNIQUE INDEX one_delivery_only ON events (trigger_id) WHERE type = 'webhook.received'"))
+    await engine.dispose()
+    caplog.set_level(logging.ERROR)
+    response = await post(client, "{}")
+    assert response.status == 500
+    assert (await response.json())["error"]["code"] == "internal_error"
+    assert any("one_delivery_only" in r.getMessage() or "UNIQUE" in r.getMessage() for r in caplog.records)
+    assert len(await deliveries(settings)) == 1
+    # The next duplicate of an existing key is still absorbed, never a 500.
+    await post(client, "{}", Idempotency_Key="z")
+
+
+async def test_admin_api_requires_the_token(client: TestClient) -> None:  # type: ignore[type-arg]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+        response = await client.get("/api/triggers", headers=headers)
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+    assert (await client.get("/api/triggers", headers=AUTH)).status == 200
