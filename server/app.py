@@ -19,12 +19,13 @@ from ledger.store import create_engine
 from ledger.vault import Vault
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
-from server import admin, replays
+from server import admin, audit, feed, monitoring, replays, stats
 from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import ApiError, Handler, error_middleware
 from server.logs import request_id
+from server.metrics import Metrics
 from server.receiver import receive_webhook
 from server.state import SERVICES, Services
 
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DASHBOARD_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 @web.middleware
@@ -80,13 +85,19 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    try:
-        async with asyncio.timeout(2):
-            lag = await services.runner.lag()
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the database means not ready
-        raise ApiError(503, "not_ready", f"database unreachable: {type(exc).__name__}") from exc
-    return admin.json_response({"status": "ready", "projection_lag": lag})
+    is_ready, body = await monitoring.readiness(request.app[SERVICES])
+    if not is_ready:
+        raise ApiError(503, "not_ready", body["reason"])
+    return admin.json_response(body)
+
+
+async def _dashboard_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Revalidated on every load, so an upgraded server never runs yesterday's modules; the page
+    # runs only its own scripts and styles and is never framed (it holds the admin token).
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-cache"
+    if request.path == "/":
+        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
 
 
 async def dashboard(_request: web.Request) -> web.StreamResponse:
@@ -102,6 +113,7 @@ def build_services(settings: Settings) -> Services:
     vault = Vault(settings.resolved_secret_key())
     token, _ = settings.resolved_admin_token()
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
+    metrics = Metrics()  # one registry per app; the dispatcher calls metrics.observe_attempt
     dispatcher = Dispatcher(
         engine=engine, appender=appender, vault=vault, settings=settings, wake=runner.advanced
     )
@@ -114,6 +126,7 @@ def build_services(settings: Settings) -> Services:
         triggers=TriggerCache(engine, vault),
         admin_token=token,
         dispatcher=dispatcher,
+        metrics=metrics,
     )
 
 
@@ -126,7 +139,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 def make_app(settings: Settings, services: Services | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            request_id_middleware,
+            monitoring.webhook_outcome_middleware,
+            error_middleware,
+            auth_middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SERVICES] = services or build_services(settings)
@@ -134,9 +152,14 @@ def make_app(settings: Settings, services: Services | None = None) -> web.Applic
     app.router.add_post("/webhooks/{trigger_id}", receive_webhook)
     app.router.add_routes(admin.routes)
     app.router.add_routes(replays.routes)
+    app.router.add_routes(stats.routes)
+    app.router.add_routes(audit.routes)
+    feed.setup(app)
+    monitoring.setup(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", dashboard)
+    app.on_response_prepare.append(_dashboard_headers)
     if STATIC.exists():
         app.router.add_static("/static/", STATIC)
     return app

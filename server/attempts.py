@@ -8,11 +8,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from ledger.codec import format_time, loads
+from ledger.codec import format_time
 from ledger.events import (
-    JSON,
     EventData,
     ExecutionDeadLettered,
     ExecutionFailed,
@@ -20,51 +18,12 @@ from ledger.events import (
     ExecutionSucceeded,
 )
 from server.delivery import AttemptResult
-from server.policy import DEFAULT_RETRY_POLICY, RetryPolicy, classify, next_delay, parse_retry_after
+from server.due import Due
+from server.policy import RetryPolicy, classify, next_delay, parse_retry_after
 
-__all__ = ["Claim", "Due", "claim_events", "outcome_events", "policy_of"]
+__all__ = ["Claim", "claim_events", "outcome_events"]
 
 LEASE_EXPIRED = "lease expired: the worker running this attempt stopped; its outcome is unknown"
-DEFAULT_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Due:
-    """An execution whose next step is due, with what its trigger says about it."""
-
-    execution_id: str
-    trigger_id: str
-    status: str
-    attempts: int
-    version: int
-    idempotency_key: str | None
-    received_event_id: str
-    trigger_deleted: bool
-    destination: JSON | None
-    retry: JSON | None
-
-    @classmethod
-    def of(cls, row: Any) -> Due:
-        return cls(
-            execution_id=row.execution_id,
-            trigger_id=row.trigger_id,
-            status=row.status,
-            attempts=row.attempts,
-            version=row.version,
-            idempotency_key=row.idempotency_key,
-            received_event_id=row.received_event_id,
-            trigger_deleted=row.deleted,
-            destination=loads(row.destination) if row.destination else None,
-            retry=loads(row.retry) if row.retry else None,
-        )
-
-    @property
-    def timeout_s(self) -> float:
-        return float((self.destination or {}).get("timeout_s") or DEFAULT_TIMEOUT_S)
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return policy_of(self.retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +32,6 @@ class Claim:
 
     events: list[EventData]
     attempt: int | None
-
-
-def policy_of(retry: JSON | None) -> RetryPolicy:
-    return RetryPolicy.from_json(retry) if retry else DEFAULT_RETRY_POLICY
 
 
 def _dead_letter(reason: str, category: str) -> ExecutionDeadLettered:

@@ -22,10 +22,10 @@ from aiohttp import web
 
 from ledger.codec import parse_time
 from ledger.migrate import upgrade
-from ledger.store import create_engine, first_seq_at, read_events
+from ledger.store import create_engine, first_seq_at
 from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS
-from server import logs
+from server import cli_readers, logs
 from server.app import make_app
 from server.config import Settings
 from server.progress import ProgressBar
@@ -187,27 +187,6 @@ async def _dispatch(args: argparse.Namespace) -> None:
         await runner.cleanup()
 
 
-async def _events(args: argparse.Namespace) -> None:
-    engine = create_engine(_settings(args).database_url)
-    after = args.after
-    try:
-        while True:
-            async with engine.connect() as conn:
-                page = await read_events(
-                    conn, after=after, limit=1000, types=args.type or None, trigger_id=args.trigger
-                )
-            for event in page:
-                sys.stdout.write(orjson.dumps(event, default=str).decode() + "\n")
-            sys.stdout.flush()
-            after = page[-1].seq if page else after
-            if not page and not args.follow:
-                return
-            if not page:
-                await asyncio.sleep(0.5)
-    finally:
-        await engine.dispose()
-
-
 async def _rebuild(args: argparse.Namespace) -> None:
     projection = PROJECTIONS.get(args.name)
     if projection is None:
@@ -265,8 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="print the log as JSON lines")
     events.add_argument("--after", type=int, default=0)
     events.add_argument("--follow", action="store_true")
-    events.add_argument("--type", action="append")
+    events.add_argument("--type", action="append", help="repeat or comma-separate")
     events.add_argument("--trigger")
+    cli_readers.add_parsers(sub)
     executions = sub.add_parser("executions", help="list executions, or show one with its timeline")
     executions.add_argument("id", nargs="?")
     executions.add_argument("--trigger")
@@ -294,11 +274,12 @@ COMMANDS = {
     "serve": _serve,
     "db": _db_upgrade,
     "triggers": _triggers,
-    "events": _events,
+    "events": cli_readers.events_command,
     "executions": _executions,
     "rebuild": _rebuild,
     "replay": _replay,
     "dispatch": _dispatch,
+    **cli_readers.COMMANDS,
 }
 
 

@@ -17,13 +17,11 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import aiohttp
 import sqlalchemy as sa
-import yarl
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.appender import Appender
 from ledger.codec import loads
@@ -32,71 +30,16 @@ from ledger.errors import StorageUnavailable, StreamVersionConflict
 from ledger.events import EventData, NewEvent, execution_stream
 from ledger.schema import events
 from ledger.vault import Vault
-from projections.trigger_executions import DISPATCHABLE
-from projections.trigger_executions import table as executions
-from projections.triggers import table as triggers
 from server.addresses import make_connector
-from server.attempts import Due, claim_events, outcome_events
+from server.attempts import claim_events, outcome_events
 from server.config import Settings
 from server.delivery import AttemptResult, Delivery, attempt
+from server.due import Due, destination_key, find_due
 from server.logs import fact
 
-__all__ = ["Dispatcher", "find_due"]
+__all__ = ["Dispatcher"]
 
 logger = logging.getLogger(__name__)
-
-_HELD_BY_DELETION = ("pending", "retrying")
-
-
-def _due_clause(now: datetime) -> sa.ColumnElement[bool]:
-    e, t = executions.c, triggers.c
-    runnable = sa.and_(e.status.in_(DISPATCHABLE), e.next_attempt_at <= now, sa.not_(t.paused))
-    # A deleted trigger's waiting executions are dead-lettered at once, paused or not.
-    abandoned = sa.and_(t.deleted, e.status.in_(_HELD_BY_DELETION))
-    return sa.or_(runnable, abandoned)
-
-
-async def find_due(
-    conn: AsyncConnection,
-    *,
-    now: datetime,
-    limit: int,
-    skip_executions: Sequence[str] = (),
-    skip_triggers: Sequence[str] = (),
-) -> list[Due]:
-    """At most `limit` due executions, the longest-waiting first (one page: memory stays flat)."""
-    e, t = executions.c, triggers.c
-    query = (
-        sa.select(
-            e.execution_id,
-            e.trigger_id,
-            e.status,
-            e.attempts,
-            e.version,
-            e.idempotency_key,
-            e.received_event_id,
-            t.deleted,
-            t.destination,
-            t.retry,
-        )
-        .join_from(executions, triggers, t.id == e.trigger_id)
-        .where(_due_clause(now))
-    )
-    if skip_executions:
-        query = query.where(e.execution_id.not_in(list(skip_executions)))
-    if skip_triggers:
-        query = query.where(e.trigger_id.not_in(list(skip_triggers)))
-    rows = (await conn.execute(query.order_by(e.next_attempt_at).limit(limit))).all()
-    return [Due.of(row) for row in rows]
-
-
-def destination_key(due: Due) -> str:
-    """Concurrency is bounded per destination origin (scheme, host, port), across triggers."""
-    url = str((due.destination or {}).get("url", ""))
-    try:
-        return str(yarl.URL(url).origin())
-    except ValueError:
-        return url
 
 
 def worker_name() -> str:
@@ -122,9 +65,8 @@ class Dispatcher:
         # Set when something may have become due: a projected batch, or a freed slot.
         self._wake = wake or asyncio.Event()
         self._rng = random.SystemRandom()
-        self._in_flight: dict[
-            str, tuple[str, str]
-        ] = {}  # execution_id -> (trigger_id, destination)
+        # execution_id -> (trigger_id, destination key), for this process's bounds
+        self._in_flight: dict[str, tuple[str, str]] = {}
         self._per_destination: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
         self.worker = worker_name()
@@ -209,6 +151,15 @@ class Dispatcher:
         claimed = await self._append(due, claim.events, due.version)
         if claimed is None:
             return  # another worker took this step first
+        if due.status == "running":
+            fact(
+                logger,
+                "lease_expired",
+                logging.WARNING,
+                execution_id=due.execution_id,
+                trigger_id=due.trigger_id,
+                attempt=due.attempts,
+            )
         if claim.attempt is None:
             _log_dead_letter(due, claim.events)
             return

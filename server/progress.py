@@ -9,9 +9,15 @@ from typing import TextIO
 
 class ProgressBar:
     def __init__(
-        self, label: str, *, stream: TextIO = sys.stderr, min_interval_s: float = 0.2
+        self,
+        label: str,
+        *,
+        stream: TextIO = sys.stderr,
+        min_interval_s: float = 0.2,
+        unit: str = "seq",
     ) -> None:
         self._label = label
+        self._unit = unit
         self._stream = stream
         self._started = time.monotonic()
         self._shown = 0.0
@@ -27,7 +33,7 @@ class ProgressBar:
         share = reached / target if target else 1.0
         bar = "#" * int(share * 30)
         line = (
-            f"{self._label} [{bar:<30}] {share:6.1%} seq {reached}/{target} "
+            f"{self._label} [{bar:<30}] {share:6.1%} {self._unit} {reached}/{target} "
             f"{done / elapsed:,.0f} ev/s"
         )
         if self._is_tty:

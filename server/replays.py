@@ -235,8 +235,9 @@ async def bulk_replay(
         if not page:
             break
         # Submitted together, the appends of one page share a few group commits.
-        seqs = await asyncio.gather(*(_replay_row(services, r, requester, bulk_id) for r in page))
-        landed = [seq for seq in seqs if seq is not None]
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_replay_row(services, r, requester, bulk_id)) for r in page]
+        landed = [seq for task in tasks if (seq := task.result()) is not None]
         replayed, remaining, after = (
             replayed + len(landed),
             remaining - len(page),

@@ -37,7 +37,7 @@ async function send(method, url, body, signal, token) {
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   try {
-    return await fetch(url, {
+    return await fetch(relative(url), {
       method, headers, signal, cache: 'no-store',
       body: body === undefined ? undefined : JSON.stringify(body),
     });
@@ -79,3 +79,11 @@ function withQuery(path, query) {
 }
 
 export const enc = encodeURIComponent;
+
+/**
+ * '/api/x' → 'api/x', resolved against the page: the dashboard is served at the server's root,
+ * and this keeps it working behind a reverse proxy that mounts it under a path prefix.
+ */
+export function relative(path) {
+  return path.replace(/^\//, '');
+}

@@ -107,7 +107,12 @@ function parseHash(hash) {
 function matchRoute(path) {
   for (const [pattern, mount] of ROUTES) {
     const match = pattern.exec(path);
-    if (match) return { mount, params: match.slice(1).map(decodeURIComponent) };
+    if (!match) continue;
+    try {
+      return { mount, params: match.slice(1).map(decodeURIComponent) };
+    } catch {
+      break; // a malformed %-escape: no such page
+    }
   }
   return { mount: mountNotFound, params: [] };
 }
@@ -141,9 +146,9 @@ function unmountView() {
 
 /** After navigation: back on the control that caused it (same view), else on the heading. */
 function moveFocus(root, testid, firstMount) {
-  const again = testid && root.querySelector(`[data-testid="${CSS.escape(testid)}"]`);
-  if (again) again.focus();
-  else if (!firstMount) root.querySelector('h1')?.focus();
+  if (testid) root.querySelector(`[data-testid="${CSS.escape(testid)}"]`)?.focus();
+  if (firstMount || root.contains(document.activeElement)) return;
+  root.querySelector('h1')?.focus();
 }
 
 function markNav(path) {
@@ -166,7 +171,7 @@ function mountNotFound(ctx) {
 const main = () => document.getElementById('main');
 
 function showLiveState(state) {
-  const badge = document.querySelector('[data-testid="live-status"]');
+  const badge = document.getElementById('live-status');
   badge.dataset.state = state;
   badge.textContent = LIVE_LABELS[state] ?? state;
   badge.title = state === 'live' ? 'New events appear as they are recorded' : 'The live feed is not connected; it retries by itself';

@@ -3,6 +3,7 @@ import { h, svg } from './dom.js';
 
 const MARGIN = { top: 12, right: 12, bottom: 26, left: 48 };
 const HEIGHT = 190;
+const MAX_BAR_WIDTH = 28;
 const DAY_LABEL = new Intl.DateTimeFormat(undefined, { month: 'short', day: 'numeric', timeZone: 'UTC' });
 
 /**
@@ -34,13 +35,15 @@ export function barChart({ rows, series, width, stacked = false, label, format =
     : Math.max(0, ...series.map((s) => row[s.key] ?? 0)))));
   const frame = chartFrame({ rows, width, max, label, format, emptyText });
   const band = frame.plotWidth / rows.length;
-  const barWidth = stacked ? band * 0.7 : (band * 0.8) / series.length;
+  const barWidth = Math.min(MAX_BAR_WIDTH, stacked ? band * 0.7 : (band * 0.8) / series.length);
+  const groupWidth = stacked ? barWidth : barWidth * series.length;
   rows.forEach((row, i) => {
     let base = 0;
+    const groupStart = MARGIN.left + i * band + (band - groupWidth) / 2;
     series.forEach((s, j) => {
       const value = row[s.key] ?? 0;
       if (value <= 0) return;
-      const x = MARGIN.left + i * band + (stacked ? band * 0.15 : band * 0.1 + j * barWidth);
+      const x = groupStart + (stacked ? 0 : j * barWidth);
       const top = frame.y(base + value);
       const height = frame.y(base) - top;
       frame.plot.append(svg('rect', { class: `bar s-${s.key}`, x: x.toFixed(1), y: top.toFixed(1), width: Math.max(1, barWidth - 1).toFixed(1), height: Math.max(1, height).toFixed(1) },
@@ -122,6 +125,6 @@ export function niceScale(max) {
   if (!(max > 0)) return { top: 1, step: 1 };
   const rough = max / 4;
   const magnitude = 10 ** Math.floor(Math.log10(rough));
-  const step = Math.max(1, [1, 2, 2.5, 5, 10].map((m) => m * magnitude).find((s) => s >= rough));
+  const step = Math.max(1, [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= rough));
   return { top: step * Math.ceil(max / step), step };
 }

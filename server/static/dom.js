@@ -41,25 +41,32 @@ export function append(parent, children) {
   return parent;
 }
 
-/** Replace a container's content, keeping keyboard focus on the "same" control if it survives. */
+/**
+ * Replace a container's content, keeping keyboard focus on the "same" control and the same
+ * <details> open, when they survive (matched by the row's data-key and the data-testid).
+ */
 export function swapContent(container, ...children) {
   const focusKey = focusSignature(container);
+  const opened = [...container.querySelectorAll('details[open][data-testid]')].map(signatureOf);
   container.replaceChildren();
   append(container, children);
-  if (focusKey) restoreFocus(container, focusKey);
+  for (const signature of opened) findBySignature(container, signature)?.setAttribute('open', '');
+  if (focusKey) findBySignature(container, focusKey)?.focus();
+}
+
+function signatureOf(el) {
+  return { key: el.closest('[data-key]')?.getAttribute('data-key') ?? null, testid: el.getAttribute('data-testid') };
+}
+
+function findBySignature(container, { key, testid }) {
+  if (!testid) return null;
+  const scope = key ? container.querySelector(`[data-key="${CSS.escape(key)}"]`) : container;
+  return scope?.querySelector(`[data-testid="${CSS.escape(testid)}"]`) ?? null;
 }
 
 function focusSignature(container) {
   const active = document.activeElement;
-  if (!active || !container.contains(active)) return null;
-  const row = active.closest('[data-key]');
-  return { key: row?.getAttribute('data-key') ?? null, testid: active.getAttribute('data-testid') };
-}
-
-function restoreFocus(container, { key, testid }) {
-  if (!testid) return;
-  const scope = key ? container.querySelector(`[data-key="${CSS.escape(key)}"]`) : container;
-  scope?.querySelector(`[data-testid="${CSS.escape(testid)}"]`)?.focus();
+  return active && container.contains(active) ? signatureOf(active) : null;
 }
 
 export function loadingState(text = 'Loading…') {
@@ -166,14 +173,20 @@ export function field(label, control, hint) {
   return h('div', { class: 'field' }, h('label', { for: id }, label), control, hintEl);
 }
 
-/** Run fn at most once per `ms`, trailing (the last call wins). */
-export function debounce(fn, ms) {
+/**
+ * Coalesce calls: fn runs `delay` ms after the first call of a burst, then at most once every
+ * `every` ms while calls keep coming (a steady stream of events never starves it, as a
+ * debounce would).
+ */
+export function throttle(fn, every, delay = 0) {
   let timer = null;
-  const wrapped = (...args) => {
-    clearTimeout(timer);
-    timer = setTimeout(() => fn(...args), ms);
+  let lastRun = 0;
+  const run = () => { timer = null; lastRun = Date.now(); fn(); };
+  const wrapped = () => {
+    if (timer) return;
+    timer = setTimeout(run, Math.max(delay, lastRun + every - Date.now()));
   };
-  wrapped.cancel = () => clearTimeout(timer);
+  wrapped.cancel = () => { clearTimeout(timer); timer = null; };
   return wrapped;
 }
 

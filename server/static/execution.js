@@ -1,7 +1,7 @@
 // Execution detail (#/executions/<id>): the row, the replay button and the whole timeline,
 // kept true live from the event feed.
 import { enc } from './api.js';
-import { debounce, errorState, h, loadingState, swapContent } from './dom.js';
+import { errorState, h, loadingState, swapContent, throttle } from './dom.js';
 import { categoryBadge, formatCount, href, shortId, statusBadge, timeEl } from './format.js';
 import { executionIdOf, fetchCaughtUp } from './live.js';
 import { replayPanel } from './replay.js';
@@ -80,7 +80,7 @@ function followLive(ctx, execution, { summaryBox, events }) {
   const rowListeners = [];
   let wantSeq = Number(execution.last_seq) || null;
 
-  const refresh = debounce(async () => {
+  const refresh = throttle(async () => {
     try {
       const fresh = await fetchCaughtUp(() => ctx.app.api.get(`/api/executions/${enc(id)}`, { signal: ctx.signal }), wantSeq, ctx.signal);
       if (!fresh || ctx.signal.aborted) return;
@@ -90,7 +90,7 @@ function followLive(ctx, execution, { summaryBox, events }) {
     } catch (error) {
       if (error.name !== 'AbortError') console.warn('execution refresh failed', error);
     }
-  }, 150);
+  }, 500, 100);
   ctx.signal.addEventListener('abort', () => refresh.cancel(), { once: true });
 
   ctx.app.live.subscribe((event) => {

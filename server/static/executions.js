@@ -1,8 +1,8 @@
 // Executions (#/executions?…): filters in the URL, cursor paging, sort by time, live rows.
 import { enc } from './api.js';
-import { debounce, describeError, emptyState, errorState, field, h, loadingState } from './dom.js';
+import { describeError, emptyState, errorState, field, h, loadingState, throttle } from './dom.js';
 import {
-  STATUSES, categoryBadge, formatCount, href, isoToLocalInput, localInputToIso, shortId, statusBadge, timeEl,
+  STATUSES, categoryBadge, columnClass, formatCount, href, isoToLocalInput, localInputToIso, statusBadge, timeEl,
 } from './format.js';
 import { executionIdOf, fetchCaughtUp } from './live.js';
 import { openBulkReplay } from './replay.js';
@@ -59,10 +59,11 @@ function filterForm(ctx, filters) {
   };
   return h('form', { class: 'filters card', testid: 'executions-filters', role: 'search', on: { submit } },
     field('Trigger', trigger), field('Status', status), field('Error category', category),
-    field('Idempotency key', key), field('Received since', since, 'your local time'), field('Received until', until, 'your local time'),
+    field('Idempotency key', key), field('Received from', since), field('Received before', until),
     h('div', { class: 'filter-actions' },
       h('button', { type: 'submit', class: 'primary', testid: 'filter-apply' }, 'Apply'),
-      h('a', { href: href.executions(), class: 'button', testid: 'filter-reset' }, 'Reset')));
+      h('a', { href: href.executions(), class: 'button', testid: 'filter-reset' }, 'Reset'),
+      h('small', { class: 'hint' }, 'Times are in your local zone.')));
 }
 
 async function fillTriggerOptions(ctx, select, current) {
@@ -79,14 +80,14 @@ async function fillTriggerOptions(ctx, select, current) {
 function executionList(ctx, filters) {
   const rows = new Map();
   const tbody = h('tbody', {});
-  const table = h('div', { class: 'table-wrap', hidden: true }, h('table', { class: 'data responsive', testid: 'executions-table' },
+  const table = h('div', { class: 'table-wrap' }, h('table', { class: 'data responsive executions', testid: 'executions-table' },
     h('caption', { class: 'visually-hidden' }, 'Executions'), tableHead(ctx, filters), tbody));
   const empty = emptyState('No executions match these filters.', h('a', { href: href.executions() }, 'Clear the filters'));
   empty.hidden = true;
   const count = h('p', { class: 'muted', role: 'status', testid: 'executions-count' });
   const more = h('button', { type: 'button', hidden: true, testid: 'executions-load-more', on: { click: () => loadMore() } }, 'Load more');
   const status = h('div', { class: 'stack' }, loadingState('Loading executions…'));
-  const state = { cursor: null, done: false, fresh: 0 };
+  const state = { cursor: null, done: false, failed: false, fresh: 0 };
 
   async function loadMore() {
     more.disabled = true;
@@ -96,9 +97,11 @@ function executionList(ctx, filters) {
       for (const row of page.executions) put(row, { position: 'end' });
       state.cursor = page.next_cursor;
       state.done = !page.next_cursor;
+      state.failed = false;
       status.replaceChildren();
     } catch (error) {
       if (ctx.signal.aborted) return;
+      state.failed = true;
       status.replaceChildren(errorState(error, () => { status.replaceChildren(loadingState()); loadMore(); }));
     }
     sync();
@@ -116,9 +119,9 @@ function executionList(ctx, filters) {
   }
 
   function sync() {
-    table.hidden = rows.size === 0;
+    table.hidden = rows.size === 0 && state.done;
     empty.hidden = rows.size > 0 || !state.done;
-    more.hidden = state.done;
+    more.hidden = state.done || state.failed;
     more.disabled = false;
     const freshText = state.fresh ? ` · ${state.fresh} new since this page opened` : '';
     count.textContent = rows.size ? `${rows.size} execution${rows.size === 1 ? '' : 's'} shown${state.done ? ' (all)' : ''}${freshText}` : '';
@@ -126,7 +129,7 @@ function executionList(ctx, filters) {
 
   /** A row from the live feed: update it if shown, add it if new and within the filters. */
   function merge(row) {
-    if (rows.has(row.execution_id)) { put(row, {}); return; }
+    if (rows.has(row.execution_id)) { put(row, { fresh: true }); return; }
     if (!matchesFilters(row, filters)) return;
     if (filters.order === 'asc' && !state.done) return; // it belongs on a page not loaded yet
     put(row, { position: filters.order === 'asc' ? 'end' : 'start', fresh: true });
@@ -134,7 +137,7 @@ function executionList(ctx, filters) {
     sync();
   }
 
-  const el = h('div', { class: 'list stack' }, status, table, empty, h('div', { class: 'list-foot' }, count, more));
+  const el = h('div', { class: 'list stack' }, table, status, empty, h('div', { class: 'list-foot' }, count, more));
   return { el, loadMore, merge, has: (id) => rows.has(id) };
 }
 
@@ -158,7 +161,7 @@ function tableHead(ctx, filters) {
     title: ascending ? 'Oldest first: show newest first' : 'Newest first: show oldest first',
     on: { click: () => navigateWith(ctx, { ...filters, order: ascending ? 'desc' : 'asc' }) },
   }, 'Received ', h('span', { 'aria-hidden': 'true' }, ascending ? '▲' : '▼'));
-  const columns = [['Execution'], ['Trigger'], ['Key', 'Idempotency key'], ['Status'], ['Attempts'], ['Error', 'Error category and last error'],
+  const columns = [['Trigger'], ['Key', 'Idempotency key'], ['Status'], ['Attempts'], ['Error', 'Error category and last error'],
     ['Last code', 'Last status code from the destination'], ['Dups', 'Duplicate deliveries'], ['Replays'], ['Last replay']];
   return h('thead', {}, h('tr', {},
     h('th', { scope: 'col', 'aria-sort': ascending ? 'ascending' : 'descending' }, sort),
@@ -166,10 +169,10 @@ function tableHead(ctx, filters) {
 }
 
 function executionRow(row) {
-  const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, h('div', { class: 'cell' }, ...content));
+  const cell = (label, testid, ...content) => h('td', { 'data-label': label, class: columnClass(label), testid }, h('div', { class: 'cell' }, ...content));
   return h('tr', { testid: 'execution-row', 'data-key': row.execution_id, 'data-execution-id': row.execution_id, 'data-status': row.status },
-    cell('Received', 'execution-received-at', timeEl(row.received_at, null, { compact: true })),
-    cell('Execution', null, h('a', { href: href.execution(row.execution_id), testid: 'execution-link', title: row.execution_id }, shortId(row.execution_id))),
+    cell('Received', 'execution-received-at',
+      h('a', { href: href.execution(row.execution_id), testid: 'execution-link', title: `Open execution ${row.execution_id}` }, timeEl(row.received_at, null, { compact: true }))),
     cell('Trigger', 'execution-trigger', row.trigger_id),
     cell('Key', 'execution-key', row.idempotency_key ? h('code', { class: 'truncate', title: row.idempotency_key }, row.idempotency_key) : h('span', { class: 'muted' }, '—')),
     cell('Status', null, statusBadge(row.status, 'execution-status')),
@@ -197,7 +200,7 @@ export function matchesFilters(row, filters) {
 /** Live: collect the executions the feed touches, then refresh them in one go. */
 function followLive(ctx, filters, list) {
   const touched = new Map();
-  const flush = debounce(() => refreshTouched(ctx, filters, list, takeAll(touched)), 300);
+  const flush = throttle(() => refreshTouched(ctx, filters, list, takeAll(touched)), 500, 150);
   ctx.signal.addEventListener('abort', () => flush.cancel(), { once: true });
   ctx.app.live.subscribe((event) => {
     const id = executionIdOf(event);
@@ -216,18 +219,22 @@ function takeAll(map) {
 
 async function refreshTouched(ctx, filters, list, touched) {
   try {
+    let oneByOne = touched;
     if (touched.size > BURST_SIZE) {
       const page = await ctx.app.api.get('/api/executions', { signal: ctx.signal, query: pageQuery({ ...filters, order: 'desc' }, null) });
-      for (const row of page.executions) if (touched.has(row.execution_id) || !list.has(row.execution_id)) list.merge(row);
-      return;
+      for (const row of page.executions) { list.merge(row); touched.delete(row.execution_id); }
+      // Rows on screen but beyond the newest page still get their update, within reason.
+      oneByOne = new Map([...touched].filter(([id]) => list.has(id)).slice(0, BURST_SIZE));
     }
-    await Promise.all([...touched].map(async ([id, seq]) => {
-      const row = await fetchCaughtUp(() => ctx.app.api.get(`/api/executions/${enc(id)}`, { signal: ctx.signal }), seq, ctx.signal);
-      if (row && !ctx.signal.aborted) list.merge(stripEvents(row));
-    }));
+    await Promise.all([...oneByOne].map(([id, seq]) => refreshOne(ctx, list, id, seq)));
   } catch (error) {
     if (error.name !== 'AbortError') console.warn('live refresh failed:', describeError(error));
   }
+}
+
+async function refreshOne(ctx, list, id, seq) {
+  const row = await fetchCaughtUp(() => ctx.app.api.get(`/api/executions/${enc(id)}`, { signal: ctx.signal }), seq, ctx.signal);
+  if (row && !ctx.signal.aborted) list.merge(stripEvents(row));
 }
 
 function stripEvents(detail) {

@@ -83,6 +83,11 @@ export function byteLength(text) {
   return new TextEncoder().encode(text ?? '').length;
 }
 
+/** 'Last code' → 'col-last-code': a class for a table column. */
+export function columnClass(label) {
+  return `col-${label.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
+}
+
 export function shortId(id) {
   return id ? String(id).slice(0, 8) : '—';
 }
@@ -104,5 +109,5 @@ function withQuery(path, query) {
 }
 
 export function webhookUrl(triggerId) {
-  return `${location.origin}/webhooks/${encodeURIComponent(triggerId)}`;
+  return new URL(`webhooks/${encodeURIComponent(triggerId)}`, document.baseURI).href;
 }

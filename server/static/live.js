@@ -1,6 +1,6 @@
 // The live feed: GET /api/events/stream read with fetch() (EventSource cannot send the
 // Authorization header), parsed as Server-Sent Events, resumed with ?after=<last seq>.
-import { toError } from './api.js';
+import { relative, toError } from './api.js';
 import { sleep } from './dom.js';
 
 const MIN_DELAY_MS = 1000;
@@ -92,19 +92,18 @@ export function createLive({ getToken, onState, onUnauthorized }) {
 
   function streamUrl() {
     // With no ?after the server starts at the head of the log: only what happens from now on.
-    return lastSeq === null ? '/api/events/stream' : `/api/events/stream?after=${lastSeq}`;
+    return relative(lastSeq === null ? '/api/events/stream' : `/api/events/stream?after=${lastSeq}`);
   }
 
   function dispatch({ id, data, retry }) {
     if (retry !== null) retryMs = retry;
-    if (!data) return;
+    const seq = id !== null && /^\d+$/.test(id) ? Number(id) : null;
+    // An id with no event (a greeting naming the head of the log) still moves the resume point.
+    if (seq !== null && (lastSeq === null || seq > lastSeq)) lastSeq = seq;
+    else if (seq !== null) return; // already seen before a reconnect
     let event;
-    try { event = JSON.parse(data); } catch { return; }
-    const seq = Number(id ?? event.seq);
-    if (Number.isFinite(seq)) {
-      if (lastSeq !== null && seq <= lastSeq) return; // already seen before a reconnect
-      lastSeq = seq;
-    }
+    try { event = data ? JSON.parse(data) : null; } catch { return; }
+    if (!event || typeof event.type !== 'string' || event.seq == null) return;
     for (const listener of [...listeners]) {
       try { listener(event); } catch (error) { console.error('live listener failed', error); }
     }

@@ -29,10 +29,8 @@ export function replayPanel(ctx, execution, trigger, refresh) {
     button.textContent = left > 0 ? `Replay again in ${left} s` : 'Replay…';
     button.dataset.cooldown = String(left);
     note.textContent = allowed || left > 0 ? '' : `Not replayable now: ${NOT_REPLAYABLE_REASON[row.status] ?? row.status}`;
-    if (message.dataset.kind === 'rate_limited') {
-      setMessage(left > 0 ? `Rate limited: this execution was replayed moments ago. Replay again in ${left} s.` : 'You can replay again now.',
-        left > 0 ? 'rate_limited' : 'info');
-    }
+    // The button ticks; the live region speaks only when the wait starts and ends.
+    if (message.dataset.kind === 'rate_limited' && left === 0) setMessage('You can replay again now.', 'info');
   }
 
   function setMessage(text, kind, ...extra) {
@@ -65,7 +63,7 @@ export function replayPanel(ctx, execution, trigger, refresh) {
     if (error.status === 429) {
       const seconds = error.retryAfter ?? 60;
       app.cooldowns.set(row.execution_id, Date.now() + seconds * 1000);
-      setMessage('', 'rate_limited'); // render() writes the countdown
+      setMessage(`Rate limited: this execution was replayed moments ago. Replay again in ${seconds} s (the button counts down).`, 'rate_limited');
     } else if (error.status === 409) {
       const why = NOT_REPLAYABLE_REASON[row.status];
       setMessage(`Replay refused: ${error.message}${why ? ` ${why}` : ''}`, 'refused');
@@ -103,7 +101,7 @@ function replaySummary(row, execution, trigger) {
     kv([
       ['Trigger', row.trigger_id],
       ['Sent to', h('code', { class: 'wrap', testid: 'replay-destination' },
-        destination ? `POST ${destination.url}` : trigger ? 'no destination configured' : 'unknown (the trigger could not be loaded)')],
+        destination ? `POST ${destination.url}` : trigger ? 'no destination configured' : 'unknown: the trigger could not be loaded (deleted?)')],
       ['Timeout', destination?.timeout_s ? `${destination.timeout_s} s` : '—'],
       ['Idempotency key', row.idempotency_key ? h('code', {}, row.idempotency_key) : 'none'],
       ['Body', `${received?.data?.content_type ?? 'unknown type'}, the exact bytes received (below)`],

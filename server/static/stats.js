@@ -1,5 +1,5 @@
 // Stats (#/stats?days=&trigger_id=): per trigger, per day charts and the exact numbers.
-import { childController, debounce, emptyState, errorState, field, h, loadingState, swapContent } from './dom.js';
+import { childController, emptyState, errorState, field, h, loadingState, swapContent, throttle } from './dom.js';
 import { barChart, chartFigure, dayLabel, lineChart } from './charts.js';
 import { formatCount, formatMs, href } from './format.js';
 
@@ -27,7 +27,7 @@ export function mountStats(ctx) {
     load({ ...ctx, signal: current.signal }, body, days, triggerId);
   };
   reload();
-  const reloadSoon = debounce(reload, 5000);
+  const reloadSoon = throttle(reload, 5000, 1000);
   ctx.signal.addEventListener('abort', () => reloadSoon.cancel(), { once: true });
   ctx.app.live.subscribe((event) => { if (/^(webhook|execution)\./.test(event.type)) reloadSoon(); }, ctx.signal);
 }
@@ -55,9 +55,9 @@ async function fillTriggers(ctx, select, current) {
 
 async function load(ctx, body, days, triggerId) {
   try {
-    const { stats } = await ctx.app.api.get('/api/stats', { signal: ctx.signal, query: { days, trigger_id: triggerId } });
+    const answer = await ctx.app.api.get('/api/stats', { signal: ctx.signal, query: { days, trigger_id: triggerId } });
     if (ctx.signal.aborted) return;
-    const byTrigger = groupByTrigger(stats, days);
+    const byTrigger = groupByTrigger(answer.stats, periodDays(days, answer.until));
     swapContent(body, byTrigger.size
       ? [...byTrigger].map(([id, rows]) => triggerSection(ctx, id, rows))
       : emptyState(`No deliveries in the last ${days === 1 ? 'day' : `${days} days`}${triggerId ? ` for ${triggerId}` : ''}.`));
@@ -67,8 +67,7 @@ async function load(ctx, body, days, triggerId) {
 }
 
 /** Rows per trigger, one per day of the period (days without traffic count zero). */
-function groupByTrigger(stats, days) {
-  const period = periodDays(days);
+function groupByTrigger(stats, period) {
   const groups = new Map();
   for (const row of [...stats].sort((a, b) => a.trigger_id.localeCompare(b.trigger_id))) {
     if (!groups.has(row.trigger_id)) groups.set(row.trigger_id, new Map(period.map((day) => [day, { day }])));
@@ -77,9 +76,10 @@ function groupByTrigger(stats, days) {
   return new Map([...groups].map(([id, rows]) => [id, [...rows.values()].sort((a, b) => a.day.localeCompare(b.day))]));
 }
 
-function periodDays(days) {
-  const today = Date.now();
-  return Array.from({ length: days }, (_, i) => new Date(today - (days - 1 - i) * 86400000).toISOString().slice(0, 10));
+/** The UTC days of the period, ending on the server's `until` day when it names one. */
+function periodDays(days, until) {
+  const last = /^\d{4}-\d{2}-\d{2}$/.test(until ?? '') ? Date.parse(`${until}T00:00:00Z`) : Date.now();
+  return Array.from({ length: days }, (_, i) => new Date(last - (days - 1 - i) * 86400000).toISOString().slice(0, 10));
 }
 
 function triggerSection(ctx, triggerId, rows) {
@@ -88,13 +88,13 @@ function triggerSection(ctx, triggerId, rows) {
       h('a', { href: href.executions({ trigger_id: triggerId }) }, 'Executions')),
     totals(rows),
     h('div', { class: 'charts' }, charts(ctx, rows)),
-    h('details', {}, h('summary', { testid: 'stats-table-toggle' }, 'Numbers per day'), numbersTable(rows)));
+    h('details', { testid: 'stats-numbers' }, h('summary', { testid: 'stats-table-toggle' }, 'Numbers per day'), numbersTable(rows)));
 }
 
 function totals(rows) {
   const sum = (key) => rows.reduce((total, row) => total + (row[key] ?? 0), 0);
   return h('dl', { class: 'totals' }, COUNT_FIELDS.map(([key, label]) =>
-    h('div', { class: 'total' }, h('dt', {}, label), h('dd', { testid: `stats-total-${key}` }, formatCount(sum(key))))));
+    h('div', { class: 'total' }, h('dt', {}, label), h('dd', { testid: `stats-total-${key}`, 'data-value': sum(key) }, formatCount(sum(key))))));
 }
 
 function charts(ctx, rows) {
@@ -117,5 +117,6 @@ function numbersTable(rows) {
     h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Day (UTC)'), columns.map(([, label]) => h('th', { scope: 'col' }, label)))),
     h('tbody', {}, rows.map((row) => h('tr', { 'data-day': row.day },
       h('th', { scope: 'row' }, dayLabel(row.day)),
-      columns.map(([key]) => h('td', { 'data-field': key }, key.startsWith('latency') ? formatMs(row[key]) : formatCount(row[key] ?? 0))))))));
+      columns.map(([key]) => h('td', { 'data-field': key, 'data-value': row[key] ?? (key.startsWith('latency') ? '' : 0) },
+        key.startsWith('latency') ? formatMs(row[key]) : formatCount(row[key] ?? 0))))))));
 }

@@ -65,7 +65,7 @@ function describeReceived(data) {
     title: 'Received',
     badges: [
       h('span', { class: 'badge' }, data.content_type || 'no content type'),
-      data.initial_status && h('span', { class: 'badge', title: 'Status given at receipt', testid: 'received-initial-status' }, data.initial_status),
+      data.initial_status && h('span', { class: 'badge', title: 'The status the execution started with', testid: 'received-initial-status' }, `at receipt: ${labelOf(data.initial_status)}`),
     ],
     details: [
       h('details', { class: 'headers', open: true },

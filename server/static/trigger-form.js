@@ -147,7 +147,10 @@ function buildRetry(c) {
 /** After a 201: the webhook URL, and the secret once (it is never shown again). */
 function showCreated(dialog, created) {
   const url = webhookUrl(created.id);
-  const done = h('button', { type: 'button', class: 'primary', testid: 'create-trigger-done', on: { click: () => dialog.close() } }, 'Done');
+  const done = h('button', { type: 'button', class: 'primary', testid: 'create-trigger-done', on: { click: () => dialog.close() } },
+    created.secret ? 'I have copied the secret' : 'Done');
+  // Esc must not throw the only copy of the secret away: only the button closes this step.
+  if (created.secret) dialog.addEventListener('cancel', (event) => event.preventDefault());
   dialog.querySelector('h2').textContent = `Trigger ${created.id} created`;
   dialog.querySelector('.dialog-body').replaceChildren(
     h('p', {}, 'Point the sender at this URL:'),

@@ -1,9 +1,9 @@
 // Triggers (#/triggers): list, create (secret shown once), pause/resume, delete, copy URL.
 import { enc } from './api.js';
 import {
-  confirmDialog, copyButton, debounce, describeError, emptyState, errorState, h, loadingState, swapContent, toast,
+  confirmDialog, copyButton, describeError, emptyState, errorState, h, loadingState, swapContent, throttle, toast,
 } from './dom.js';
-import { formatCount, href, timeEl, webhookUrl } from './format.js';
+import { columnClass, formatCount, href, timeEl, webhookUrl } from './format.js';
 import { openBulkReplay } from './replay.js';
 import { openCreateTrigger } from './trigger-form.js';
 
@@ -19,7 +19,7 @@ export function mountTriggers(ctx) {
       h('button', { type: 'button', class: 'primary', testid: 'trigger-create', on: { click: () => openCreateTrigger(ctx.app, reload) } }, 'New trigger')),
     body));
   reload();
-  const reloadSoon = debounce(reload, 1000);
+  const reloadSoon = throttle(reload, 2000, 300);
   ctx.signal.addEventListener('abort', () => reloadSoon.cancel(), { once: true });
   ctx.app.live.subscribe((event) => { if (LIVE_TYPES.test(event.type)) reloadSoon(); }, ctx.signal);
 }
@@ -40,7 +40,7 @@ function noTriggers(ctx, body) {
 
 function triggersTable(ctx, triggers, reload) {
   const sorted = [...triggers].sort((a, b) => a.id.localeCompare(b.id));
-  return h('div', { class: 'table-wrap' }, h('table', { class: 'data responsive', testid: 'triggers-table' },
+  return h('div', { class: 'table-wrap' }, h('table', { class: 'data responsive triggers', testid: 'triggers-table' },
     h('caption', { class: 'visually-hidden' }, 'Triggers'),
     h('thead', {}, h('tr', {}, ['Trigger', 'Source', 'Destination', 'State', 'Received', 'Duplicates', 'Dead letters', 'Actions']
       .map((name) => h('th', { scope: 'col' }, name)))),
@@ -49,7 +49,7 @@ function triggersTable(ctx, triggers, reload) {
 
 function triggerRow(ctx, trigger, reload) {
   const counts = trigger.counts ?? {};
-  const cell = (label, testid, ...content) => h('td', { 'data-label': label, testid }, h('div', { class: 'cell' }, ...content));
+  const cell = (label, testid, ...content) => h('td', { 'data-label': label, class: columnClass(label), testid }, h('div', { class: 'cell' }, ...content));
   return h('tr', { testid: 'trigger-row', 'data-key': trigger.id, 'data-trigger-id': trigger.id, 'data-paused': String(Boolean(trigger.paused)) },
     cell('Trigger', null, h('strong', { testid: 'trigger-id' }, trigger.id),
       h('div', { class: 'url-line' }, h('code', { class: 'wrap', testid: 'trigger-webhook-url' }, webhookUrl(trigger.id)),
@@ -74,11 +74,13 @@ function destinationText(destination) {
 
 function triggerConfig(trigger) {
   const retry = trigger.retry ?? {};
-  return h('details', { class: 'config' }, h('summary', {}, 'Configuration'),
+  return h('details', { class: 'config', testid: 'trigger-config' }, h('summary', {}, 'Configuration'),
     h('dl', { class: 'kv compact' },
       h('dt', {}, 'Key path'), h('dd', {}, trigger.idempotency_key_path || 'default rules'),
       h('dt', {}, 'Filter'), h('dd', {}, trigger.filter ? h('code', { class: 'wrap' }, JSON.stringify(trigger.filter)) : 'none'),
-      h('dt', {}, 'Retry'), h('dd', {}, `${retry.max_attempts ?? '—'} attempts, ${retry.base_s ?? '—'} s base, ${retry.cap_s ?? '—'} s cap`),
+      h('dt', {}, 'Retry'), h('dd', {}, trigger.retry
+        ? `${retry.max_attempts ?? 'default'} attempts, ${retry.base_s ?? 'default'} s base, ${retry.cap_s ?? 'default'} s cap`
+        : 'server default'),
       h('dt', {}, 'Created'), h('dd', {}, timeEl(trigger.created_at)),
       h('dt', {}, 'Updated'), h('dd', {}, timeEl(trigger.updated_at))));
 }

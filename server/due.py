@@ -1,0 +1,125 @@
+"""Which executions are due: a page of `trigger_executions` joined with their triggers.
+
+Due means: `pending`/`retrying` with `next_attempt_at` passed, or `running` with its lease run
+out (the fold keeps the lease's end in `next_attempt_at`), and the trigger not paused; or waiting
+executions of a deleted trigger, which are then dead-lettered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import yarl
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.codec import loads
+from ledger.events import JSON
+from projections.trigger_executions import DISPATCHABLE
+from projections.trigger_executions import table as executions
+from projections.triggers import table as triggers
+from server.policy import DEFAULT_RETRY_POLICY, RetryPolicy
+
+__all__ = ["Due", "destination_key", "find_due", "policy_of"]
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def policy_of(retry: JSON | None) -> RetryPolicy:
+    return RetryPolicy.from_json(retry) if retry else DEFAULT_RETRY_POLICY
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Due:
+    """An execution whose next step is due, with what its trigger says about it."""
+
+    execution_id: str
+    trigger_id: str
+    status: str
+    attempts: int
+    version: int
+    idempotency_key: str | None
+    received_event_id: str
+    trigger_deleted: bool
+    destination: JSON | None
+    retry: JSON | None
+
+    @classmethod
+    def of(cls, row: Any) -> Due:
+        return cls(
+            execution_id=row.execution_id,
+            trigger_id=row.trigger_id,
+            status=row.status,
+            attempts=row.attempts,
+            version=row.version,
+            idempotency_key=row.idempotency_key,
+            received_event_id=row.received_event_id,
+            trigger_deleted=row.deleted,
+            destination=loads(row.destination) if row.destination else None,
+            retry=loads(row.retry) if row.retry else None,
+        )
+
+    @property
+    def timeout_s(self) -> float:
+        return float((self.destination or {}).get("timeout_s") or DEFAULT_TIMEOUT_S)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return policy_of(self.retry)
+
+
+_HELD_BY_DELETION = ("pending", "retrying")
+
+
+def _due_clause(now: datetime) -> sa.ColumnElement[bool]:
+    e, t = executions.c, triggers.c
+    runnable = sa.and_(e.status.in_(DISPATCHABLE), e.next_attempt_at <= now, sa.not_(t.paused))
+    # A deleted trigger's waiting executions are dead-lettered at once, paused or not.
+    abandoned = sa.and_(t.deleted, e.status.in_(_HELD_BY_DELETION))
+    return sa.or_(runnable, abandoned)
+
+
+async def find_due(
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    limit: int,
+    skip_executions: Sequence[str] = (),
+    skip_triggers: Sequence[str] = (),
+) -> list[Due]:
+    """At most `limit` due executions, the longest-waiting first (one page: memory stays flat)."""
+    e, t = executions.c, triggers.c
+    query = (
+        sa.select(
+            e.execution_id,
+            e.trigger_id,
+            e.status,
+            e.attempts,
+            e.version,
+            e.idempotency_key,
+            e.received_event_id,
+            t.deleted,
+            t.destination,
+            t.retry,
+        )
+        .join_from(executions, triggers, t.id == e.trigger_id)
+        .where(_due_clause(now))
+    )
+    if skip_executions:
+        query = query.where(e.execution_id.not_in(list(skip_executions)))
+    if skip_triggers:
+        query = query.where(e.trigger_id.not_in(list(skip_triggers)))
+    rows = (await conn.execute(query.order_by(e.next_attempt_at).limit(limit))).all()
+    return [Due.of(row) for row in rows]
+
+
+def destination_key(due: Due) -> str:
+    """Concurrency is bounded per destination origin (scheme, host, port), across triggers."""
+    url = str((due.destination or {}).get("url", ""))
+    try:
+        return str(yarl.URL(url).origin())
+    except ValueError:
+        return url

@@ -1,0 +1,87 @@
+"""Real `hookledger serve` processes for tests that need more than one server, or a kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from conftest import ADMIN_TOKEN
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+async def start_server(
+    database_url: str, workdir: Path, *args: str, env: Mapping[str, str] | None = None
+) -> ServerProcess:
+    port = free_port()
+    log = workdir / f"serve-{port}.log"
+    environment = (
+        os.environ
+        | {
+            "HOOKLEDGER_DATABASE_URL": database_url,
+            "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
+            "HOOKLEDGER_SECRET_KEY": "test-secret-key",
+            "HOOKLEDGER_LOG_FORMAT": "json",
+        }
+        | dict(env or {})
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 - our own console script
+            [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
+            cwd=workdir,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(process, port, log)
+    await _wait_ready(server)
+    return server
+
+
+async def _wait_ready(server: ServerProcess, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server exited: {server.log.read_text()[-2000:]}")
+            try:
+                async with session.get(server.url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not start: {server.log.read_text()[-2000:]}")
