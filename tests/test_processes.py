@@ -13,12 +13,8 @@ from processes import start_server
 
 
 async def test_racing_duplicates_across_two_processes_execute_once(
-    database_url: str, backend: str, tmp_path: Path
+    database_url: str, tmp_path: Path
 ) -> None:
-    if backend == "sqlite":
-        pytest.skip(
-            "scale-out is PostgreSQL's; SQLite is one machine (its cross-process locking is covered by the store tests)"
-        )
     servers = [
         await start_server(database_url, tmp_path),
         await start_server(database_url, tmp_path),
