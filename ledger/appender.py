@@ -95,7 +95,8 @@ def _rows(
     rows = []
     for event, version in planned:
         seq += 1
-        row = {
+        data, meta = dumps(event.data), dumps(event.meta)
+        row: dict[str, Any] = {
             "seq": seq,
             "id": event.id,
             "stream": event.stream,
@@ -103,10 +104,15 @@ def _rows(
             "type": event.type,
             "trigger_id": event.trigger_id,
             "idempotency_key": event.idempotency_key,
-            "data": dumps(event.data),
-            "meta": dumps(event.meta),
+            "data": data,
+            "meta": meta,
         }
-        previous = chain_hash(previous, canonical_bytes(**row, recorded_at=format_time(now)))
+        canonical = canonical_bytes(
+            seq=seq, id=event.id, stream=event.stream, version=version, type=event.type,
+            trigger_id=event.trigger_id, idempotency_key=event.idempotency_key,
+            data=data, meta=meta, recorded_at=format_time(now),
+        )
+        previous = chain_hash(previous, canonical)
         rows.append(row | {"recorded_at": now, "hash": previous})
     return rows
 

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from ledger import strictjson
 from ledger.errors import InvalidBody
 
 JSON_KIND, FORM_KIND, TEXT_KIND = "json", "form", "text"
@@ -45,8 +46,8 @@ def _utf8(raw: bytes) -> str:
 
 def _json(raw: bytes | str) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        return strictjson.loads(raw)  # orjson, and duplicate keys refused
+    except (orjson.JSONDecodeError, strictjson.DuplicateKeys) as exc:
         raise InvalidBody(f"body is not valid JSON: {exc}") from exc
 
 

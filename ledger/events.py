@@ -56,6 +56,7 @@ class TriggerConfigured(EventData):
     idempotency_key_path: str | None = None
     filter: JSON | None = None
     retry: JSON | None = None
+    rate_limit: JSON | None = None  # {"per_s", "burst"}: ingestion limit, None for none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

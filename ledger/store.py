@@ -95,7 +95,8 @@ async def read_head(conn: AsyncConnection) -> tuple[int, str]:
 
 
 async def read_last_seq(conn: AsyncConnection) -> int:
-    return (await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)))).scalar_one()
+    result = await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)))
+    return int(result.scalar_one())
 
 
 async def read_versions(conn: AsyncConnection, streams: Sequence[str]) -> dict[str, int]:
@@ -180,7 +181,7 @@ async def first_seq_at(conn: AsyncConnection, moment: datetime) -> int:
     query = sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)).where(
         events.c.recorded_at <= moment
     )
-    return (await conn.execute(query)).scalar_one()
+    return int((await conn.execute(query)).scalar_one())
 
 
 _write_locks: dict[int, asyncio.Lock] = {}

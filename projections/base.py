@@ -89,7 +89,7 @@ def _bind(row: Row) -> Row:
 
 
 def _update_statement(table: sa.Table, key_column: str) -> sa.Update:
-    values = {c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column}
+    values: dict[str, Any] = {c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column}
     return (
         table.update()
         .where(table.c[key_column] == sa.bindparam(f"b_{key_column}"))

@@ -52,6 +52,10 @@ async def _fill(
     return done
 
 
+def _create_index(sync: sa.Connection, index: sa.Index) -> None:
+    index.create(sync)
+
+
 async def _swap(engine: AsyncEngine, projection: Projection, shadow: str, until: int) -> None:
     live = projection.table.name
     async with write_transaction(engine) as conn:
@@ -59,7 +63,7 @@ async def _swap(engine: AsyncEngine, projection: Projection, shadow: str, until:
         await conn.execute(sa.text(f'DROP TABLE "{live}"'))
         await conn.execute(sa.text(f'ALTER TABLE "{shadow}" RENAME TO "{live}"'))
         for index in projection.index_ddl(live):
-            await conn.run_sync(lambda sync, ix=index: ix.create(sync))
+            await conn.run_sync(_create_index, index)
         await set_checkpoint(conn, projection.name, until)
 
 

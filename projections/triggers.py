@@ -23,6 +23,7 @@ def columns() -> list[sa.Column[Any]]:
         sa.Column("idempotency_key_path", sa.String(255)),
         sa.Column("filter", sa.Text),
         sa.Column("retry", sa.Text),
+        sa.Column("rate_limit", sa.Text),  # JSON {per_s, burst}, or NULL: no ingestion limit
         sa.Column("paused", sa.Boolean, nullable=False),
         sa.Column("deleted", sa.Boolean, nullable=False),
         sa.Column("created_at", UTCDateTime, nullable=False),
@@ -53,6 +54,7 @@ def _configured(row: Row | None, event: RecordedEvent) -> Row:
         "idempotency_key_path": data.get("idempotency_key_path"),
         "filter": _json(data.get("filter")),
         "retry": _json(data.get("retry")),
+        "rate_limit": _json(data.get("rate_limit")),
         "paused": row["paused"] if row else False,
         "deleted": False,
         "created_at": row["created_at"] if row else event.recorded_at,

@@ -18,6 +18,7 @@ from server.errors import ApiError
 from server.state import SERVICES, Services
 from server.triggers import (
     STATE_EVENTS,
+    check_secret,
     config_changes,
     event_for,
     generate_secret,
@@ -132,6 +133,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     secret = payload.get("secret") or generate_secret(row.source)
     if not isinstance(secret, str) or len(secret) > 1024:
         raise ApiError(400, "invalid_trigger", "secret must be a string of at most 1024 characters")
+    check_secret(row.source, secret)
     config = config_of(row)
     config["secrets"] = sealed_secrets(services.vault, secret, config["secrets"], grace)
     await _append_trigger_event(services, row.id, updated(config), row.version)
@@ -143,7 +145,8 @@ async def rotate_secret(request: web.Request) -> web.Response:
 async def _change_state(request: web.Request, action: str) -> Any:
     services = request.app[SERVICES]
     row = await _trigger_row(services, request.match_info["trigger_id"])
-    await _append_trigger_event(services, row.id, STATE_EVENTS[action](id=row.id), row.version)
+    payload = STATE_EVENTS[action](id=row.id)  # type: ignore[call-arg]
+    await _append_trigger_event(services, row.id, payload, row.version)
     return row
 
 

@@ -26,6 +26,12 @@ from server.dispatcher import Dispatcher
 from server.errors import ApiError, Handler, error_middleware
 from server.logs import request_id
 from server.metrics import Metrics
+from server.ratelimit import (
+    ADMIN_LIMITER,
+    INGEST_LIMITER,
+    RateLimiter,
+    admin_rate_limit_middleware,
+)
 from server.receiver import receive_webhook
 from server.state import SERVICES, Services
 
@@ -143,11 +149,14 @@ def make_app(settings: Settings, services: Services | None = None) -> web.Applic
             request_id_middleware,
             monitoring.webhook_outcome_middleware,
             error_middleware,
+            admin_rate_limit_middleware(settings.admin_rate_per_s, settings.admin_rate_burst),
             auth_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SERVICES] = services or build_services(settings)
+    app[INGEST_LIMITER] = RateLimiter()
+    app[ADMIN_LIMITER] = RateLimiter()
     app.cleanup_ctx.extend([_database, _background])
     app.router.add_post("/webhooks/{trigger_id}", receive_webhook)
     app.router.add_routes(admin.routes)

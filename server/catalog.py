@@ -36,6 +36,7 @@ class ActiveTrigger:
     has_destination: bool
     paused: bool
     requires_signature: bool
+    rate_limit: JSON | None = None  # {"per_s", "burst"}
 
 
 def config_of(row: Any) -> JSON:
@@ -48,6 +49,7 @@ def config_of(row: Any) -> JSON:
         "idempotency_key_path": row.idempotency_key_path,
         "filter": loads(row.filter) if row.filter else None,
         "retry": loads(row.retry) if row.retry else None,
+        "rate_limit": loads(row.rate_limit) if row.rate_limit else None,
     }
 
 
@@ -62,6 +64,17 @@ def _live_secrets(vault: Vault, sealed: list[JSON], now: datetime) -> tuple[str,
         except SecretUnavailable:
             continue
     return tuple(live)
+
+
+def _seconds_to_next_expiry(row: Any, now: datetime) -> float:
+    if row is None or row.deleted:
+        return CACHE_TTL_S
+    ends = [
+        (datetime.fromisoformat(item["expires_at"]) - now).total_seconds()
+        for item in loads(row.secrets)
+        if item.get("expires_at")
+    ]
+    return max(0.0, min([e for e in ends if e > 0], default=CACHE_TTL_S))
 
 
 async def read_trigger(conn: AsyncConnection, trigger_id: str) -> Any:
@@ -84,7 +97,9 @@ class TriggerCache:
         active = self._active(row)
         if len(self._entries) > 10_000:
             self._entries.clear()
-        self._entries[trigger_id] = (now + CACHE_TTL_S, active)
+        # A rotated-out secret must stop working when its grace ends, not up to a TTL later.
+        ttl = min(CACHE_TTL_S, _seconds_to_next_expiry(row, datetime.now(UTC)))
+        self._entries[trigger_id] = (now + ttl, active)
         return active
 
     def _active(self, row: Any) -> ActiveTrigger | None:
@@ -100,6 +115,7 @@ class TriggerCache:
             has_destination=config["destination"] is not None,
             paused=row.paused,
             requires_signature=bool(config["secrets"]),
+            rate_limit=config["rate_limit"],
         )
 
     def forget(self, trigger_id: str) -> None:
@@ -125,6 +141,7 @@ def public_view(row: Any, counts: dict[str, int] | None = None) -> JSON:
         "idempotency_key_path": row.idempotency_key_path,
         "filter": config["filter"],
         "retry": config["retry"],
+        "rate_limit": config["rate_limit"],
         "paused": row.paused,
         "created_at": row.created_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),

@@ -28,6 +28,7 @@ from projections.registry import PROJECTIONS
 from server import cli_readers, logs
 from server.app import make_app
 from server.config import Settings
+from server.listener import start_site
 from server.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,7 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     logs.configure(settings.log_format)
     token, is_new = settings.resolved_admin_token()
-    app = make_app(settings)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-    await site.start()
+    runner = await start_site(make_app(settings), settings, host=settings.host, port=settings.port)
     url = f"http://{settings.host}:{settings.port}/"
     if is_new:
         # Shown once, as a notebook server does; later starts point at the file instead.
@@ -293,6 +290,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.suppress(ImportError):
         import uvloop
 
-        runner = uvloop.run  # type: ignore[assignment]
+        runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
         runner(COMMANDS[args.command](args))

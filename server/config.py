@@ -37,6 +37,8 @@ class Settings:
     projector: bool = True
     log_format: str = "auto"
     header_timeout_s: float = 10.0
+    admin_rate_per_s: float = 50.0  # per client address; 0 turns the admin API limit off
+    admin_rate_burst: float = 200.0
     ready_max_lag_s: float = 60.0  # /readyz fails when a projection is further behind
     data_dir: Path = field(default_factory=lambda: Path("."))
 
@@ -60,6 +62,9 @@ class Settings:
             destination_concurrency=int(env.get("HOOKLEDGER_DESTINATION_CONCURRENCY", "8")),
             log_format=env.get("HOOKLEDGER_LOG_FORMAT", "auto"),
             ready_max_lag_s=float(env.get("HOOKLEDGER_READY_MAX_LAG_S", "60")),
+            header_timeout_s=float(env.get("HOOKLEDGER_HEADER_TIMEOUT_S", "10")),
+            admin_rate_per_s=float(env.get("HOOKLEDGER_ADMIN_RATE_PER_S", "50")),
+            admin_rate_burst=float(env.get("HOOKLEDGER_ADMIN_RATE_BURST", "200")),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
         return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()

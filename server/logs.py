@@ -47,11 +47,14 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if getattr(record, "evt", None):
-            entry["evt"] = record.evt
-            entry.update({k: v for k, v in record.fields.items() if k not in entry})
-        if getattr(record, "request_id", None):
-            entry["request_id"] = record.request_id
+        evt = getattr(record, "evt", None)
+        if evt:
+            entry["evt"] = evt
+            fields: dict[str, Any] = getattr(record, "fields", {})
+            entry.update({k: v for k, v in fields.items() if k not in entry})
+        rid = getattr(record, "request_id", None)
+        if rid:
+            entry["request_id"] = rid
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()

@@ -21,6 +21,7 @@ from ledger.signatures import redact_headers, verify_signature
 from server.catalog import ActiveTrigger
 from server.errors import ApiError
 from server.logs import fact, request_id
+from server.ratelimit import INGEST_LIMITER, rate_limited
 from server.state import SERVICES, Services
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
     # aiohttp stops reading at client_max_size (after decompression), so memory stays bounded.
     return await request.read()
+
+
+def _check_rate(request: web.Request, trigger: ActiveTrigger) -> None:
+    # After the signature: only authentic deliveries spend tokens, so nobody without the secret
+    # can get a trigger's real sender refused.
+    limit = trigger.rate_limit
+    if limit is not None:
+        limiter = request.app[INGEST_LIMITER]
+        wait = limiter.wait_s(trigger.id, limit["per_s"], limit["burst"])
+        if wait > 0:
+            raise rate_limited(wait, f"trigger {trigger.id!r}")
 
 
 async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
@@ -123,6 +135,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
     headers = {name.lower(): value for name, value in request.headers.items()}
     if trigger.requires_signature:
         verify_signature(trigger.source, trigger.secrets, headers, raw)
+    _check_rate(request, trigger)
     body = decode_body(kind, raw)
     key = extract_key(trigger.source, trigger.idempotency_key_path, headers, body.parsed)
     outcome = await services.appender.submit(_command(trigger, request, raw, body, key))

@@ -32,6 +32,8 @@ from server.policy import RetryPolicy
 TRIGGER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MAX_SECRET_LENGTH = 1024
 DEFAULT_TIMEOUT_S = 10.0
+MAX_RATE_PER_S = 1_000_000
+MIN_STANDARD_KEY_BYTES, MAX_STANDARD_KEY_BYTES = 16, 128
 
 
 def invalid(message: str) -> ApiError:
@@ -54,11 +56,27 @@ def generate_secret(source: str) -> str:
     return "whsec_" + base64.b64encode(raw).decode() if source == "standard" else raw.hex()
 
 
-def _check_secret(source: str, secret: str) -> None:
+def _standard_key(secret: str) -> bytes | None:
+    if not secret.startswith("whsec_"):
+        return None
+    encoded = secret.removeprefix("whsec_")
+    try:
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except ValueError:  # binascii.Error, or characters outside base64
+        return None
+
+
+def check_secret(source: str, secret: str) -> None:
+    """Refuse a secret its source's scheme could never verify with."""
     if source == "discord" and not re.fullmatch(r"[0-9a-fA-F]{64}", secret):
         raise invalid("a discord secret is the application's Ed25519 public key, 64 hex digits")
-    if source == "standard" and not secret.startswith("whsec_"):
-        raise invalid("a standard (Standard Webhooks) secret starts with whsec_")
+    if source == "standard":
+        key = _standard_key(secret)
+        if key is None or not MIN_STANDARD_KEY_BYTES <= len(key) <= MAX_STANDARD_KEY_BYTES:
+            raise invalid(
+                "a standard (Standard Webhooks) secret is whsec_ and base64 of "
+                f"{MIN_STANDARD_KEY_BYTES} to {MAX_STANDARD_KEY_BYTES} bytes"
+            )
 
 
 def _destination(payload: Any, vault: Vault, *, allow_private: bool) -> JSON | None:
@@ -100,6 +118,26 @@ def _retry(value: Any) -> JSON | None:
     return {"max_attempts": policy.max_attempts, "base_s": policy.base_s, "cap_s": policy.cap_s}
 
 
+def _number(value: Any, low: float, high: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        return None
+    return float(value)
+
+
+def _rate_limit(value: Any) -> JSON | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"per_s", "burst"}:
+        raise invalid("rate_limit must be an object {per_s, burst?}")
+    per_s = _number(value.get("per_s"), 0.001, MAX_RATE_PER_S)
+    if per_s is None:
+        raise invalid(f"rate_limit.per_s must be a number in [0.001, {MAX_RATE_PER_S}] a second")
+    burst = _number(value.get("burst", max(1.0, per_s)), 1, MAX_RATE_PER_S)
+    if burst is None:
+        raise invalid(f"rate_limit.burst must be a number in [1, {MAX_RATE_PER_S}]")
+    return {"per_s": per_s, "burst": burst}
+
+
 def _filter(value: Any) -> JSON | None:
     if value is not None and not isinstance(value, dict):
         raise invalid("filter must be an object of dotted paths to values")
@@ -121,6 +159,8 @@ def config_changes(payload: Any, vault: Vault, *, allow_private: bool) -> JSON:
         changes["filter"] = _filter(payload["filter"])
     if "retry" in payload:
         changes["retry"] = _retry(payload["retry"])
+    if "rate_limit" in payload:
+        changes["rate_limit"] = _rate_limit(payload["rate_limit"])
     return changes
 
 
@@ -137,7 +177,7 @@ def new_config(payload: Any, vault: Vault, *, allow_private: bool) -> tuple[JSON
     if secret is None and payload.get("generate_secret") is True:
         secret = generate_secret(source)
     if secret is not None:
-        _check_secret(source, secret)
+        check_secret(source, secret)
     config = {
         "id": trigger_id,
         "source": source,
@@ -146,6 +186,7 @@ def new_config(payload: Any, vault: Vault, *, allow_private: bool) -> tuple[JSON
         "idempotency_key_path": None,
         "filter": None,
         "retry": None,
+        "rate_limit": None,
     }
     return config | changes, secret
 

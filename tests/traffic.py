@@ -3,7 +3,9 @@ as the dispatcher would (execution.* events on the execution's stream)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sys
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -104,3 +106,23 @@ async def settle(client: TestClient) -> int:  # type: ignore[type-arg]
         head = await read_last_seq(conn)
     await runner.wait_for(head)
     return head
+
+
+class CliResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+async def run_cli(database_url: str, *args: str, timeout: float = 120) -> CliResult:
+    """`hookledger …` in a process of its own, as a user runs it (the event loop keeps serving)."""
+    code = "from server.cli import main; main()"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "--database-url", database_url, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())

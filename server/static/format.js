@@ -2,13 +2,15 @@
 import { h } from './dom.js';
 
 export const STATUSES = ['recorded', 'filtered', 'pending', 'running', 'succeeded', 'retrying', 'dead_lettered'];
-export const REPLAYABLE = new Set(['succeeded', 'retrying', 'dead_lettered']);
+// As the server (server/replays.py): only a finished execution can be replayed.
+export const REPLAYABLE = new Set(['succeeded', 'dead_lettered']);
 export const SOURCES = ['github', 'stripe', 'linear', 'standard', 'slack', 'telegram', 'discord', 'evolution', 'generic'];
 
 /** Why a replay is refused, by the status that refuses it. */
 export const NOT_REPLAYABLE_REASON = {
   pending: 'It is already waiting to be dispatched; a replay would add nothing.',
   running: 'An attempt is in progress right now. Wait until it finishes.',
+  retrying: 'It is still being dispatched: its next attempt is scheduled (see Next attempt).',
   filtered: "The trigger's filter did not match this delivery, so it is never dispatched.",
   recorded: 'The trigger has no destination: there is nowhere to send it.',
 };

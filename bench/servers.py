@@ -1,0 +1,151 @@
+"""The servers under test, each in a process of its own: start, wait until it answers, sample its
+memory, stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+ADMIN_TOKEN = "bench-admin-token"
+SECRET_KEY = "bench-secret-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    """One running server: its process, where it answers, and the peak RSS seen while sampling."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    url: str
+    log: Path
+    sampled_peak: int = 0
+    samples: list[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss(self) -> int:
+        """Resident set size now, in bytes (0 once the process has gone)."""
+        return _status_kb(self.pid, "VmRSS") * 1024
+
+    def peak_rss(self) -> int:
+        """The kernel's high-water mark of the resident set over the process's life, in bytes."""
+        return _status_kb(self.pid, "VmHWM") * 1024
+
+
+def _status_kb(pid: int, field_name: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return _psutil_rss(pid)
+    for line in text.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _psutil_rss(pid: int) -> int:
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    try:
+        return int(psutil.Process(pid).memory_info().rss) // 1024
+    except psutil.Error:
+        return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_ready(server: Server, path: str, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            if server.process.returncode is not None:
+                raise RuntimeError(f"{server.name} exited at start; see {server.log}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(server.url + path) as response:
+                    if response.status < 500:
+                        return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{server.name} did not answer within {timeout} s; see {server.log}")
+
+
+async def _spawn(name: str, args: list[str], workdir: Path, env: dict[str, str]) -> Server:
+    port = free_port()
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            "--port",
+            str(port),
+            cwd=workdir,
+            env=os.environ | {"PYTHONPATH": str(ROOT)} | env,
+            stdout=out,
+            stderr=out,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+    return Server(name, process, f"http://127.0.0.1:{port}", log)
+
+
+async def _stop(server: Server) -> None:
+    if server.process.returncode is not None:
+        return
+    server.process.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(server.process.wait(), 15)
+    except TimeoutError:
+        server.process.kill()
+        await server.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def baseline(workdir: Path) -> AsyncIterator[Server]:
+    server = await _spawn("baseline", [sys.executable, "-m", "bench.baseline"], workdir, {})
+    try:
+        await _wait_ready(server, "/")
+        yield server
+    finally:
+        await _stop(server)
+
+
+@contextlib.asynccontextmanager
+async def hookledger(name: str, database_url: str, workdir: Path) -> AsyncIterator[Server]:
+    """`hookledger serve` as a user starts it: the console script, dispatch off (no destination)."""
+    command = [str(Path(sys.executable).parent / "hookledger"), "--database-url", database_url]
+    env = {
+        "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "HOOKLEDGER_SECRET_KEY": SECRET_KEY,
+        "HOOKLEDGER_LOG_FORMAT": "json",
+    }
+    server = await _spawn(name, [*command, "serve", "--no-dispatch"], workdir, env)
+    try:
+        await _wait_ready(server, "/healthz")
+        yield server
+    finally:
+        await _stop(server)
+
+
+async def sample_rss(server: Server, every_s: float = 0.1) -> None:
+    """Run until cancelled, keeping the largest RSS seen in `server.sampled_peak`."""
+    while True:
+        rss = server.rss()
+        server.samples.append(rss)
+        server.sampled_peak = max(server.sampled_peak, rss)
+        await asyncio.sleep(every_s)

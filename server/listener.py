@@ -1,0 +1,173 @@
+"""The HTTP listener `hookledger serve` runs: aiohttp's server with a header deadline, and the
+protocol's own errors (bad request line, too many or too long headers) in the API's error shape.
+
+aiohttp bounds a request head's size, not the time it takes: a client trickling a byte a second
+would hold its connection for ever. Here a connection must deliver a complete request head within
+`header_timeout_s` of connecting or of its previous response; else it is answered 408 (when it had
+begun a request) and closed, while every other connection is served as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from server.config import Settings
+from server.errors import error_response
+from server.logs import fact
+
+__all__ = ["GuardedAppRunner", "start_site"]
+
+logger = logging.getLogger(__name__)
+
+# Written straight to the socket: no request object exists when the head never completed.
+_TIMEOUT_BODY = orjson.dumps(
+    {"error": {"code": "request_timeout", "message": "the request head took too long"}}
+)
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TIMEOUT_BODY)
+) + _TIMEOUT_BODY
+
+
+def _protocol_error(exc: BaseException | None) -> tuple[int, str, str]:
+    """Status, code and message for a request aiohttp's parser refused."""
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower()
+    ):
+        return 431, "headers_too_large", "the request line or headers are too long or too many"
+    return 400, "bad_request", "the request is not well-formed HTTP/1.1"
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection protocol, with a deadline on each request head."""
+
+    def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._head_begun = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            self._disarm_header_deadline()
+        elif self._header_deadline is not None and data:
+            self._head_begun = True
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        if not self._messages:  # the next head, on a kept-alive connection, gets its own deadline
+            self._arm_header_deadline()
+        return result
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs the cause
+            response = error_response(
+                status, "internal_error", "an internal error occurred; it has been logged"
+            )
+            response.force_close()
+            return response
+        status, code, text = _protocol_error(exc)
+        # Non-HTTP traffic (scanners, TLS to a plain port) is routine on a public port.
+        level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
+        fact(logger, "bad_http_request", level, status=status, code=code, peer=request.remote)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response is already under way; closing instead")
+        response = error_response(status, code, text)
+        response.force_close()
+        return response
+
+    def _arm_header_deadline(self) -> None:
+        self._disarm_header_deadline()
+        if self._header_timeout_s > 0:
+            self._head_begun = False
+            self._header_deadline = self._loop.call_later(
+                self._header_timeout_s, self._on_header_deadline
+            )
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _on_header_deadline(self) -> None:
+        self._header_deadline = None
+        is_waiting_for_head = self._waiter is not None and not self._waiter.done()
+        if not is_waiting_for_head:
+            # Still busy with the previous request (e.g. draining its body): look again later.
+            self._arm_header_deadline()
+            return
+        if self._head_begun and self.transport is not None:
+            fact(logger, "header_timeout", timeout_s=self._header_timeout_s)
+            self.transport.write(_TIMEOUT_RESPONSE)
+        self.force_close()
+
+
+class _GuardedServer(web.Server):
+    def __init__(self, plain: web.Server, header_timeout_s: float) -> None:
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+        self._header_timeout_s = header_timeout_s
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(
+            self, loop=self._loop, header_timeout_s=self._header_timeout_s, **self._kwargs
+        )
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose connections use GuardedRequestHandler."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        return _GuardedServer(await super()._make_server(), self._header_timeout_s)
+
+
+async def start_site(
+    app: web.Application, settings: Settings, *, host: str, port: int
+) -> GuardedAppRunner:
+    """Run `app` on host:port the way `hookledger serve` does; the caller cleans the runner up."""
+    runner = GuardedAppRunner(
+        app,
+        header_timeout_s=settings.header_timeout_s,
+        access_log=None,
+        handler_cancellation=True,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    return runner

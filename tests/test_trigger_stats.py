@@ -1,0 +1,228 @@
+"""trigger_stats: counts and latency per trigger and UTC day, checked against the log itself."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conftest import AUTH
+from ledger.appender import append_commands
+from ledger.commands import RecordDelivery
+from ledger.events import RecordedEvent, WebhookReceived, uuid7
+from ledger.migrate import current_revision, head_revision, upgrade
+from ledger.store import create_engine, read_events, write_transaction
+from projections import histogram
+from projections.rebuild import rebuild
+from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS, TRIGGER_STATS, TRIGGERS
+from projections.runner import ProjectionRunner
+from projections.trigger_stats import COUNTERS
+from server.config import Settings
+from traffic import mixed_traffic, run_cli, settle
+
+
+async def whole_log(engine: AsyncEngine) -> list[RecordedEvent]:
+    async with engine.connect() as conn:
+        return await read_events(conn, limit=1_000_000)
+
+
+def direct_counts(log: list[RecordedEvent]) -> dict[tuple[str, str], Counter[str]]:
+    """The stats, counted straight from the log, without the projection's code."""
+    counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for e in log:
+        c = counts[(e.trigger_id, e.recorded_at.astimezone(UTC).date().isoformat())]
+        if e.type == "webhook.received":
+            c["received"] += 1
+            c["filtered"] += e.data["initial_status"] == "filtered"
+        elif e.type == "webhook.duplicate":
+            c["duplicates"] += 1
+            c["duplicates_body_mismatch"] += not e.data["body_matches"]
+        elif e.type == "execution.succeeded":
+            c["succeeded"] += 1
+        elif e.type == "execution.failed":
+            c[f"failed_{e.data['error_category']}"] += 1
+        elif e.type == "execution.dead_lettered":
+            c["dead_lettered"] += 1
+        elif e.type == "execution.replay_requested":
+            c["replays"] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def exact_percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+def close_to(estimate: float | None, exact: float) -> bool:
+    """Within the histogram's resolution: half a bucket either way (a factor of 2^(1/8))."""
+    assert estimate is not None
+    return exact / histogram.GROWTH**0.5 <= estimate * (1 + 1e-9) and estimate <= exact * histogram.GROWTH**0.5 * (1 + 1e-9)
+
+
+async def test_stats_api_matches_a_direct_count_over_the_log(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await mixed_traffic(client, deliveries=60)
+    await settle(client)
+    engine = create_engine(settings.database_url)
+    log = await whole_log(engine)
+    await engine.dispose()
+    expected = direct_counts(log)
+    assert any(c["duplicates_body_mismatch"] for c in expected.values())  # the traffic covers it
+    assert any(c["filtered"] for c in expected.values())
+    answer = await (await client.get("/api/stats?days=2", headers=AUTH)).json()
+    got = {(r["trigger_id"], r["day"]): Counter({n: r[n] for n in COUNTERS if r[n]}) for r in answer["stats"]}
+    assert got == expected
+    for trigger_id in ("alpha", "beta"):
+        samples = [
+            e.data["duration_ms"] for e in log if e.type == "execution.succeeded" and e.trigger_id == trigger_id
+        ]
+        total = answer["totals"][trigger_id]
+        assert total["latency_samples"] == len(samples)
+        for name, q in (("latency_p50_ms", 0.5), ("latency_p95_ms", 0.95), ("latency_p99_ms", 0.99)):
+            assert close_to(total[name], exact_percentile(samples, q)), (name, total[name])
+        assert total["received"] == sum(e.type == "webhook.received" and e.trigger_id == trigger_id for e in log)
+
+
+async def test_total_dead_lettered_is_the_number_dead_lettered_now(client: TestClient) -> None:  # type: ignore[type-arg]
+    await mixed_traffic(client, deliveries=60)
+    await settle(client)
+    answer = await (await client.get("/api/stats?days=1", headers=AUTH)).json()
+    executions = await (await client.get("/api/executions?status=dead_lettered&limit=1000", headers=AUTH)).json()
+    now = Counter(r["trigger_id"] for r in executions["executions"])
+    events = sum(total["dead_lettered_events"] for total in answer["totals"].values())
+    assert events > sum(now.values())  # some dead letters were replayed: the window counts more
+    for trigger_id, total in answer["totals"].items():
+        assert total["dead_lettered"] == now.get(trigger_id, 0)
+    only = await (await client.get("/api/stats?trigger_id=beta", headers=AUTH)).json()
+    assert {r["trigger_id"] for r in only["stats"]} == {"beta"} and set(only["totals"]) == {"beta"}
+    bad = await client.get("/api/stats?days=0", headers=AUTH)
+    assert bad.status == 400
+
+
+async def test_days_outside_the_range_are_left_out(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await mixed_traffic(client, deliveries=10)
+    await settle(client)
+    engine = create_engine(settings.database_url)
+    async with engine.begin() as conn:
+        old = datetime.now(UTC).date() - timedelta(days=3)
+        await conn.execute(
+            TRIGGER_STATS.table.update().where(TRIGGER_STATS.table.c.trigger_id == "beta").values(day=old)
+        )
+    await engine.dispose()
+    recent = await (await client.get("/api/stats?days=3", headers=AUTH)).json()
+    assert {r["trigger_id"] for r in recent["stats"]} == {"alpha"}
+    wider = await (await client.get("/api/stats?days=4", headers=AUTH)).json()
+    assert [r["day"] for r in wider["stats"] if r["trigger_id"] == "beta"] == [old.isoformat()]
+
+
+async def rows(engine: AsyncEngine, table: str) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        result = await conn.execute(sa.text(f'SELECT * FROM "{table}" ORDER BY trigger_id, day'))
+        return [dict(r) for r in result.mappings()]
+
+
+async def test_rebuild_equals_live(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await mixed_traffic(client, deliveries=50)
+    head = await settle(client)
+    engine = create_engine(settings.database_url)
+    try:
+        live = await rows(engine, "trigger_stats")
+        result = await rebuild(engine, TRIGGER_STATS, into="trigger_stats_check")
+        assert result.until_seq == head
+        assert await rows(engine, "trigger_stats_check") == live
+        await rebuild(engine, TRIGGER_STATS)  # swapped in, indexes recreated
+        assert await rows(engine, "trigger_stats") == live
+    finally:
+        await engine.dispose()
+
+
+def delivery(key: str, body: str, *, trigger_id: str = "t") -> RecordDelivery:
+    received = WebhookReceived(
+        execution_id=uuid7(), headers={}, body=body, content_type="application/json",
+        body_sha256=body.encode().hex()[:64], initial_status="recorded",
+    )
+    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
+
+
+async def test_upgrade_from_0001_with_events_loses_nothing_and_stats_catch_up(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        assert await upgrade(engine, "0001") == "0001"
+        async with write_transaction(engine) as conn:
+            await append_commands(conn, [delivery(f"k{i % 30}", f"b{i % 40}") for i in range(100)])
+        # What a 0001-era server would have projected.
+        await ProjectionRunner(engine, [TRIGGERS, TRIGGER_EXECUTIONS]).catch_up()
+        before = await whole_log(engine)
+        async with engine.connect() as conn:
+            executions = (await conn.execute(sa.text("SELECT * FROM trigger_executions ORDER BY execution_id"))).all()
+        assert await upgrade(engine) == head_revision() == await current_revision(engine)
+        assert await whole_log(engine) == before
+        async with engine.connect() as conn:
+            again = (await conn.execute(sa.text("SELECT * FROM trigger_executions ORDER BY execution_id"))).all()
+        assert again == executions
+        runner = ProjectionRunner(engine, list(PROJECTIONS.values()), batch=17)
+        await runner.catch_up()
+        [row] = await rows(engine, "trigger_stats")
+        expected = direct_counts(before)[("t", str(row["day"]))]
+        assert (row["received"], row["duplicates"]) == (30, 70)
+        assert row["duplicates_body_mismatch"] == expected["duplicates_body_mismatch"] > 0
+        assert Counter({n: row[n] for n in COUNTERS if row[n]}) == expected
+        assert row["last_seq"] == before[-1].seq
+    finally:
+        await engine.dispose()
+
+
+async def test_stats_command_prints_the_table_and_json(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+    await mixed_traffic(client, deliveries=20)
+    await settle(client)
+    answer = await (await client.get("/api/stats?days=7", headers=AUTH)).json()
+    table = await run_cli(settings.database_url, "stats", "--days", "7")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["trigger_id", "day", "received"]
+    assert sum(line.startswith("alpha") for line in lines) == 2  # one day, and the total
+    as_json = await run_cli(settings.database_url, "stats", "--trigger", "alpha", "--json")
+    parsed = orjson.loads(as_json.stdout)
+    assert parsed["stats"] == [r for r in answer["stats"] if r["trigger_id"] == "alpha"]
+
+
+@given(st.lists(st.floats(min_value=0.001, max_value=600_000), min_size=1, max_size=300))
+def test_histogram_percentiles_are_within_half_a_bucket(samples: list[float]) -> None:
+    h: histogram.Histogram = {}
+    for ms in samples:
+        histogram.add(h, ms)
+    for q in (0.5, 0.95, 0.99):
+        exact = max(exact_percentile(samples, q), histogram.MIN_MS)
+        assert close_to(histogram.percentile(h, q), exact)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e5), max_size=50), st.lists(st.floats(min_value=0, max_value=1e5), max_size=50))
+def test_merged_histograms_equal_one_histogram_of_everything(a: list[float], b: list[float]) -> None:
+    ha: histogram.Histogram = {}
+    hb: histogram.Histogram = {}
+    both: histogram.Histogram = {}
+    for ms in a:
+        histogram.add(ha, ms)
+        histogram.add(both, ms)
+    for ms in b:
+        histogram.add(hb, ms)
+        histogram.add(both, ms)
+    merged = histogram.merge([histogram.loads(histogram.dumps(ha)), hb])
+    assert merged == both
+    assert histogram.percentile(merged, 0.95) == histogram.percentile(both, 0.95)
+
+
+@pytest.mark.parametrize("ms", [0.0, 0.01, 0.0101, 1.0, 250.0, 59_999.0])
+def test_a_value_falls_in_the_bucket_whose_bounds_hold_it(ms: float) -> None:
+    index = histogram.bucket_of(ms)
+    upper = histogram.MIN_MS * histogram.GROWTH**index
+    lower = histogram.MIN_MS * histogram.GROWTH ** (index - 1) if index else 0.0
+    assert lower < ms <= upper * (1 + 1e-9) or (index == 0 and ms <= histogram.MIN_MS)
