@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from ledger import errors as ledger_errors
+from ledger.appender import is_unavailable
 from server.logs import fact
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except ledger_errors.StorageUnavailable as exc:
-        fact(logger, "storage_unavailable", logging.WARNING, cause=exc.cause)
-        return error_response(
-            503,
-            "storage_unavailable",
-            "the database is unavailable; retry later",
-            {"Retry-After": "5"},
-        )
+        return _unavailable(exc.cause)
     except ledger_errors.LedgerError as exc:
         for kind, (status, code) in _LEDGER_ERRORS.items():
             if isinstance(exc, kind):
@@ -92,8 +87,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return _from_http(exc)
-    except Exception:
+    except Exception as exc:
+        if is_unavailable(exc):
+            # A read that cannot reach the database (the trigger lookup, say) is a 503 too:
+            # the sender retries, and nothing was acknowledged.
+            return _unavailable(exc)
         logger.exception("evt=internal_error path=%s", request.path)
         return error_response(
             500, "internal_error", "an internal error occurred; it has been logged"
         )
+
+
+def _unavailable(cause: BaseException) -> web.Response:
+    fact(logger, "storage_unavailable", logging.WARNING, cause=repr(cause))
+    return error_response(
+        503, "storage_unavailable", "the database is unavailable; retry later", {"Retry-After": "5"}
+    )
