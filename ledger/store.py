@@ -45,6 +45,8 @@ def create_engine(url: str, **kw: Any) -> AsyncEngine:
     kw.setdefault("pool_size", 10)
     kw.setdefault("max_overflow", 10)
     kw.setdefault("pool_pre_ping", True)
+    # An acknowledged delivery must survive a crash: never let a server default weaken commits.
+    kw.setdefault("connect_args", {"server_settings": {"synchronous_commit": "on"}})
     return create_async_engine(url, **kw)
 
 

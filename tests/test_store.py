@@ -197,3 +197,13 @@ async def test_concurrent_appenders_never_let_a_reader_skip(database_url: str) -
     assert len(final) == 4 * 60 * 3
     assert seen == final
     assert final == list(range(1, len(final) + 1))
+
+
+async def test_commits_are_durable_by_configuration(engine: AsyncEngine, backend: str) -> None:
+    async with engine.connect() as conn:
+        if backend == "postgres":
+            setting = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar()
+            assert setting == "on"
+        else:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2  # FULL
