@@ -74,7 +74,7 @@ def change_of(event: RecordedEvent) -> Change | None:
     match event.type:
         case "webhook.received":
             is_filtered = data.get("initial_status") == "filtered"
-            return Change({"received": 1, "filtered": 0})
+            return Change({"received": 1, "filtered": int(is_filtered)})
         case "webhook.duplicate":
             return Change(
                 {

@@ -68,14 +68,14 @@ EXPORTS: dict[str, Export] = {
         Export(
             "events",
             "seq",
-            tuple(c.name for c in events.c),
+            tuple(str(c.name) for c in events.c),
             ("data", "meta"),
             _events_table,
         ),
         Export(
             trigger_executions.NAME,
             "last_seq",
-            tuple(c.name for c in trigger_executions.table.c if c.name != "version"),
+            tuple(str(c.name) for c in trigger_executions.table.c if c.name != "version"),
             (),
             _projection_table(trigger_executions),
         ),

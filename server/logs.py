@@ -9,13 +9,23 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+")
+# Whatever a payload carries, a record stays one line and cannot drive a terminal: control
+# characters (C0, DEL, C1) and the Unicode line separators are written as escapes.
+_UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+_TEXT_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSAFE} | {
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+}
+# orjson escapes C0 itself; the rest may stand raw in JSON text, so escape them the JSON way.
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x7F}
 
 
 def _text(value: Any) -> str:
@@ -57,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = rid
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return orjson.dumps(entry, default=str).decode().translate(_JSON_ESCAPES)
 
 
 class TextFormatter(logging.Formatter):
@@ -65,20 +75,26 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         rid = getattr(record, "request_id", None)
         line = f"{line} request_id={rid}" if rid else line
-        # Tracebacks are the one multi-line thing; keep them on one line too.
-        return line.replace("\n", "\\n")
+        # Tracebacks are multi-line, and messages may carry anything: one line, always.
+        return line.translate(_TEXT_ESCAPES)
 
 
-def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
-    if log_format == "auto":
-        log_format = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler(sys.stderr)
+def build_handler(log_format: str, stream: TextIO) -> logging.Handler:
+    """A handler writing `json` or `text` lines, each stamped with the current request id."""
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(
         JsonFormatter()
         if log_format == "json"
         else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
+    return handler
+
+
+def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
+    handler = build_handler(log_format, sys.stderr)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

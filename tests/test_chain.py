@@ -8,13 +8,14 @@ import orjson
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from conftest import AUTH, create_trigger
+from sqlalchemy.ext.asyncio import AsyncEngine
+from traffic import deliver, run_cli
+
 from ledger.chain import CHECKPOINT_MISMATCH, GAP, HASH_MISMATCH, Checkpoint, verify_chain
 from ledger.store import create_engine, read_events
 from server.config import Settings
-from traffic import deliver, run_cli
+
 
 @pytest.fixture
 async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
@@ -53,7 +54,9 @@ async def test_untouched_log_verifies(client: TestClient, engine: AsyncEngine) -
     assert result.last_good == Checkpoint(13, last.hash)
 
 
-async def test_one_changed_byte_in_data_names_that_event(client: TestClient, engine: AsyncEngine) -> None:  # type: ignore[type-arg]
+async def test_one_changed_byte_in_data_names_that_event(
+    client: TestClient, engine: AsyncEngine
+) -> None:  # type: ignore[type-arg]
     await fill(client)
     # The body '{"i": 5}' becomes '{"i": 6}' inside the stored data: one byte.
     await tamper(engine, "UPDATE events SET data = replace(data, ': 5}', ': 6}') WHERE seq = 7")
@@ -77,7 +80,8 @@ async def test_a_deleted_event_names_the_gap(client: TestClient, engine: AsyncEn
 
 
 async def test_a_checkpoint_skips_what_was_verified_and_must_still_match(
-    client: TestClient, engine: AsyncEngine  # type: ignore[type-arg]
+    client: TestClient,
+    engine: AsyncEngine,  # type: ignore[type-arg]
 ) -> None:
     await fill(client)
     first = await verify_chain(engine)
@@ -86,7 +90,9 @@ async def test_a_checkpoint_skips_what_was_verified_and_must_still_match(
     assert resumed.ok and resumed.checked == 4
     # An edit before the checkpoint is outside the range, but the checkpoint's hash exposes a
     # rewritten chain; an edit after it is caught as usual.
-    await tamper(engine, "UPDATE events SET hash = replace(hash, substr(hash, 1, 1), 'x') WHERE seq = 13")
+    await tamper(
+        engine, "UPDATE events SET hash = replace(hash, substr(hash, 1, 1), 'x') WHERE seq = 13"
+    )
     again = await verify_chain(engine, start=first.last_good)
     assert again.first_bad is not None
     assert (again.first_bad.seq, again.first_bad.reason) == (13, CHECKPOINT_MISMATCH)
@@ -97,7 +103,9 @@ async def fill_more(client: TestClient) -> None:  # type: ignore[type-arg]
         await deliver(client, "t", f'{{"more": {i}}}')
 
 
-async def test_audit_api_reports_ok_then_the_first_bad_event(client: TestClient, engine: AsyncEngine) -> None:  # type: ignore[type-arg]
+async def test_audit_api_reports_ok_then_the_first_bad_event(
+    client: TestClient, engine: AsyncEngine
+) -> None:  # type: ignore[type-arg]
     await fill(client)
     answer = await (await client.get("/api/audit/verify", headers=AUTH)).json()
     assert answer["ok"] is True and answer["checked"] == 13 and answer["first_bad"] is None
@@ -114,10 +122,10 @@ async def test_audit_api_reports_ok_then_the_first_bad_event(client: TestClient,
     assert bad.status == 400 and (await bad.json())["error"]["code"] == "invalid_query"
 
 
-
-
 async def test_verify_command_exits_non_zero_and_names_the_event(
-    client: TestClient, engine: AsyncEngine, settings: Settings  # type: ignore[type-arg]
+    client: TestClient,
+    engine: AsyncEngine,
+    settings: Settings,  # type: ignore[type-arg]
 ) -> None:
     await fill(client)
     good = await run_cli(settings.database_url, "verify")

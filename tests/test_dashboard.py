@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from conftest import ADMIN_TOKEN, create_trigger
-from destinations import Destination, Reply, send, start_destination, wait_until
+from destinations import Destination, Reply, send, wait_until
+from processes import start_server
 
 from server.app import DASHBOARD_CSP, make_app
 from server.config import Settings
@@ -35,7 +38,13 @@ except ImportError:  # the `browser` extra is not installed
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Locator, Page
 
-pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# One browser serves the whole module (a launch per test would double its time), so the tests
+# and their fixtures run on the module's event loop; each test still gets its own server.
+pytestmark = [
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+fixture = pytest_asyncio.fixture(loop_scope="module")
 
 CHROMIUM = Path(os.environ.get("HOOKLEDGER_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -50,7 +59,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 FAST = {"max_attempts": 3, "base_s": 0.01, "cap_s": 0.05}
-REPLAY_INTERVAL_S = 4.0
+REPLAY_INTERVAL_S = 6  # long enough to see a 429 after a replay, short enough to wait out
 PAGE_SIZE = 50  # executions.js asks for pages of 50
 TRIGGERS = ("billing", "crm", "legacy", "shop")
 
@@ -61,7 +70,7 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chromium() -> Path:
     if async_playwright is None:
         _unavailable("Playwright is not installed (pip install -e '.[browser]')")
@@ -70,7 +79,7 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
@@ -82,10 +91,18 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
             await launched.close()
 
 
-@pytest.fixture
-async def destination(aiohttp_server: Any) -> AsyncIterator[Destination]:
-    async for running in start_destination(aiohttp_server):
+@fixture
+async def destination() -> AsyncIterator[Destination]:
+    running = Destination()
+    app = web.Application()
+    app.router.add_route("POST", "/{tail:.*}", running.handle)
+    running.server = TestServer(app, host="127.0.0.1")
+    await running.server.start_server()
+    try:
         yield running
+    finally:
+        running.release()
+        await running.server.close()
 
 
 @dataclass
@@ -100,7 +117,7 @@ class Dashboard:
             return await response.json()
 
 
-@pytest.fixture
+@fixture
 async def dashboard(settings: Settings, destination: Destination) -> AsyncIterator[Dashboard]:
     """A dispatching server on a free port, with its access log on (the token must not reach it)."""
     settings = replace(
@@ -132,7 +149,7 @@ class Traffic:
     dead_exhausted: str  # legacy: 503 until the attempts run out
 
 
-@pytest.fixture
+@fixture
 async def traffic(dashboard: Dashboard) -> Traffic:
     api, destination = dashboard.api, dashboard.destination
     scripts = {
@@ -168,7 +185,7 @@ async def _repeat(api: aiohttp.ClientSession, trigger_id: str, body: str, key: s
         assert response.status == 200 and response.headers["Idempotent-Replayed"] == "true"
 
 
-@pytest.fixture
+@fixture
 async def page(browser: Browser, dashboard: Dashboard) -> AsyncIterator[Page]:
     """A fresh browser session on the dashboard; any script error or CSP refusal fails the test."""
     context = await browser.new_context(
@@ -257,7 +274,7 @@ async def test_the_dashboard_is_revalidated_and_may_run_only_its_own_code(
         assert "script-src 'self'" in DASHBOARD_CSP and "'unsafe-inline'" not in DASHBOARD_CSP
 
 
-async def test_the_printed_link_signs_in_and_the_token_stays_out_of_the_logs(
+async def test_the_link_signs_in_and_the_token_stays_out_of_the_access_log(
     dashboard: Dashboard, traffic: Traffic, page: Page, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -295,6 +312,32 @@ async def test_the_printed_link_signs_in_and_the_token_stays_out_of_the_logs(
     assert ADMIN_TOKEN not in caplog.text
 
 
+async def test_the_link_hookledger_serve_prints_opens_the_dashboard(
+    database_url: str, tmp_path: Path, browser: Browser
+) -> None:
+    server = await start_server(database_url, tmp_path, env={"HOOKLEDGER_ADMIN_TOKEN": ""})
+    try:
+        printed = server.log.read_text()
+        link = re.search(r"dashboard: (http://\S+/#token=(\S+))", printed)
+        assert link, printed
+        context = await browser.new_context()
+        try:
+            page = await context.new_page()
+            await page.goto(link[1])
+            await expect(page.get_by_test_id("view-triggers")).to_be_visible()
+            await expect(page.get_by_test_id("live-status")).to_have_attribute("data-state", "live")
+            assert page.url == f"{server.url}/#/triggers"
+            await page.reload()
+            await expect(page.get_by_test_id("empty-state")).to_contain_text("No triggers yet")
+        finally:
+            await context.close()
+    finally:
+        server.stop()
+    # Printed once to the operator (the link and the token lines); never logged.
+    logged = [line for line in server.log.read_text().splitlines() if link[2] in line]
+    assert [line.split(":", 1)[0].strip() for line in logged] == ["dashboard", "admin token"]
+
+
 async def test_without_a_token_the_dashboard_asks_for_one(dashboard: Dashboard, page: Page) -> None:
     await page.goto("/")
     await expect(page.get_by_test_id("view-login")).to_be_visible()
@@ -310,6 +353,16 @@ async def test_without_a_token_the_dashboard_asks_for_one(dashboard: Dashboard, 
     await expect(page.get_by_test_id("view-triggers")).to_be_visible()
     await expect(page.get_by_test_id("empty-state")).to_contain_text("No triggers yet")
 
+    heading = page.get_by_role("heading", name="Triggers")
+    await expect(heading).to_be_focused()  # the keyboard goes on from the page, not from nowhere
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_test_id("trigger-create")).to_be_focused()
+    await page.reload()
+    await page.keyboard.press("Tab")  # the first stop skips the navigation
+    await expect(page.locator("#skip")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(heading).to_be_focused()
+
     await page.get_by_test_id("logout").click()
     await expect(page.get_by_test_id("view-login")).to_be_visible()
     assert await page.evaluate("sessionStorage.getItem('hookledger.token')") is None
@@ -323,6 +376,7 @@ async def test_filters_narrow_the_executions_as_the_api_does(
     await expect_order(page, [e["execution_id"] for e in everything])
     await expect(page.get_by_test_id("executions-count")).to_have_text("6 executions shown (all)")
 
+    await _check_local_time(page, everything[0])
     retried = row_of(page, traffic.retried)
     await expect(retried.get_by_test_id("execution-status")).to_have_text("succeeded")
     await expect(retried.get_by_test_id("execution-attempts")).to_have_text("2")
@@ -359,6 +413,19 @@ async def test_filters_narrow_the_executions_as_the_api_does(
     await page.get_by_test_id("filter-until").fill("2000-01-01T00:00")
     await page.get_by_test_id("filter-apply").click()
     await expect(page.get_by_test_id("empty-state")).to_contain_text("No executions match")
+
+
+async def _check_local_time(page: Page, execution: dict[str, Any]) -> None:
+    """Shown in the viewer's zone (this browser is in Paris), the exact UTC instant on hover."""
+    shown = row_of(page, execution["execution_id"]).locator("time").first
+    utc = execution["received_at"][11:19]
+    await expect(shown).to_have_attribute("title", re.compile(rf" {utc}\.\d{{3}} UTC$"))
+    paris = await page.evaluate(
+        "iso => new Date(iso).toLocaleTimeString('en-GB', {timeZone: 'Europe/Paris'})",
+        execution["received_at"],
+    )
+    assert paris != utc
+    await expect(shown).to_contain_text(paris)
 
 
 async def test_executions_page_by_cursor(dashboard: Dashboard, page: Page) -> None:
@@ -445,12 +512,16 @@ async def test_a_replay_succeeds_live_and_a_second_one_counts_down(
     await page.get_by_test_id("replay-button").click()
     await page.get_by_test_id("replay-dialog").get_by_test_id("confirm-ok").click()
     button = page.get_by_test_id("replay-button")
+    await expect(button).to_have_text(re.compile(r"^Replay again in \d+ s$"))
     await expect(button).to_be_disabled()
-    await expect(button).to_have_text(re.compile(r"^Replay again in [1-4] s$"))
     await expect(page.get_by_test_id("replay-message")).to_contain_text("Rate limited")
     first = int(str(await button.get_attribute("data-cooldown")))
+    async with dashboard.api.post(f"/api/executions/{traffic.dead_permanent}/replay") as refused:
+        assert refused.status == 429
+        assert 0 < int(refused.headers["Retry-After"]) <= first <= REPLAY_INTERVAL_S
     await shoot(page, "replay-rate-limited")
-    await expect(button).to_have_attribute("data-cooldown", str(first - 1))  # it counts down
+    counted_down = "n => Number(document.querySelector('[data-testid=replay-button]')"
+    await page.wait_for_function(f"{counted_down}.dataset.cooldown) < n", arg=first)
     await expect(button).to_be_enabled(timeout=REPLAY_INTERVAL_S * 1000 + 2000)
     await expect(page.get_by_test_id("replay-message")).to_have_text("You can replay again now.")
 
@@ -540,6 +611,9 @@ async def _check_trigger_stats(page: Page, trigger_id: str, answer: dict[str, An
             await expect(day.locator(f'td[data-field="{name}"]')).to_have_attribute(
                 "data-value", str(row[name])
             )
+        for name in ("latency_p50_ms", "latency_p95_ms"):
+            shown = await day.locator(f'td[data-field="{name}"]').get_attribute("data-value")
+            assert (float(shown) if shown else None) == row[name]
     await expect(section.locator('[data-testid="chart-received"] rect.bar').first).to_be_attached()
 
 

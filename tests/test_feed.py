@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-
 from conftest import AUTH, create_trigger
+from traffic import deliver
+
 from ledger.store import create_engine, read_events
 from server.app import make_app
 from server.config import Settings
-from traffic import deliver
 
 
 class SseReader:
@@ -41,8 +41,8 @@ class SseReader:
                 name, _, value = line.partition(": ")
                 fields[name] = value
 
-    async def take(self, n: int, timeout: float = 20) -> list[tuple[int, str, dict[str, Any]]]:
-        async with asyncio.timeout(timeout):
+    async def take(self, n: int, within_s: float = 20) -> list[tuple[int, str, dict[str, Any]]]:
+        async with asyncio.timeout(within_s):
             return [await self.next() for _ in range(n)]
 
 
@@ -67,7 +67,10 @@ async def test_backlog_then_live_with_the_shape_of_the_events_api(client: TestCl
     first = await deliver(client, "t", '{"a": 1}')
     reader = await open_stream(client, "?after=0")
     backlog = await reader.take(2)
-    assert [(seq, kind) for seq, kind, _ in backlog] == [(1, "trigger.registered"), (2, "webhook.received")]
+    assert [(seq, kind) for seq, kind, _ in backlog] == [
+        (1, "trigger.registered"),
+        (2, "webhook.received"),
+    ]
     page = await (await client.get("/api/events?after=0", headers=AUTH)).json()
     assert [data for _, _, data in backlog] == page["events"]
     live = await deliver(client, "t", '{"a": 2}')
@@ -106,19 +109,25 @@ async def test_last_event_id_resumes_without_loss_or_repeat(client: TestClient) 
 async def test_filters_by_type_and_trigger(client: TestClient) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     await create_trigger(client, id="u")
-    reader = await open_stream(client, "?after=0&type=webhook.received,webhook.duplicate&trigger_id=u")
+    reader = await open_stream(
+        client, "?after=0&type=webhook.received,webhook.duplicate&trigger_id=u"
+    )
     await deliver(client, "t", key="k")
     await deliver(client, "u", key="k")
     await deliver(client, "t", key="k")
     await deliver(client, "u", key="k")
     got = await reader.take(2)
-    assert [(seq, kind) for seq, kind, _ in got] == [(4, "webhook.received"), (6, "webhook.duplicate")]
+    assert [(seq, kind) for seq, kind, _ in got] == [
+        (4, "webhook.received"),
+        (6, "webhook.duplicate"),
+    ]
     assert all(data["trigger_id"] == "u" for _, _, data in got)
     reader.response.close()
 
 
 async def test_two_readers_see_the_exact_log_while_writers_race(
-    client: TestClient, settings: Settings  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,  # type: ignore[type-arg]
 ) -> None:
     await create_trigger(client, id="t")
     # A second server process on the same database: its commits reach the feed by polling.
@@ -136,7 +145,7 @@ async def test_two_readers_see_the_exact_log_while_writers_race(
         *_, seen_a, seen_b = await asyncio.gather(
             *(writer(client, 25, f"a{j}") for j in range(3)),
             *(writer(other, 25, f"b{j}") for j in range(2)),
-            *(reader.take(expected, timeout=60) for reader in readers),
+            *(reader.take(expected, within_s=60) for reader in readers),
         )
         log = await logged(settings)
         assert len(log) == expected
@@ -150,7 +159,8 @@ async def test_two_readers_see_the_exact_log_while_writers_race(
 
 
 async def test_events_follow_prints_the_backlog_then_new_events_filtered(
-    client: TestClient, settings: Settings  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,  # type: ignore[type-arg]
 ) -> None:
     await create_trigger(client, id="t")
     await create_trigger(client, id="u")
@@ -158,9 +168,19 @@ async def test_events_follow_prints_the_backlog_then_new_events_filtered(
     await deliver(client, "u", '{"n": 2}')
     code = "from server.cli import main; main()"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "--database-url", settings.database_url,
-        "events", "--follow", "--trigger", "u", "--type", "webhook.received",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        code,
+        "--database-url",
+        settings.database_url,
+        "events",
+        "--follow",
+        "--trigger",
+        "u",
+        "--type",
+        "webhook.received",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     try:

@@ -11,11 +11,12 @@ import orjson
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
+from conftest import AUTH
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
+from traffic import mixed_traffic, run_cli, settle
 
-from conftest import AUTH
 from ledger.appender import append_commands
 from ledger.commands import RecordDelivery
 from ledger.events import RecordedEvent, WebhookReceived, uuid7
@@ -23,11 +24,10 @@ from ledger.migrate import current_revision, head_revision, upgrade
 from ledger.store import create_engine, read_events, write_transaction
 from projections import histogram
 from projections.rebuild import rebuild
-from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS, TRIGGER_STATS, TRIGGERS
+from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS, TRIGGER_STATS
 from projections.runner import ProjectionRunner
 from projections.trigger_stats import COUNTERS
 from server.config import Settings
-from traffic import mixed_traffic, run_cli, settle
 
 
 async def whole_log(engine: AsyncEngine) -> list[RecordedEvent]:
@@ -65,10 +65,14 @@ def exact_percentile(samples: list[float], q: float) -> float:
 def close_to(estimate: float | None, exact: float) -> bool:
     """Within the histogram's resolution: half a bucket either way (a factor of 2^(1/8))."""
     assert estimate is not None
-    return exact / histogram.GROWTH**0.5 <= estimate * (1 + 1e-9) and estimate <= exact * histogram.GROWTH**0.5 * (1 + 1e-9)
+    return exact / histogram.GROWTH**0.5 <= estimate * (
+        1 + 1e-9
+    ) and estimate <= exact * histogram.GROWTH**0.5 * (1 + 1e-9)
 
 
-async def test_stats_api_matches_a_direct_count_over_the_log(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_stats_api_matches_a_direct_count_over_the_log(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await mixed_traffic(client, deliveries=60)
     await settle(client)
     engine = create_engine(settings.database_url)
@@ -78,24 +82,37 @@ async def test_stats_api_matches_a_direct_count_over_the_log(client: TestClient,
     assert any(c["duplicates_body_mismatch"] for c in expected.values())  # the traffic covers it
     assert any(c["filtered"] for c in expected.values())
     answer = await (await client.get("/api/stats?days=2", headers=AUTH)).json()
-    got = {(r["trigger_id"], r["day"]): Counter({n: r[n] for n in COUNTERS if r[n]}) for r in answer["stats"]}
+    got = {
+        (r["trigger_id"], r["day"]): Counter({n: r[n] for n in COUNTERS if r[n]})
+        for r in answer["stats"]
+    }
     assert got == expected
     for trigger_id in ("alpha", "beta"):
         samples = [
-            e.data["duration_ms"] for e in log if e.type == "execution.succeeded" and e.trigger_id == trigger_id
+            e.data["duration_ms"]
+            for e in log
+            if e.type == "execution.succeeded" and e.trigger_id == trigger_id
         ]
         total = answer["totals"][trigger_id]
         assert total["latency_samples"] == len(samples)
-        for name, q in (("latency_p50_ms", 0.5), ("latency_p95_ms", 0.95), ("latency_p99_ms", 0.99)):
+        for name, q in (
+            ("latency_p50_ms", 0.5),
+            ("latency_p95_ms", 0.95),
+            ("latency_p99_ms", 0.99),
+        ):
             assert close_to(total[name], exact_percentile(samples, q)), (name, total[name])
-        assert total["received"] == sum(e.type == "webhook.received" and e.trigger_id == trigger_id for e in log)
+        assert total["received"] == sum(
+            e.type == "webhook.received" and e.trigger_id == trigger_id for e in log
+        )
 
 
 async def test_total_dead_lettered_is_the_number_dead_lettered_now(client: TestClient) -> None:  # type: ignore[type-arg]
     await mixed_traffic(client, deliveries=60)
     await settle(client)
     answer = await (await client.get("/api/stats?days=1", headers=AUTH)).json()
-    executions = await (await client.get("/api/executions?status=dead_lettered&limit=1000", headers=AUTH)).json()
+    executions = await (
+        await client.get("/api/executions?status=dead_lettered&limit=1000", headers=AUTH)
+    ).json()
     now = Counter(r["trigger_id"] for r in executions["executions"])
     events = sum(total["dead_lettered_events"] for total in answer["totals"].values())
     assert events > sum(now.values())  # some dead letters were replayed: the window counts more
@@ -114,7 +131,9 @@ async def test_days_outside_the_range_are_left_out(client: TestClient, settings:
     async with engine.begin() as conn:
         old = datetime.now(UTC).date() - timedelta(days=3)
         await conn.execute(
-            TRIGGER_STATS.table.update().where(TRIGGER_STATS.table.c.trigger_id == "beta").values(day=old)
+            TRIGGER_STATS.table.update()
+            .where(TRIGGER_STATS.table.c.trigger_id == "beta")
+            .values(day=old)
         )
     await engine.dispose()
     recent = await (await client.get("/api/stats?days=3", headers=AUTH)).json()
@@ -146,27 +165,41 @@ async def test_rebuild_equals_live(client: TestClient, settings: Settings) -> No
 
 def delivery(key: str, body: str, *, trigger_id: str = "t") -> RecordDelivery:
     received = WebhookReceived(
-        execution_id=uuid7(), headers={}, body=body, content_type="application/json",
-        body_sha256=body.encode().hex()[:64], initial_status="recorded",
+        execution_id=uuid7(),
+        headers={},
+        body=body,
+        content_type="application/json",
+        body_sha256=body.encode().hex()[:64],
+        initial_status="recorded",
     )
     return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
 
 
-async def test_upgrade_from_0001_with_events_loses_nothing_and_stats_catch_up(database_url: str) -> None:
+async def test_upgrade_from_0001_with_events_loses_nothing_and_stats_catch_up(
+    database_url: str,
+) -> None:
     engine = create_engine(database_url)
     try:
         assert await upgrade(engine, "0001") == "0001"
         async with write_transaction(engine) as conn:
             await append_commands(conn, [delivery(f"k{i % 30}", f"b{i % 40}") for i in range(100)])
         # What a 0001-era server would have projected.
-        await ProjectionRunner(engine, [TRIGGERS, TRIGGER_EXECUTIONS]).catch_up()
+        await ProjectionRunner(engine, [TRIGGER_EXECUTIONS]).catch_up()
         before = await whole_log(engine)
         async with engine.connect() as conn:
-            executions = (await conn.execute(sa.text("SELECT * FROM trigger_executions ORDER BY execution_id"))).all()
+            executions = (
+                await conn.execute(
+                    sa.text("SELECT * FROM trigger_executions ORDER BY execution_id")
+                )
+            ).all()
         assert await upgrade(engine) == head_revision() == await current_revision(engine)
         assert await whole_log(engine) == before
         async with engine.connect() as conn:
-            again = (await conn.execute(sa.text("SELECT * FROM trigger_executions ORDER BY execution_id"))).all()
+            again = (
+                await conn.execute(
+                    sa.text("SELECT * FROM trigger_executions ORDER BY execution_id")
+                )
+            ).all()
         assert again == executions
         runner = ProjectionRunner(engine, list(PROJECTIONS.values()), batch=17)
         await runner.catch_up()
@@ -180,7 +213,9 @@ async def test_upgrade_from_0001_with_events_loses_nothing_and_stats_catch_up(da
         await engine.dispose()
 
 
-async def test_stats_command_prints_the_table_and_json(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_stats_command_prints_the_table_and_json(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await mixed_traffic(client, deliveries=20)
     await settle(client)
     answer = await (await client.get("/api/stats?days=7", headers=AUTH)).json()
@@ -204,8 +239,13 @@ def test_histogram_percentiles_are_within_half_a_bucket(samples: list[float]) ->
         assert close_to(histogram.percentile(h, q), exact)
 
 
-@given(st.lists(st.floats(min_value=0, max_value=1e5), max_size=50), st.lists(st.floats(min_value=0, max_value=1e5), max_size=50))
-def test_merged_histograms_equal_one_histogram_of_everything(a: list[float], b: list[float]) -> None:
+@given(
+    st.lists(st.floats(min_value=0, max_value=1e5), max_size=50),
+    st.lists(st.floats(min_value=0, max_value=1e5), max_size=50),
+)
+def test_merged_histograms_equal_one_histogram_of_everything(
+    a: list[float], b: list[float]
+) -> None:
     ha: histogram.Histogram = {}
     hb: histogram.Histogram = {}
     both: histogram.Histogram = {}

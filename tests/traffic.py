@@ -9,8 +9,8 @@ import sys
 from typing import Any
 
 from aiohttp.test_utils import TestClient
-
 from conftest import create_trigger
+
 from ledger.appender import Appender
 from ledger.events import (
     EventData,
@@ -89,7 +89,7 @@ async def mixed_traffic(client: TestClient, *, seed: int = 7, deliveries: int = 
     await create_trigger(client, id="alpha", destination=DESTINATION)
     await create_trigger(client, id="beta", destination=DESTINATION, filter={"kind": "keep*"})
     appender = client.app[SERVICES].appender
-    for i in range(deliveries):
+    for _ in range(deliveries):
         trigger = rng.choice(["alpha", "beta"])
         kind = rng.choice(["keep", "keep-too", "drop"])
         key = f"k{rng.randint(0, deliveries // 2)}"
@@ -115,14 +115,20 @@ class CliResult:
         self.stderr = stderr
 
 
-async def run_cli(database_url: str, *args: str, timeout: float = 120) -> CliResult:
+async def run_cli(database_url: str, *args: str, within_s: float = 120) -> CliResult:
     """`hookledger …` in a process of its own, as a user runs it (the event loop keeps serving)."""
     code = "from server.cli import main; main()"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "--database-url", database_url, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        code,
+        "--database-url",
+        database_url,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within_s):
         out, err = await process.communicate()
     assert process.returncode is not None
     return CliResult(process.returncode, out.decode(), err.decode())

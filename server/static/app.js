@@ -88,6 +88,8 @@ async function tryToken(token, note, submit) {
   try {
     await app.api.get('/api/triggers', { quiet401: true });
     start();
+    // The prompt that had the focus is gone: keyboard and screen-reader users start at the heading.
+    main().querySelector('h1')?.focus();
   } catch (error) {
     sessionStorage.removeItem(TOKEN_KEY);
     note.textContent = error.status === 401 ? 'This token was refused.' : `Cannot check the token: ${error.message}`;

@@ -158,7 +158,7 @@ export function openBulkReplay(app, triggerId) {
   }
 
   const dialog = openDialog({
-    title: `Replay dead letters of ${triggerId}`, testid: 'bulk-replay-dialog',
+    title: `Replay dead letters of ${triggerId}`, testid: 'bulk-replay-dialog', wide: true,
     content: [
       h('p', {}, 'Every dead-lettered execution of this trigger in the range is sent again to its destination.'),
       h('div', { class: 'grid-3' }, field('Received since', since), field('Received until', until), field('At most', limit)),

@@ -1,0 +1,106 @@
+"""One measured pass over a log, in a process of its own so that its peak RSS is its own.
+
+    python -m bench.rebuild_child scan URL [--until SEQ]     raw driver read + orjson decode
+    python -m bench.rebuild_child rebuild URL [--until SEQ]  projections.rebuild of trigger_executions
+
+Prints one JSON line: events, seconds, events_per_s, peak_rss_mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sqlite3
+import sys
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+import sqlalchemy as sa
+import uvloop
+
+from ledger.store import create_engine, normalise_url
+from projections.rebuild import rebuild
+from projections.registry import PROJECTIONS
+
+SCAN_BATCH = 5000
+COLUMNS = "seq, id, stream, version, type, trigger_id, idempotency_key, data, meta, recorded_at, hash"
+REBUILD_TABLE = "bench_rebuild"
+
+
+def _scan_sqlite(path: str, until: int) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        cursor = conn.execute(f"SELECT {COLUMNS} FROM events WHERE seq <= ? ORDER BY seq", (until,))  # noqa: S608
+        done = 0
+        while rows := cursor.fetchmany(SCAN_BATCH):
+            for row in rows:
+                orjson.loads(row[7])
+                orjson.loads(row[8])
+            done += len(rows)
+        return done
+    finally:
+        conn.close()
+
+
+async def _scan_postgres(url: str, until: int) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        done = 0
+        async with conn.transaction():
+            query = f"SELECT {COLUMNS} FROM events WHERE seq <= $1 ORDER BY seq"  # noqa: S608
+            cursor = await conn.cursor(query, until)
+            while rows := await cursor.fetch(SCAN_BATCH):
+                for row in rows:
+                    orjson.loads(row[7])
+                    orjson.loads(row[8])
+                done += len(rows)
+        return done
+    finally:
+        await conn.close()
+
+
+async def _scan(url: str, until: int) -> int:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        return _scan_sqlite(url.split("///", 1)[1], until)
+    return await _scan_postgres(url.replace("postgresql+asyncpg://", "postgresql://"), until)
+
+
+async def _rebuild(url: str, until: int) -> int:
+    engine = create_engine(url)
+    try:
+        result = await rebuild(engine, PROJECTIONS["trigger_executions"], until_seq=until, into=REBUILD_TABLE)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP TABLE IF EXISTS "{REBUILD_TABLE}"'))
+        return result.events
+    finally:
+        await engine.dispose()
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    until = args.until or 2**62
+    started = time.perf_counter()
+    events = await (_scan(args.url, until) if args.mode == "scan" else _rebuild(args.url, until))
+    seconds = time.perf_counter() - started
+    return {
+        "mode": args.mode,
+        "events": events,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds) if seconds else 0,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["scan", "rebuild"])
+    parser.add_argument("url")
+    parser.add_argument("--until", type=int)
+    args = parser.parse_args()
+    sys.stdout.write(orjson.dumps(uvloop.run(_main(args))).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
