@@ -102,6 +102,8 @@ async def request_replay(services: Services, execution_id: str, requester: str) 
     row, trigger = await _current(services, execution_id)
     if trigger is None or trigger.deleted:
         raise _not_allowed("the execution's trigger is deleted")
+    if not trigger.destination:
+        raise _not_allowed("the execution's trigger has no destination any more")
     now = datetime.now(UTC)
     refusal = replay_refusal(row, now=now, interval_s=services.settings.replay_interval_s)
     if refusal is not None:
@@ -260,6 +262,8 @@ async def replay_executions(request: web.Request) -> web.Response:
         raise ApiError(404, "trigger_not_found", f"no trigger {bulk.trigger_id!r}")
     if trigger.deleted:
         raise _not_allowed("the trigger is deleted")
+    if not trigger.destination:
+        raise _not_allowed("the trigger has no destination to replay to")
     await _catch_up(services)
     now = datetime.now(UTC)
     if bulk.dry_run:

@@ -219,3 +219,16 @@ async def test_cli_replays_one_execution_and_a_triggers_dead_letters(
     done = await run_cli(capsys, "replay", "--dead-lettered", "--trigger", "t")
     assert done["replayed"] == 1
     assert (await wait_until(app, second))["status"] == "succeeded"
+
+
+async def test_replay_is_refused_once_the_trigger_lost_its_destination_or_was_deleted(
+    app: Client, destination: Destination
+) -> None:
+    execution_id = await dead_letter(app, destination)
+    patch = await app.patch("/api/triggers/t", json={"destination": None}, headers=AUTH)
+    assert patch.status == 200
+    for response in (await replay(app, execution_id), await bulk(app, trigger_id="t")):
+        assert response.status == 409
+        assert (await response.json())["error"]["code"] == "replay_not_allowed"
+    assert (await app.delete("/api/triggers/t", headers=AUTH)).status == 204
+    assert (await replay(app, execution_id)).status == 409
