@@ -10,14 +10,18 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench.databases import sqlite_url
 from bench.load import PAYLOAD, TRIGGER_ID
 from ledger.appender import append_commands
 from ledger.commands import RecordDelivery
 from ledger.events import WebhookReceived, uuid7
-from ledger.store import read_last_seq, write_transaction
+from ledger.migrate import upgrade
+from ledger.store import create_engine, write_transaction
 
 BATCH = 5000
 DUPLICATE_EVERY = 10
@@ -37,7 +41,9 @@ def _delivery(key: str, body: str) -> RecordDelivery:
     return RecordDelivery(trigger_id=TRIGGER_ID, idempotency_key=key, received=received, meta=meta)
 
 
-def _batch(start: int, size: int, rng: random.Random, body: str) -> tuple[list[RecordDelivery], int]:
+def _batch(
+    start: int, size: int, rng: random.Random, body: str
+) -> tuple[list[RecordDelivery], int]:
     """`size` deliveries from key number `start` on; returns them and the next new key number."""
     commands, number = [], start
     for _ in range(size):
@@ -52,10 +58,8 @@ def _batch(start: int, size: int, rng: random.Random, body: str) -> tuple[list[R
 async def fill_log(
     engine: AsyncEngine, events: int, progress: Callable[[int, float], None] | None = None
 ) -> int:
-    """Append deliveries until the log holds `events` events; returns the number of distinct keys."""
-    async with engine.connect() as conn:
-        done = await read_last_seq(conn)
-    rng, body, number = random.Random(6), PAYLOAD.read_text(), 1
+    """Append `events` deliveries to an empty log; returns the number of distinct keys."""
+    rng, body, number, done = random.Random(6), PAYLOAD.read_text(), 1, 0
     started = time.monotonic()
     while done < events:
         commands, number = _batch(number, min(BATCH, events - done), rng, body)
@@ -65,3 +69,27 @@ async def fill_log(
         if progress:
             progress(done, time.monotonic() - started)
     return number - 1
+
+
+def _report(events: int) -> Callable[[int, float], None]:
+    def progress(done: int, seconds: float) -> None:
+        if done % 100_000 < BATCH or done == events:
+            print(f"  filled {done:,}/{events:,} events ({done / seconds:,.0f}/s)", flush=True)
+
+    return progress
+
+
+async def sqlite_log(workdir: Path, events: int) -> tuple[str, int]:
+    """A SQLite log of `events` deliveries in `workdir`, made once per bench run and then reused."""
+    path, sidecar = workdir / f"log-{events}.db", workdir / f"log-{events}.json"
+    if sidecar.exists():
+        return f"sqlite:///{path}", int(orjson.loads(sidecar.read_bytes())["keys"])
+    url = sqlite_url(path)
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        keys = await fill_log(engine, events, _report(events))
+    finally:
+        await engine.dispose()
+    sidecar.write_bytes(orjson.dumps({"keys": keys}))
+    return url, keys

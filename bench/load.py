@@ -59,7 +59,10 @@ def ensure_wrk() -> str | None:
         return found
     print("wrk is missing: apt-get install -y wrk ...", flush=True)
     for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
-        if subprocess.run(step, capture_output=True, check=False).returncode != 0 and step[1] != "update":
+        if (
+            subprocess.run(step, capture_output=True, check=False).returncode != 0
+            and step[1] != "update"
+        ):
             return None
     return shutil.which("wrk")
 
@@ -93,7 +96,9 @@ async def run_load(wrk: str | None, url: str, load: Load, out: Path) -> LoadResu
     )
     output, _ = await process.communicate()
     if process.returncode != 0 or not out.exists():
-        raise RuntimeError(f"load generator failed ({process.returncode}): {output.decode()[-2000:]}")
+        raise RuntimeError(
+            f"load generator failed ({process.returncode}): {output.decode()[-2000:]}"
+        )
     return _result(orjson.loads(out.read_bytes()))
 
 

@@ -40,7 +40,11 @@ def _key(args: argparse.Namespace, worker: _Worker) -> str:
 
 
 async def _drive(
-    session: aiohttp.ClientSession, args: argparse.Namespace, worker: _Worker, payload: bytes, end: float
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    worker: _Worker,
+    payload: bytes,
+    end: float,
 ) -> None:
     while time.monotonic() < end:
         headers = {"Content-Type": "application/json", "Idempotency-Key": _key(args, worker)}

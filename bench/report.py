@@ -1,4 +1,4 @@
-"""Tables, targets and the chart of one HTTP suite run, every ratio against the baseline of that run."""
+"""Tables, targets and chart of one HTTP suite run, every ratio against that run's baseline."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def table(runs: list[ServerRun]) -> str:
 def markdown(runs: list[ServerRun]) -> str:
     """The same table for bench/README.md."""
     lines = [
-        "| server | scenario | c | req/s | × baseline | p50 ms | p99 ms | p99 × baseline | RSS MB |",
+        "| server | scenario | c | req/s | × base | p50 ms | p99 ms | p99 × base | RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
@@ -76,11 +76,16 @@ def _target_lines(runs: list[ServerRun], point: Point) -> list[tuple[str, bool]]
     goal = TARGETS.get((point.server, point.scenario))
     r = ratio(runs, point)
     if goal is not None and r is not None:
-        found.append((f"{point.server} {point.scenario} c=64: {r:.2f}x baseline (>= {goal})", r >= goal))
+        found.append(
+            (f"{point.server} {point.scenario} c=64: {r:.2f}x baseline (>= {goal})", r >= goal)
+        )
     p99 = p99_ratio(runs, point)
     if point.server == "sqlite" and p99 is not None:
         found.append(
-            (f"sqlite {point.scenario} c=64: p99 {p99:.1f}x baseline's (<= {P99_FACTOR})", p99 <= P99_FACTOR)
+            (
+                f"sqlite {point.scenario} c=64: p99 {p99:.1f}x baseline's (<= {P99_FACTOR})",
+                p99 <= P99_FACTOR,
+            )
         )
     return found
 
@@ -92,8 +97,14 @@ def _lag_lines(point: Point) -> list[tuple[str, bool]]:
     zero = point.lag_zero_s
     label = f"{point.server} {point.scenario} c={point.connections}"
     return [
-        (f"{label}: projector lag <= {behind_s:.2f} s during the run (< {LAG_LIMIT_S})", behind_s < LAG_LIMIT_S),
-        (f"{label}: lag 0 after {_num(zero)} s (<= {LAG_LIMIT_S})", zero is not None and zero <= LAG_LIMIT_S),
+        (
+            f"{label}: projector lag <= {behind_s:.2f} s during the run (< {LAG_LIMIT_S})",
+            behind_s < LAG_LIMIT_S,
+        ),
+        (
+            f"{label}: lag 0 after {_num(zero)} s (<= {LAG_LIMIT_S})",
+            zero is not None and zero <= LAG_LIMIT_S,
+        ),
     ]
 
 
@@ -106,7 +117,12 @@ def targets(runs: list[ServerRun]) -> list[tuple[str, bool]]:
                 found += _target_lines(runs, point)
             found += [line for line in _lag_lines(point) if not line[1]]
         if run.name != "baseline":
-            found.append((f"{run.name}: peak RSS {run.peak_rss_mb:.0f} MB (<= {RSS_LIMIT_MB:.0f})", run.peak_rss_mb <= RSS_LIMIT_MB))
+            found.append(
+                (
+                    f"{run.name}: peak RSS {run.peak_rss_mb:.0f} MB (<= {RSS_LIMIT_MB:.0f})",
+                    run.peak_rss_mb <= RSS_LIMIT_MB,
+                )
+            )
     return found
 
 
@@ -133,7 +149,9 @@ def chart(runs: list[ServerRun], path: Path, title: str) -> Path | None:
 
 def _panel(axis: Any, runs: list[ServerRun], scenario: str) -> None:
     for run in runs:
-        points = sorted((p for p in run.points if p.scenario == scenario), key=lambda p: p.connections)
+        points = sorted(
+            (p for p in run.points if p.scenario == scenario), key=lambda p: p.connections
+        )
         xs = [p.connections for p in points]
         axis.plot(xs, [p.rps for p in points], marker="o", label=run.name)
     axis.set_xscale("log", base=2)

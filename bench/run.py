@@ -1,12 +1,12 @@
-"""The bench, in one command: every suite, each printing its ratios against a baseline run beside it.
+"""The bench in one command: every suite, each printing ratios against a baseline run beside it.
 
     python -m bench.run [--smoke] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
                         [--suites http,dedup,rebuild] [--seconds 8]
 
 - http: the bare aiohttp baseline, `hookledger serve` on SQLite (and PostgreSQL with --pg-url),
   deliveries new / duplicate / 20 % duplicate at c=1, 16, 64 (wrk); ends with correctness checks;
-- dedup: duplicate throughput with a 1M-event log against a 10k one;
-- rebuild: rebuild of trigger_executions against a raw scan of the same log, and its memory.
+- rebuild: rebuild of trigger_executions against a raw scan of the same 1M-event log, and memory;
+- dedup: duplicate throughput with that 1M-event log against a 10k one.
 
 Results go to bench/results/ (JSON, and a PNG chart of the HTTP suite). --smoke proves that it
 all works in seconds (CI) and judges no target. The exit status is 1 when a correctness check
@@ -16,7 +16,6 @@ fails, whatever the speed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -30,12 +29,22 @@ import uvloop
 
 from bench import report
 from bench.databases import postgres_database, sqlite_url
+from bench.dedup import dedup_suite
 from bench.load import ensure_wrk
-from bench.throughput import CONCURRENCY, SCENARIOS, Plan, Point, ServerRun, as_json
-from bench.throughput import run_baseline, run_hookledger
+from bench.rebuild import rebuild_suite
+from bench.throughput import (
+    CONCURRENCY,
+    SCENARIOS,
+    Plan,
+    Point,
+    ServerRun,
+    as_json,
+    run_baseline,
+    run_hookledger,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES = ("http", "dedup", "rebuild")
+SUITES = ("http", "rebuild", "dedup")  # rebuild before dedup: dedup appends to the shared log
 
 
 class _Progress:
@@ -45,6 +54,9 @@ class _Progress:
         self.total, self.done = total, 0
 
     def __call__(self, label: str, point: Point | None) -> None:
+        if point is None and label.endswith(":"):
+            print(f"  {label[:-1]}", flush=True)
+            return
         if point is None:
             print(f"  [{self.done + 1:>2}/{self.total}] {label} ...", end="", flush=True)
             return
@@ -72,7 +84,9 @@ def _machine() -> dict[str, Any]:
     }
 
 
-async def http_suite(args: argparse.Namespace, workdir: Path, stamp: str) -> tuple[dict[str, Any], bool]:
+async def http_suite(
+    args: argparse.Namespace, workdir: Path, stamp: str
+) -> tuple[dict[str, Any], bool]:
     wrk = ensure_wrk()
     if wrk is None:
         print("wrk is not available and could not be installed: using bench/pyload.py (slower;")
@@ -87,7 +101,9 @@ async def http_suite(args: argparse.Namespace, workdir: Path, stamp: str) -> tup
     )
     servers = 2 + bool(args.pg_url)
     progress = _Progress(servers * len(plan.scenarios) * len(plan.concurrency))
-    print(f"http: {plan.seconds} s per point, load generator {'wrk' if wrk else 'python'}", flush=True)
+    print(
+        f"http: {plan.seconds} s per point, load generator {'wrk' if wrk else 'python'}", flush=True
+    )
     runs = [await run_baseline(plan, progress)]
     runs.append(await run_hookledger("sqlite", sqlite_url(workdir / "bench.db"), plan, progress))
     if args.pg_url:
@@ -147,22 +163,34 @@ def _suites(text: str) -> list[str]:
     chosen = [s.strip() for s in text.split(",") if s.strip()]
     unknown = set(chosen) - set(SUITES)
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown suites {sorted(unknown)}; known: {', '.join(SUITES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown suites {sorted(unknown)}; known: {', '.join(SUITES)}"
+        )
     return chosen
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes; no targets")
-    parser.add_argument("--pg-url", help="a PostgreSQL server to bench on (a database is made and dropped)")
+    parser.add_argument(
+        "--pg-url", help="a PostgreSQL server to bench on (a database is made and dropped)"
+    )
     parser.add_argument("--suites", type=_suites, default=list(SUITES), help="comma-separated")
     parser.add_argument("--seconds", type=int, default=8, help="per HTTP point (at most 10)")
+    parser.add_argument(
+        "--big-events", type=int, default=1_000_000, help="the large log (dedup, rebuild)"
+    )
+    parser.add_argument(
+        "--rebuild-on-pg", action="store_true", help="also fill and rebuild on --pg-url"
+    )
     args = parser.parse_args()
     args.seconds = max(1, min(args.seconds, 10))
     sys.exit(uvloop.run(_main(args)))
 
 
-SUITE_RUNNERS = {"http": http_suite}
+SUITE_RUNNERS = {"http": http_suite, "dedup": dedup_suite, "rebuild": rebuild_suite}
 
 if __name__ == "__main__":
     main()

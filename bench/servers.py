@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
-ADMIN_TOKEN = "bench-admin-token"
-SECRET_KEY = "bench-secret-key"
+ADMIN_TOKEN = "bench-admin-token"  # noqa: S105 - a throwaway server on loopback
+SECRET_KEY = "bench-secret-key"  # noqa: S105
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,8 +73,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _wait_ready(server: Server, path: str, timeout: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _wait_ready(server: Server, path: str, within_s: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     async with aiohttp.ClientSession() as session:
         while asyncio.get_running_loop().time() < deadline:
             if server.process.returncode is not None:
@@ -84,7 +84,7 @@ async def _wait_ready(server: Server, path: str, timeout: float = 60.0) -> None:
                     if response.status < 500:
                         return
             await asyncio.sleep(0.1)
-    raise TimeoutError(f"{server.name} did not answer within {timeout} s; see {server.log}")
+    raise TimeoutError(f"{server.name} did not answer within {within_s} s; see {server.log}")
 
 
 async def _spawn(name: str, args: list[str], workdir: Path, env: dict[str, str]) -> Server:

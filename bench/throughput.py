@@ -80,10 +80,14 @@ class _Admin:
             f"{self._url}/api/triggers", json=body, headers=self._headers
         ) as response:
             if response.status != 201:
-                raise RuntimeError(f"creating the trigger: {response.status} {await response.text()}")
+                raise RuntimeError(
+                    f"creating the trigger: {response.status} {await response.text()}"
+                )
 
     async def lag(self) -> int:
-        async with self._session.get(f"{self._url}/api/projections", headers=self._headers) as response:
+        async with self._session.get(
+            f"{self._url}/api/projections", headers=self._headers
+        ) as response:
             body = await response.json()
         return max(p["lag_events"] for p in body["projections"])
 
@@ -98,9 +102,9 @@ class _Admin:
 
 async def _seed(admin: _Admin, count: int) -> list[str]:
     """Send dup-1 .. dup-N once, so the duplicate scenarios find every key already received."""
-    deadline = time.monotonic() + 10
-    while (await admin.deliver("dup-1"))[0] == 404 and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)  # the receiver caches "no such trigger" for a moment
+    async with asyncio.timeout(10):  # the receiver caches "no such trigger" for a moment
+        while (await admin.deliver("dup-1"))[0] == 404:  # noqa: ASYNC110 - polling a server
+            await asyncio.sleep(0.2)
     gate = asyncio.Semaphore(32)
 
     async def one(n: int) -> tuple[int, str]:
@@ -178,7 +182,9 @@ class _Measure:
         return result, lags
 
     async def point(self, scenario: str, connections: int) -> Point:
-        load = Load(scenario, connections, self.plan.seconds, f"{scenario}-c{connections}", DUP_KEYS)
+        load = Load(
+            scenario, connections, self.plan.seconds, f"{scenario}-c{connections}", DUP_KEYS
+        )
         result, lags = await self.load(load)
         point = _point(self.server, load, result)
         if self.admin is not None:
@@ -219,7 +225,7 @@ async def run_hookledger(name: str, database_url: str, plan: Plan, progress: Pro
         measure.new_ids += await _seed(admin, DUP_KEYS)
         points = await _measure(measure, progress)
         run = ServerRun(name, points, server.peak_rss() / _MB)
-    progress(f"{name}: checking the log and the projections", None)
+    progress(f"{name}: checking the log and the projections:", None)
     run.checks = await _checks(database_url, measure.acknowledged())
     return run
 

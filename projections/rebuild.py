@@ -6,6 +6,7 @@ the checkpoint to the rebuilt position, so the live runner goes on from there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from projections.runner import _take_projector_lock, set_checkpoint
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, int], None]  # (seq reached, target seq, events done)
+BATCH = 5000  # events per read and per write transaction: memory stays flat whatever the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,12 @@ async def _fill(
     engine: AsyncEngine, projection: Projection, table: sa.Table, until: int, progress: Progress | None
 ) -> int:
     done = 0
-    async for batch in iter_events(engine, until=until, batch=5000):
+    batches = aiter(iter_events(engine, until=until, batch=BATCH))
+    reading = asyncio.ensure_future(anext(batches, None))
+    while (batch := await reading) is not None:
+        # Read the next batch (its own connection, a WAL reader) while this one is folded in:
+        # the database works while Python decodes and folds. Two batches in memory at most.
+        reading = asyncio.ensure_future(anext(batches, None))
         async with write_transaction(engine) as conn:
             await projection.apply(conn, table, batch)
         done += len(batch)

@@ -29,6 +29,7 @@ from server.triggers import (
 )
 
 routes = web.RouteTableDef()
+MAX_SEQ = 2**63 - 1
 
 
 def json_response(
@@ -130,9 +131,11 @@ async def rotate_secret(request: web.Request) -> web.Response:
         or not 0 <= grace <= 30 * 86400
     ):
         raise ApiError(400, "invalid_trigger", "grace_s must be a number of seconds up to 30 days")
-    secret = payload.get("secret") or generate_secret(row.source)
-    if not isinstance(secret, str) or len(secret) > 1024:
-        raise ApiError(400, "invalid_trigger", "secret must be a string of at most 1024 characters")
+    secret = payload.get("secret")
+    if secret is None:
+        secret = generate_secret(row.source)
+    if not isinstance(secret, str) or not 1 <= len(secret) <= 1024:
+        raise ApiError(400, "invalid_trigger", "secret must be a string of 1 to 1024 characters")
     check_secret(row.source, secret)
     config = config_of(row)
     config["secrets"] = sealed_secrets(services.vault, secret, config["secrets"], grace)
@@ -191,8 +194,11 @@ async def list_events(request: web.Request) -> web.Response:
 
 @routes.get(r"/api/events/{seq:\d+}")
 async def get_event(request: web.Request) -> web.Response:
+    seq = int(request.match_info["seq"])
+    if seq > MAX_SEQ:  # no database column holds it: no such event
+        raise ApiError(404, "event_not_found", "no event at that seq")
     async with request.app[SERVICES].engine.connect() as conn:
-        event = await read_event(conn, int(request.match_info["seq"]))
+        event = await read_event(conn, seq)
     if event is None:
         raise ApiError(404, "event_not_found", "no event at that seq")
     return json_response(queries.event_json(event))

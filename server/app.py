@@ -19,7 +19,7 @@ from ledger.store import create_engine
 from ledger.vault import Vault
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
-from server import admin, audit, feed, monitoring, replays, stats
+from server import admin, audit, feed, monitoring, openapi, replays, stats
 from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
@@ -166,6 +166,7 @@ def make_app(settings: Settings, services: Services | None = None) -> web.Applic
     feed.setup(app)
     monitoring.setup(app)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi.get_openapi)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", dashboard)
     app.on_response_prepare.append(_dashboard_headers)

@@ -6,6 +6,7 @@ configuration change made through another process is seen within that second.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,12 +87,28 @@ class TriggerCache:
         self._engine = engine
         self._vault = vault
         self._entries: dict[str, tuple[float, ActiveTrigger | None]] = {}
+        self._loading: dict[str, asyncio.Future[ActiveTrigger | None]] = {}
 
     async def get(self, trigger_id: str) -> ActiveTrigger | None:
         entry = self._entries.get(trigger_id)
-        now = time.monotonic()
-        if entry is not None and entry[0] > now:
+        if entry is not None and entry[0] > time.monotonic():
             return entry[1]
+        # One read per trigger at a time: when an entry expires under load, every request in
+        # flight would read the same row (64 reads at c=64, queueing for pooled connections).
+        loading = self._loading.get(trigger_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(trigger_id))
+            self._loading[trigger_id] = loading
+            loading.add_done_callback(lambda done: self._loaded(trigger_id, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, trigger_id: str, done: asyncio.Future[ActiveTrigger | None]) -> None:
+        self._loading.pop(trigger_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: its waiters (if any are left) got it already
+
+    async def _load(self, trigger_id: str) -> ActiveTrigger | None:
+        now = time.monotonic()
         async with self._engine.connect() as conn:
             row = await read_trigger(conn, trigger_id)
         active = self._active(row)

@@ -18,6 +18,7 @@ from projections.trigger_executions import table as executions
 from server.errors import ApiError
 
 MAX_LIMIT = 1000
+ERROR_CATEGORIES = ("transient", "permanent")
 PUBLIC_COLUMNS = [c for c in executions.c if c.name not in ("version",)]
 
 
@@ -65,6 +66,8 @@ def _execution_filters(query: Mapping[str, str]) -> list[sa.ColumnElement[bool]]
             clauses.append(executions.c[name] == query[name])
     if query.get("status") and query["status"] not in STATUSES:
         raise bad_query(f"status must be one of {', '.join(STATUSES)}")
+    if query.get("error_category") and query["error_category"] not in ERROR_CATEGORIES:
+        raise bad_query(f"error_category must be one of {', '.join(ERROR_CATEGORIES)}")
     if query.get("key"):
         escaped = query["key"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         clauses.append(executions.c.idempotency_key.like(f"%{escaped}%", escape="\\"))
@@ -81,7 +84,10 @@ async def list_executions(conn: AsyncConnection, query: Mapping[str, str]) -> JS
     Execution ids are UUIDv7, so their order is the order of receipt.
     """
     limit = int_param(query, "limit", 50, low=1, high=MAX_LIMIT)
-    ascending = query.get("order", "desc") == "asc"
+    order = query.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise bad_query("order must be asc or desc")
+    ascending = order == "asc"
     statement = sa.select(*PUBLIC_COLUMNS).where(*_execution_filters(query))
     if cursor := query.get("cursor"):
         column = executions.c.execution_id

@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AUTH, create_trigger
 from prometheus_client.parser import text_string_to_metric_families
-from proxy import TcpProxy
+from tcpproxy import TcpProxy
 from traffic import JSON_HEADERS, deliver, mixed_traffic, settle
 
 from ledger.events import NewEvent
@@ -152,7 +152,7 @@ async def proxy(backend: str, database_url: str) -> AsyncIterator[TcpProxy | Non
     tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await tcp.start()
     yield tcp
-    await tcp.close()
+    await tcp.cut()
 
 
 def behind(database_url: str, port: int) -> str:
@@ -172,7 +172,7 @@ async def test_readyz_answers_503_while_the_database_is_unreachable_then_recover
     assert (await wait_ready(client, 200))["status"] == "ready"
 
     if proxy is not None:
-        proxy.cut()  # PostgreSQL: every connection dropped, new ones refused
+        await proxy.cut()  # PostgreSQL: every connection dropped, new ones refused
     else:
         path = Path(settings.database_url.split("///", 1)[1])
         aside = path.with_suffix(".moved")
@@ -186,7 +186,7 @@ async def test_readyz_answers_503_while_the_database_is_unreachable_then_recover
         assert refused.status == 503 and refused.headers["Retry-After"]
 
     if proxy is not None:
-        proxy.restore()
+        await proxy.restore()
     else:
         os.replace(aside, path)
     assert (await wait_ready(client, 200))["status"] == "ready"

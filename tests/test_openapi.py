@@ -1,0 +1,94 @@
+"""The OpenAPI document: valid OpenAPI 3.1, and exactly the app's routes — no more, no fewer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from openapi_spec_validator import validate
+
+from server.app import make_app
+from server.config import Settings
+from server.openapi import document
+
+METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+
+
+def routes_of(app: web.Application) -> set[tuple[str, str]]:
+    found = set()
+    for route in app.router.routes():
+        if route.method == "HEAD":  # aiohttp answers HEAD for every GET on its own
+            continue
+        resource = route.resource
+        assert resource is not None
+        path = resource.canonical
+        if isinstance(resource, web.StaticResource):
+            path += "/{filename}"
+        found.add((route.method.lower(), path))
+    return found
+
+
+def documented(spec: dict[str, object]) -> set[tuple[str, str]]:
+    paths = spec["paths"]
+    assert isinstance(paths, dict)
+    return {(method, path) for path, item in paths.items() for method in item if method in METHODS}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> web.Application:
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}",
+        admin_token="t",
+        secret_key="k",
+        data_dir=tmp_path,
+    )
+    return make_app(settings)
+
+
+def test_every_route_is_documented_and_nothing_else(app: web.Application) -> None:
+    routes, spec = routes_of(app), documented(document())
+    assert not routes - spec, f"routes missing from the OpenAPI document: {sorted(routes - spec)}"
+    assert not spec - routes, f"documented but not routed: {sorted(spec - routes)}"
+
+
+def test_the_document_is_valid_openapi_3_1() -> None:
+    spec = document()
+    assert spec["openapi"].startswith("3.1")
+    validate(spec)
+
+
+def test_every_operation_declares_its_path_parameters() -> None:
+    for path, item in document()["paths"].items():
+        names = {part[1:-1] for part in path.split("/") if part.startswith("{")}
+        for method, operation in item.items():
+            if method not in METHODS:
+                continue
+            params = item.get("parameters", []) + operation.get("parameters", [])
+            declared = {p["name"] for p in params if p["in"] == "path"}
+            assert declared == names, f"{method.upper()} {path}"
+
+
+def test_admin_operations_need_the_token_and_every_error_has_the_error_shape() -> None:
+    error = {"$ref": "#/components/schemas/Error"}
+    for path, item in document()["paths"].items():
+        for method, operation in item.items():
+            if method not in METHODS:
+                continue
+            responses = operation["responses"]
+            if path.startswith("/api/"):
+                assert operation["security"] == [{"bearerAuth": []}], f"{method} {path}"
+                assert {"401", "429"} <= set(responses), f"{method} {path}"
+            for status, response in responses.items():
+                # aiohttp's static files answer 403/404 themselves, without a body.
+                if int(status) >= 400 and not path.startswith("/static/"):
+                    assert response["content"]["application/json"]["schema"] == error
+
+
+async def test_the_document_is_served_as_json(aiohttp_client: object, app: web.Application) -> None:
+    client: TestClient = await aiohttp_client(app)  # type: ignore[operator, type-arg]
+    response = await client.get("/openapi.json")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == document()
