@@ -23,3 +23,20 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The bench (bench/README.md): installs wrk from Debian when it is missing (or falls back to a
+# Python load generator), starts every server itself, ends with correctness checks.
+# PG_URL=postgresql://postgres@127.0.0.1:5432/test make bench  adds PostgreSQL (a database is
+# made and dropped). bench-smoke proves it all works in seconds; CI runs it, judging no target.
+PG_URL ?=
+BENCH_ARGS ?=
+
+$(VENV)/.bench-installed: pyproject.toml $(BIN)/hookledger
+	$(BIN)/pip install --quiet -e '.[dev,browser,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run $(if $(PG_URL),--pg-url $(PG_URL)) $(BENCH_ARGS)
+
+bench-smoke: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run --smoke $(if $(PG_URL),--pg-url $(PG_URL)) $(BENCH_ARGS)

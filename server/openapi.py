@@ -30,9 +30,7 @@ def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, A
     return {"description": description, "content": {_JSON: {"schema": schema}}, **extra}
 
 
-_RETRY_AFTER = {
-    "Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}
-}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 ERRORS = {
     400: _error("invalid input (`invalid_json`, `invalid_trigger`, `invalid_query`, …)"),
     401: _error("`unauthorized`: no or wrong admin token"),
@@ -41,8 +39,7 @@ ERRORS = {
     413: _error("`payload_too_large`"),
     415: _error("`unsupported_media_type`"),
     429: _error("`rate_limited`") | {"headers": _RETRY_AFTER},
-    503: _error("`storage_unavailable` (retry later) or `not_ready`")
-    | {"headers": _RETRY_AFTER},
+    503: _error("`storage_unavailable` (retry later) or `not_ready`") | {"headers": _RETRY_AFTER},
 }
 
 
@@ -341,7 +338,10 @@ def _operation_paths() -> dict[str, Any]:
             "get": public(
                 "The dashboard",
                 {
-                    "200": {"description": "the page", "content": {"text/html": {"schema": STRING}}},
+                    "200": {
+                        "description": "the page",
+                        "content": {"text/html": {"schema": STRING}},
+                    },
                     "404": ERRORS[404],
                 },
                 "dashboard",
@@ -398,4 +398,3 @@ def _document_bytes() -> bytes:
 
 async def get_openapi(_request: web.Request) -> web.Response:
     return web.Response(body=_document_bytes(), content_type=_JSON)
-

@@ -48,7 +48,9 @@ UUID: Schema = {"type": "string", "format": "uuid"}
 SOURCE: Schema = {"type": "string", "enum": sorted(SOURCES)}
 TRIGGER_ID: Schema = {"type": "string", "pattern": TRIGGER_ID_PATTERN}
 
-_ERROR = obj({"error": obj({"code": {"type": "string", "pattern": "^[a-z0-9_]+$"}, "message": STRING})})
+_ERROR = obj(
+    {"error": obj({"code": {"type": "string", "pattern": "^[a-z0-9_]+$"}, "message": STRING})}
+)
 
 _RETRY = {
     **obj({}, {"max_attempts": INTEGER, "base_s": NUMBER, "cap_s": NUMBER}),
@@ -167,7 +169,9 @@ _EVENT = obj(
     }
 )
 
-_LATENCY = {name: nullable(NUMBER) for name in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")}
+_LATENCY = {
+    name: nullable(NUMBER) for name in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
+}
 _STATS = obj(
     {
         "since": {"type": "string", "format": "date"},

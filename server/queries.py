@@ -84,10 +84,10 @@ async def list_executions(conn: AsyncConnection, query: Mapping[str, str]) -> JS
     Execution ids are UUIDv7, so their order is the order of receipt.
     """
     limit = int_param(query, "limit", 50, low=1, high=MAX_LIMIT)
-    order = query.get("order") or "desc"
-    if order not in ("asc", "desc"):
+    direction = query.get("order") or "desc"
+    if direction not in ("asc", "desc"):
         raise bad_query("order must be asc or desc")
-    ascending = order == "asc"
+    ascending = direction == "asc"
     statement = sa.select(*PUBLIC_COLUMNS).where(*_execution_filters(query))
     if cursor := query.get("cursor"):
         column = executions.c.execution_id

@@ -1,5 +1,5 @@
-"""Rate limits: token buckets per trigger (ingestion, off unless a trigger sets `rate_limit`) and per
-client address (the admin API). Each process keeps its own buckets.
+"""Rate limits: token buckets per trigger (ingestion, off unless a trigger sets `rate_limit`) and
+per client address (the admin API). Each process keeps its own buckets.
 
 A refused request gets 429 `rate_limited` with `Retry-After`, the whole seconds until a token is
 back, so that senders that honour it come back exactly when they can be served.

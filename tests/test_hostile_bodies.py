@@ -10,11 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-
 from conftest import AUTH, create_trigger
 from processes import start_server
-from server.config import Settings
 from test_receiver import deliveries, post
+
+from server.config import Settings
 
 
 async def assert_invalid_json(response: Any) -> None:
@@ -37,13 +37,17 @@ DUPLICATED = [
 
 
 @pytest.mark.parametrize("body", DUPLICATED)
-async def test_a_duplicate_key_is_invalid_json(client: TestClient, settings: Settings, body: bytes) -> None:  # type: ignore[type-arg]
+async def test_a_duplicate_key_is_invalid_json(
+    client: TestClient, settings: Settings, body: bytes
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     await assert_invalid_json(await post(client, body))
     assert await deliveries(settings) == []
 
 
-async def test_a_duplicate_key_in_a_form_payload_is_invalid_json(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_a_duplicate_key_in_a_form_payload_is_invalid_json(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t", source="github")
     form = "payload=%7B%22a%22%3A1%2C%22a%22%3A2%7D"  # {"a":1,"a":2}
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -60,7 +64,9 @@ NOT_DUPLICATED = [
 
 
 @pytest.mark.parametrize("body", NOT_DUPLICATED)
-async def test_distinct_keys_are_accepted_and_stored_as_received(client: TestClient, settings: Settings, body: bytes) -> None:  # type: ignore[type-arg]
+async def test_distinct_keys_are_accepted_and_stored_as_received(
+    client: TestClient, settings: Settings, body: bytes
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     assert (await post(client, body)).status == 202
     assert (await deliveries(settings))[0].data["body"] == body.decode()
@@ -82,13 +88,17 @@ async def test_distinct_keys_are_accepted_and_stored_as_received(client: TestCli
         b"",
     ],
 )
-async def test_hostile_json_is_400_and_stores_nothing(client: TestClient, settings: Settings, body: bytes) -> None:  # type: ignore[type-arg]
+async def test_hostile_json_is_400_and_stores_nothing(
+    client: TestClient, settings: Settings, body: bytes
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     await assert_invalid_json(await post(client, body))
     assert await deliveries(settings) == []
 
 
-async def test_json_as_deep_as_the_parser_goes_is_stored_as_received(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_json_as_deep_as_the_parser_goes_is_stored_as_received(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     body = b"[" * 1024 + b"]" * 1024
     assert (await post(client, body)).status == 202
@@ -104,7 +114,10 @@ async def test_json_as_deep_as_the_parser_goes_is_stored_as_received(client: Tes
     ],
 )
 async def test_integer_ids_beyond_64_bits_never_collapse_into_one_key(
-    client: TestClient, settings: Settings, source: str, template: str  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,
+    source: str,
+    template: str,  # type: ignore[type-arg]
 ) -> None:
     await create_trigger(client, id="t", source=source)
     first = await post(client, template % "18446744073709551616")
@@ -116,10 +129,12 @@ async def test_integer_ids_beyond_64_bits_never_collapse_into_one_key(
     assert await deliveries(settings) == []
 
 
-async def test_integer_ids_up_to_64_bits_stay_distinct(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_integer_ids_up_to_64_bits_stay_distinct(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     for value in ("18446744073709551614", "18446744073709551615", "-9223372036854775808"):
-        assert (await post(client, '{"idempotency_key": %s}' % value)).status == 202
+        assert (await post(client, f'{{"idempotency_key": {value}}}')).status == 202
     keys = [e.idempotency_key for e in await deliveries(settings)]
     assert keys == ["18446744073709551614", "18446744073709551615", "-9223372036854775808"]
 
@@ -144,7 +159,9 @@ async def test_memory_stays_flat_under_100_concurrent_oversized_uploads(tmp_path
     )
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.post(server.url + "/api/triggers", json={"id": "t"}, headers=AUTH) as r:
+            async with session.post(
+                server.url + "/api/triggers", json={"id": "t"}, headers=AUTH
+            ) as r:
                 assert r.status == 201
 
             async def chunks() -> Any:
@@ -158,7 +175,9 @@ async def test_memory_stays_flat_under_100_concurrent_oversized_uploads(tmp_path
                 else:
                     data, headers["Content-Length"] = chunks(), str(upload)
                 try:
-                    async with session.post(server.url + "/webhooks/t", data=data, headers=headers) as r:
+                    async with session.post(
+                        server.url + "/webhooks/t", data=data, headers=headers
+                    ) as r:
                         return r.status
                 except aiohttp.ClientError:  # the server may close before all was sent
                     return None
@@ -167,7 +186,9 @@ async def test_memory_stays_flat_under_100_concurrent_oversized_uploads(tmp_path
             before = _peak_rss_kib(server.process.pid)
             statuses = await asyncio.gather(*(send(i) for i in range(100)))
             after = _peak_rss_kib(server.process.pid)
-            async with session.post(server.url + "/webhooks/t", data="{}", headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                server.url + "/webhooks/t", data="{}", headers={"Content-Type": "application/json"}
+            ) as r:
                 assert r.status == 202  # and it still serves
     finally:
         server.stop()

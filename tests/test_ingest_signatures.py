@@ -1,4 +1,5 @@
-"""Every source's signature through the real receiver: accepted, refused (nothing stored), rotated."""
+"""Every source's signature through the real receiver: accepted, refused and stored nothing,
+rotated."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from signing import discord_keypair, sign, standard_secret
-
 from conftest import AUTH, create_trigger
+from signing import discord_keypair, sign, standard_secret
+from test_receiver import deliveries
+
 from ledger.signatures import SOURCES
 from server.config import Settings
-from test_receiver import deliveries
 
 ALL_SOURCES = sorted(SOURCES)
 # Schemes whose signature covers a timestamp in a header (tolerance 300 s).
@@ -58,7 +59,9 @@ async def assert_refused(response: Any) -> None:
 
 @pytest.mark.parametrize("source", ALL_SOURCES)
 async def test_each_source_accepts_its_signature_and_refuses_any_other(
-    client: TestClient, settings: Settings, source: str  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,
+    source: str,  # type: ignore[type-arg]
 ) -> None:
     key, other = new_key(source), new_key(source)
     await create_trigger(client, id="t", source=source, secret=key.stored)
@@ -77,7 +80,9 @@ async def test_each_source_accepts_its_signature_and_refuses_any_other(
     assert len(await deliveries(settings)) == 1
 
 
-async def test_linear_refuses_a_stale_body_timestamp(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_linear_refuses_a_stale_body_timestamp(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     key = new_key("linear")
     await create_trigger(client, id="t", source="linear", secret=key.stored)
     for offset_s, status in ((-61, 401), (61, 401), (-5, 202)):
@@ -88,7 +93,8 @@ async def test_linear_refuses_a_stale_body_timestamp(client: TestClient, setting
 
 
 async def test_rotated_secret_keeps_working_during_the_grace_period_only(
-    client: TestClient, settings: Settings  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,  # type: ignore[type-arg]
 ) -> None:
     old = {source: new_key(source) for source in ALL_SOURCES}
     new = {source: new_key(source) for source in ALL_SOURCES}
@@ -109,7 +115,9 @@ async def test_rotated_secret_keeps_working_during_the_grace_period_only(
 
     for source in ALL_SOURCES:
         await assert_refused(await deliver(client, source, sign(source, old[source].signing, BODY)))
-        assert (await deliver(client, source, sign(source, new[source].signing, BODY))).status == 202
+        assert (
+            await deliver(client, source, sign(source, new[source].signing, BODY))
+        ).status == 202
 
 
 async def test_old_secret_stops_at_the_end_of_grace_not_a_cache_lifetime_later(
@@ -119,7 +127,9 @@ async def test_old_secret_stops_at_the_end_of_grace_not_a_cache_lifetime_later(
     await create_trigger(client, id="t", source="github", secret=old.stored)
     grace_s = 1.5
     response = await client.post(
-        "/api/triggers/t/rotate-secret", json={"secret": new.stored, "grace_s": grace_s}, headers=AUTH
+        "/api/triggers/t/rotate-secret",
+        json={"secret": new.stored, "grace_s": grace_s},
+        headers=AUTH,
     )
     assert response.status == 200
     rotated_at = time.monotonic()
@@ -167,7 +177,9 @@ def _b64(size: int) -> str:
     ],
 )
 async def test_a_secret_its_scheme_cannot_use_is_refused(
-    client: TestClient, source: str, secret: str  # type: ignore[type-arg]
+    client: TestClient,
+    source: str,
+    secret: str,  # type: ignore[type-arg]
 ) -> None:
     response = await client.post(
         "/api/triggers", json={"id": "t", "source": source, "secret": secret}, headers=AUTH
@@ -184,7 +196,10 @@ async def test_a_secret_its_scheme_cannot_use_is_refused(
     ],
 )
 async def test_rotation_checks_the_new_secret_too(
-    client: TestClient, source: str, good: str, bad: str  # type: ignore[type-arg]
+    client: TestClient,
+    source: str,
+    good: str,
+    bad: str,  # type: ignore[type-arg]
 ) -> None:
     await create_trigger(client, id="t", source=source, secret=good)
     response = await client.post(
@@ -196,7 +211,8 @@ async def test_rotation_checks_the_new_secret_too(
 
 @pytest.mark.parametrize("padded", [True, False])
 async def test_a_standard_secret_with_or_without_padding_is_accepted(
-    client: TestClient, padded: bool  # type: ignore[type-arg]
+    client: TestClient,
+    padded: bool,  # type: ignore[type-arg]
 ) -> None:
     secret = "whsec_" + _b64(16)  # 16 bytes: base64 ends with ==
     stored = secret if padded else secret.rstrip("=")

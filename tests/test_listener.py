@@ -10,9 +10,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import AUTH
 from processes import free_port, start_server
+
 from server.app import make_app
 from server.config import Settings
 from server.listener import start_site
@@ -39,13 +39,15 @@ async def site(tmp_path: Path) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
-async def exchange(port: int, request: bytes, *, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+async def exchange(
+    port: int, request: bytes, *, wait_s: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes, read until the server closes; the status, headers and body it sent."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
+        raw = await asyncio.wait_for(reader.read(), wait_s)
     finally:
         writer.close()
     return parse_response(raw)
@@ -84,12 +86,16 @@ async def test_a_header_too_long_is_431_in_the_error_shape(site: int) -> None:
 
 
 async def test_a_request_line_too_long_is_4xx_in_the_error_shape(site: int) -> None:
-    status, _, body = await exchange(site, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await exchange(
+        site, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     assert 400 <= status < 500
     assert_error_shape(body, "headers_too_large")
 
 
-@pytest.mark.parametrize("garbage", [b"\x16\x03\x01\x02\x00\r\n\r\n", b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"])
+@pytest.mark.parametrize(
+    "garbage", [b"\x16\x03\x01\x02\x00\r\n\r\n", b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n"]
+)
 async def test_what_is_not_http_is_400_in_the_error_shape(site: int, garbage: bytes) -> None:
     status, _, body = await exchange(site, garbage)
     assert status == 400
@@ -131,7 +137,9 @@ async def test_a_client_trickling_headers_is_cut_off_while_others_are_served(sit
     await asyncio.sleep(0.2)
     # Meanwhile the server answers everyone else at once.
     started = time.monotonic()
-    status, _, _ = await exchange(site, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, _, _ = await exchange(
+        site, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert status == 200 and time.monotonic() - started < HEADER_TIMEOUT_S
     for elapsed, answer in await asyncio.gather(*tricklers):
         assert HEADER_TIMEOUT_S - 0.1 <= elapsed < HEADER_TIMEOUT_S + 2
@@ -195,10 +203,14 @@ async def test_a_slow_body_is_not_cut_off_by_the_header_deadline(site: int) -> N
 @pytest.mark.slow
 async def test_hookledger_serve_cuts_off_tricklers(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}"
-    server = await start_server(url, tmp_path, "--no-dispatch", env={"HOOKLEDGER_HEADER_TIMEOUT_S": "1"})
+    server = await start_server(
+        url, tmp_path, "--no-dispatch", env={"HOOKLEDGER_HEADER_TIMEOUT_S": "1"}
+    )
     try:
         elapsed, answer = await trickle(server.port, SLOW_HEAD, 0.05)
-        status, _, _ = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, _, _ = await exchange(
+            server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
     finally:
         server.stop()
     assert elapsed < 3
@@ -206,7 +218,9 @@ async def test_hookledger_serve_cuts_off_tricklers(tmp_path: Path) -> None:
     assert status == 200
 
 
-def test_the_header_timeout_is_a_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_header_timeout_is_a_setting_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("HOOKLEDGER_HEADER_TIMEOUT_S", "2.5")
     assert Settings.from_env().header_timeout_s == 2.5
     assert replace(Settings(), header_timeout_s=3).header_timeout_s == 3

@@ -7,8 +7,8 @@ import logging
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-
 from conftest import create_trigger
+
 from server.logs import JsonFormatter, TextFormatter, fact
 
 HOSTILE = [
@@ -38,7 +38,9 @@ def records_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 @pytest.mark.parametrize("name", sorted(FORMATTERS))
 @pytest.mark.parametrize("value", HOSTILE)
-def test_a_fact_with_hostile_values_is_one_line(caplog: pytest.LogCaptureFixture, name: str, value: str) -> None:
+def test_a_fact_with_hostile_values_is_one_line(
+    caplog: pytest.LogCaptureFixture, name: str, value: str
+) -> None:
     caplog.set_level(logging.INFO)
     fact(logging.getLogger("hostile"), "webhook_rejected", trigger_id=value, reason=value)
     fact(logging.getLogger("hostile"), "x", **{"k": {"nested": value}})
@@ -70,14 +72,30 @@ def test_json_lines_still_carry_the_exact_value(caplog: pytest.LogCaptureFixture
     assert [entry["value"] for entry in decoded] == HOSTILE
 
 
-async def test_hostile_requests_log_one_line_per_record(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[type-arg]
+async def test_hostile_requests_log_one_line_per_record(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[type-arg]
     """Through the real app: a trigger id, keys and bodies carrying escapes, in every record."""
     caplog.set_level(logging.DEBUG)
     await create_trigger(client, id="t")
-    await client.post("/webhooks/a%0Ab%0D%1B[2J%E2%80%A8", data="{}", headers={"Content-Type": "application/json"})
-    await client.post("/webhooks/t", data='{"idempotency_key": "k\\n\\u001b[31m"}', headers={"Content-Type": "application/json"})
-    await client.post("/webhooks/t", data='{"idempotency_key": "ok\u2028key\u0085"}', headers={"Content-Type": "application/json"})
-    await client.post("/webhooks/t", data='{"a": 1, "a": "\\u001b]0;x\\u0007"}', headers={"Content-Type": "application/json"})
+    await client.post(
+        "/webhooks/a%0Ab%0D%1B[2J%E2%80%A8", data="{}", headers={"Content-Type": "application/json"}
+    )
+    await client.post(
+        "/webhooks/t",
+        data='{"idempotency_key": "k\\n\\u001b[31m"}',
+        headers={"Content-Type": "application/json"},
+    )
+    await client.post(
+        "/webhooks/t",
+        data='{"idempotency_key": "ok\u2028key\u0085"}',
+        headers={"Content-Type": "application/json"},
+    )
+    await client.post(
+        "/webhooks/t",
+        data='{"a": 1, "a": "\\u001b]0;x\\u0007"}',
+        headers={"Content-Type": "application/json"},
+    )
     records = records_of(caplog)
     assert any("webhook_rejected" in r.getMessage() for r in records)
     for record in records:

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-
 from conftest import AUTH, MakeClient, create_trigger
+from test_receiver import deliveries, post
+
 from ledger.store import create_engine, read_events
 from server.app import make_app
 from server.config import Settings
 from server.ratelimit import MAX_BUCKETS, RateLimiter
-from test_receiver import deliveries, post
 
 
 class Clock:
@@ -53,7 +53,9 @@ def test_a_new_limit_starts_a_fresh_bucket() -> None:
     assert limiter.wait_s("t", 5, 5) == 0
 
 
-async def test_a_trigger_over_its_limit_gets_429_with_retry_after(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_a_trigger_over_its_limit_gets_429_with_retry_after(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t", rate_limit={"per_s": 0.5, "burst": 2})
     statuses = [(await post(client, "{}")).status for _ in range(2)]
     refused = await post(client, "{}")
@@ -78,22 +80,30 @@ async def test_limits_are_per_trigger(client: TestClient) -> None:  # type: igno
     assert (await post(client, "{}", trigger="fast")).status == 202
 
 
-async def test_unsigned_deliveries_do_not_spend_a_signed_triggers_tokens(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_unsigned_deliveries_do_not_spend_a_signed_triggers_tokens(
+    client: TestClient,
+) -> None:  # type: ignore[type-arg]
     from signing import sign
 
     await create_trigger(client, id="t", secret="s3cret", rate_limit={"per_s": 0.1, "burst": 1})
     for _ in range(5):
         assert (await post(client, "{}", X_Signature_256="sha256=" + "0" * 64)).status == 401
     headers = {k: v for k, v in sign("generic", "s3cret", b"{}").items()}
-    response = await client.post("/webhooks/t", data=b"{}", headers={"Content-Type": "application/json"} | headers)
+    response = await client.post(
+        "/webhooks/t", data=b"{}", headers={"Content-Type": "application/json"} | headers
+    )
     assert response.status == 202
 
 
-async def test_the_limit_is_part_of_the_trigger_and_its_events(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_the_limit_is_part_of_the_trigger_and_its_events(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t", rate_limit={"per_s": 10})
     view = await (await client.get("/api/triggers/t", headers=AUTH)).json()
     assert view["rate_limit"] == {"per_s": 10.0, "burst": 10.0}
-    patched = await client.patch("/api/triggers/t", json={"rate_limit": {"per_s": 1, "burst": 1}}, headers=AUTH)
+    patched = await client.patch(
+        "/api/triggers/t", json={"rate_limit": {"per_s": 1, "burst": 1}}, headers=AUTH
+    )
     assert (await patched.json())["rate_limit"] == {"per_s": 1.0, "burst": 1.0}
     assert (await post(client, "{}")).status == 202
     assert (await post(client, "{}")).status == 429
@@ -127,13 +137,19 @@ async def test_the_limit_is_part_of_the_trigger_and_its_events(client: TestClien
     ],
 )
 async def test_an_invalid_limit_is_refused(client: TestClient, rate_limit: Any) -> None:  # type: ignore[type-arg]
-    response = await client.post("/api/triggers", json={"id": "t", "rate_limit": rate_limit}, headers=AUTH)
+    response = await client.post(
+        "/api/triggers", json={"id": "t", "rate_limit": rate_limit}, headers=AUTH
+    )
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "invalid_trigger"
 
 
-async def test_the_admin_api_is_limited_per_client(aiohttp_client: MakeClient, settings: Settings) -> None:
-    client = await aiohttp_client(make_app(replace(settings, admin_rate_per_s=0.5, admin_rate_burst=3)))
+async def test_the_admin_api_is_limited_per_client(
+    aiohttp_client: MakeClient, settings: Settings
+) -> None:
+    client = await aiohttp_client(
+        make_app(replace(settings, admin_rate_per_s=0.5, admin_rate_burst=3))
+    )
     statuses = [(await client.get("/api/triggers", headers=AUTH)).status for _ in range(3)]
     assert statuses == [200, 200, 200]
     refused = await client.get("/api/triggers", headers=AUTH)
@@ -145,15 +161,23 @@ async def test_the_admin_api_is_limited_per_client(aiohttp_client: MakeClient, s
     assert (await post(client, "{}", trigger="nobody")).status == 404
 
 
-async def test_guessing_the_admin_token_is_limited_too(aiohttp_client: MakeClient, settings: Settings) -> None:
-    client = await aiohttp_client(make_app(replace(settings, admin_rate_per_s=0.5, admin_rate_burst=3)))
+async def test_guessing_the_admin_token_is_limited_too(
+    aiohttp_client: MakeClient, settings: Settings
+) -> None:
+    client = await aiohttp_client(
+        make_app(replace(settings, admin_rate_per_s=0.5, admin_rate_burst=3))
+    )
     wrong = {"Authorization": "Bearer guess"}
     statuses = [(await client.get("/api/triggers", headers=wrong)).status for _ in range(4)]
     assert statuses == [401, 401, 401, 429]
 
 
-async def test_an_admin_limit_of_zero_turns_it_off(aiohttp_client: MakeClient, settings: Settings) -> None:
-    client = await aiohttp_client(make_app(replace(settings, admin_rate_per_s=0, admin_rate_burst=1)))
+async def test_an_admin_limit_of_zero_turns_it_off(
+    aiohttp_client: MakeClient, settings: Settings
+) -> None:
+    client = await aiohttp_client(
+        make_app(replace(settings, admin_rate_per_s=0, admin_rate_burst=1))
+    )
     assert {(await client.get("/api/triggers", headers=AUTH)).status for _ in range(20)} == {200}
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import ADMIN_TOKEN, AUTH
 from processes import start_server
 
@@ -34,7 +33,6 @@ parameters = { "path.trigger_id" = "open" }
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis is in the dev extra")
 async def test_schemathesis_finds_nothing_over_every_operation(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}"
     server = await start_server(

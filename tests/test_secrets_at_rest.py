@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import secrets
 import time
@@ -16,12 +17,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from signing import discord_keypair, sign, standard_secret
-
 from conftest import AUTH, MakeClient
 from destinations import Client, Reply, start_destination
-from ledger.store import create_engine
+from signing import discord_keypair, sign, standard_secret
+
 from ledger.signatures import SOURCES
+from ledger.store import create_engine
 from server.app import make_app
 from server.config import Settings
 from server.logs import JsonFormatter, TextFormatter
@@ -44,7 +45,9 @@ class Recorder:
         self.answers.append((f"{method} {path}", f"{response.status}\n{headers}\n\n{text}"))
         return response
 
-    async def admin(self, method: str, path: str, json: Any = None, shows: str | None = None) -> Any:
+    async def admin(
+        self, method: str, path: str, json: Any = None, shows: str | None = None
+    ) -> Any:
         response = await self.call(method, path, json=json, headers=AUTH)
         assert response.status < 300, await response.text()
         if shows is not None:
@@ -59,10 +62,8 @@ def forms(secret: str) -> set[str]:
     if secret.startswith("whsec_"):
         keys.add(base64.b64decode(secret.removeprefix("whsec_") + "=="))
         keys.add(secret.removeprefix("whsec_").encode())
-    try:
+    with contextlib.suppress(ValueError):
         keys.add(bytes.fromhex(secret))
-    except ValueError:
-        pass
     found = {secret}
     for key in keys:
         found |= {
@@ -75,11 +76,15 @@ def forms(secret: str) -> set[str]:
     return {form for form in found if len(form) >= 12}
 
 
+def sqlite_text(folder: Path) -> str:
+    files = sorted(folder.glob("hookledger.db*"))  # the file, its -wal and -shm
+    assert any(f.name.endswith("-wal") for f in files)
+    return "\n".join(f.read_bytes().decode("latin-1") for f in files)
+
+
 async def database_text(settings: Settings, tmp_path: Path) -> str:
     if settings.is_sqlite:
-        files = sorted(tmp_path.glob("hookledger.db*"))  # the file, its -wal and -shm
-        assert any(f.name.endswith("-wal") for f in files) or files
-        return "\n".join(f.read_bytes().decode("latin-1") for f in files)
+        return sqlite_text(tmp_path)
     engine = create_engine(settings.database_url)
     chunks = []
     async with engine.connect() as conn:
@@ -118,7 +123,9 @@ async def run_flow(api: Recorder, destination_url: str) -> tuple[set[str], set[s
     executions = []
     for source in sorted(SOURCES):
         signing, secret = new_secret(source)
-        destination_secret = standard_secret() if source in ("github", "stripe") else secrets.token_hex(20)
+        destination_secret = (
+            standard_secret() if source in ("github", "stripe") else secrets.token_hex(20)
+        )
         stored |= {secret, destination_secret}
         if signing != secret:
             signing_only.add(signing)
@@ -145,9 +152,17 @@ async def run_flow(api: Recorder, destination_url: str) -> tuple[set[str], set[s
         if signing != secret:
             signing_only.add(signing)
         await api.admin(
-            "POST", f"/api/triggers/{source}/rotate-secret", {"secret": secret, "grace_s": 60}, shows=secret
+            "POST",
+            f"/api/triggers/{source}/rotate-secret",
+            {"secret": secret, "grace_s": 60},
+            shows=secret,
         )
-        response = await api.call("POST", f"/webhooks/{source}", data=BODY, headers={"Content-Type": "application/json"} | sign(source, signing, BODY))
+        response = await api.call(
+            "POST",
+            f"/webhooks/{source}",
+            data=BODY,
+            headers={"Content-Type": "application/json"} | sign(source, signing, BODY),
+        )
         assert response.status == 202
         executions.append((await response.json())["execution_id"])
         if source != "discord":
@@ -159,7 +174,12 @@ async def run_flow(api: Recorder, destination_url: str) -> tuple[set[str], set[s
         await api.admin(
             "PATCH",
             f"/api/triggers/{source}",
-            {"destination": {"url": destination_url + f"/{source}", "secret": new_destination_secret}},
+            {
+                "destination": {
+                    "url": destination_url + f"/{source}",
+                    "secret": new_destination_secret,
+                }
+            },
             shows=new_destination_secret,
         )
     await wait_dispatched(api, executions)
@@ -184,7 +204,10 @@ async def wait_dispatched(api: Recorder, executions: list[str], within_s: float 
     for execution_id in executions:
         while True:
             response = await api.call("GET", f"/api/executions/{execution_id}", headers=AUTH)
-            if response.status == 200 and (await response.json())["status"] in ("succeeded", "dead_lettered"):
+            if response.status == 200 and (await response.json())["status"] in (
+                "succeeded",
+                "dead_lettered",
+            ):
                 break
             assert time.monotonic() < deadline, f"execution {execution_id} not dispatched"
             await asyncio.sleep(0.05)
@@ -214,7 +237,9 @@ async def test_no_secret_is_in_the_database_the_logs_or_any_answer_but_the_one_t
             assert form not in database, f"a form of a secret is in the database: {form!r}"
             assert form not in logs, f"a form of a secret is in the logs: {form!r}"
             showing = [request for request, answer in api.answers if form in answer]
-            allowed = [api.shown_once[secret]] if secret in api.shown_once and form in secret else []
+            allowed = (
+                [api.shown_once[secret]] if secret in api.shown_once and form in secret else []
+            )
             assert len(showing) <= len(allowed) and set(showing) <= set(allowed), (
                 f"a form of a secret is in answers to {showing}: {form!r}"
             )
