@@ -1,0 +1,1 @@
+"""The hookledger service: aiohttp app (receiver, admin API, feed, dashboard), dispatcher, CLI."""
