@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from aiohttp.test_utils import TestClient
 
 from server.app import make_app
@@ -24,6 +25,11 @@ PG_URL = os.environ.get("HOOKLEDGER_TEST_PG_URL", "postgresql://postgres@127.0.0
 REQUIRE_PG = os.environ.get("HOOKLEDGER_REQUIRE_POSTGRES") == "1"
 ADMIN_TOKEN = "test-admin-token"
 BACKENDS = ["sqlite", "postgres"]
+
+# Tests share two cores with servers, databases and a browser: time limits per example would
+# only measure the machine's load. Hypothesis still bounds the number of examples.
+hypothesis_settings.register_profile("hookledger", deadline=None)
+hypothesis_settings.load_profile("hookledger")
 
 
 async def _pg_admin() -> asyncpg.Connection:
