@@ -121,7 +121,12 @@ def build_services(settings: Settings) -> Services:
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
     metrics = Metrics()  # one registry per app; the dispatcher calls metrics.observe_attempt
     dispatcher = Dispatcher(
-        engine=engine, appender=appender, vault=vault, settings=settings, wake=runner.advanced
+        engine=engine,
+        appender=appender,
+        vault=vault,
+        settings=settings,
+        wake=runner.advanced,
+        metrics=metrics,
     )
     return Services(
         settings=settings,

@@ -33,6 +33,7 @@ from ledger.vault import Vault
 from server.addresses import make_connector
 from server.attempts import claim_events, outcome_events
 from server.config import Settings
+from server.metrics import Metrics
 from server.delivery import AttemptResult, Delivery, attempt
 from server.due import Due, destination_key, find_due
 from server.logs import fact
@@ -57,11 +58,13 @@ class Dispatcher:
         vault: Vault,
         settings: Settings,
         wake: asyncio.Event | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._engine = engine
         self._appender = appender
         self._vault = vault
         self._settings = settings
+        self._metrics = metrics
         # Set when something may have become due: a projected batch, or a freed slot.
         self._wake = wake or asyncio.Event()
         self._rng = random.SystemRandom()
@@ -178,6 +181,10 @@ class Dispatcher:
             )
             return
         _log_attempt(due, claim.attempt, result, outcome)
+        if self._metrics is not None:
+            category = outcome[0].to_data().get("error_category")
+            label = "succeeded" if result.is_success else f"failed_{category}"
+            self._metrics.observe_attempt(due.trigger_id, label, result.duration_ms / 1000)
 
     async def _append(
         self, due: Due, payloads: list[EventData], expected: int

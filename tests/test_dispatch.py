@@ -134,6 +134,21 @@ async def test_500_then_200_is_retried_under_one_webhook_id(
     assert len(lines) == 2 and "outcome=failed" in lines[0] and "outcome=succeeded" in lines[1]
 
 
+async def test_each_attempt_is_counted_in_the_metrics(app: Client, destination: Destination) -> None:
+    await trigger_to(app, destination.script("/metered", Reply(500), Reply(200)))
+    execution_id = await send(app, "t")
+    assert (await wait_until(app, execution_id))["status"] == "succeeded"
+    text = await (await app.get("/metrics", headers=AUTH)).text()
+    counts = {
+        outcome: line.rsplit(" ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith("hookledger_dispatch_attempt_seconds_count")
+        for outcome in ("succeeded", "failed_transient")
+        if f'outcome="{outcome}"' in line and 'trigger_id="t"' in line
+    }
+    assert counts == {"succeeded": "1.0", "failed_transient": "1.0"}
+
+
 async def test_503_with_retry_after_waits_as_long_as_asked(
     app: Client,
     destination: Destination,
