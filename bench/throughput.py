@@ -79,7 +79,7 @@ class _Admin:
         async with self._session.post(
             f"{self._url}/api/triggers", json=body, headers=self._headers
         ) as response:
-            if response.status != 201:
+            if response.status not in (201, 409):  # 409: there already (a reused log)
                 raise RuntimeError(
                     f"creating the trigger: {response.status} {await response.text()}"
                 )

@@ -16,6 +16,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from ledger.codec import canonical_bytes, chain_hash, dumps, format_time, loads
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
@@ -50,6 +53,25 @@ def is_unavailable(exc: BaseException) -> bool:
     return any(s in text for s in ("disk is full", "no space left", "database is locked"))
 
 
+class _likely(FunctionElement[bool]):  # noqa: N801 - reads as the SQL function it renders
+    """`likely(x)` on SQLite (a hint that x is not selective), plain `x` elsewhere."""
+
+    inherit_cache = True
+    type = sa.Boolean()
+    name = "likely"
+    _is_implicitly_boolean = True  # a condition as it stands, not `likely(…) = 1`
+
+
+@compiles(_likely)
+def _likely_plain(element: _likely, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_likely, "sqlite")
+def _likely_sqlite(element: _likely, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"likely({compiler.process(element.clauses, **kw)})"
+
+
 def _originals_query(keys: set[tuple[str, str]]) -> sa.Select[Any] | sa.CompoundSelect[Any]:
     by_trigger: dict[str, list[str]] = {}
     for trigger_id, key in keys:
@@ -57,9 +79,14 @@ def _originals_query(keys: set[tuple[str, str]]) -> sa.Select[Any] | sa.Compound
     # One branch per trigger, each `type = … AND trigger_id = … AND key IN (…)`: it repeats the
     # partial index's predicate and binds both its columns, so both planners probe that index
     # (an OR across triggers made SQLite fall back to scanning the type index).
+    # The type is a literal, so the predicate provably matches the partial index's even in a
+    # generic (prepared) plan; marked likely() for SQLite, whose planner, without statistics,
+    # took `type = …` for the selective term once ~10 keys were asked and scanned every
+    # webhook.received: O(n), 0.5 s a batch at 200k events, 8 duplicates/s at 1M.
+    is_received = _likely(events.c.type == sa.literal(WebhookReceived.TYPE, literal_execute=True))
     selects = [
         sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
-            events.c.type == WebhookReceived.TYPE,
+            is_received,
             events.c.trigger_id == trigger_id,
             events.c.idempotency_key.in_(sorted(trigger_keys)),
         )

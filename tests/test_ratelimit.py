@@ -56,12 +56,12 @@ def test_a_new_limit_starts_a_fresh_bucket() -> None:
 async def test_a_trigger_over_its_limit_gets_429_with_retry_after(
     client: TestClient, settings: Settings
 ) -> None:  # type: ignore[type-arg]
-    await create_trigger(client, id="t", rate_limit={"per_s": 0.5, "burst": 2})
+    await create_trigger(client, id="t", rate_limit={"per_s": 0.1, "burst": 2})
     statuses = [(await post(client, "{}")).status for _ in range(2)]
     refused = await post(client, "{}")
     assert statuses == [202, 202]
     assert refused.status == 429
-    assert refused.headers["Retry-After"] == "2"
+    assert 5 < int(refused.headers["Retry-After"]) <= 10  # a token comes back every 10 s
     assert (await refused.json())["error"]["code"] == "rate_limited"
     assert len(await deliveries(settings)) == 2
 
@@ -148,13 +148,13 @@ async def test_the_admin_api_is_limited_per_client(
     aiohttp_client: MakeClient, settings: Settings
 ) -> None:
     client = await aiohttp_client(
-        make_app(replace(settings, admin_rate_per_s=0.5, admin_rate_burst=3))
+        make_app(replace(settings, admin_rate_per_s=0.1, admin_rate_burst=3))
     )
     statuses = [(await client.get("/api/triggers", headers=AUTH)).status for _ in range(3)]
     assert statuses == [200, 200, 200]
     refused = await client.get("/api/triggers", headers=AUTH)
     assert refused.status == 429
-    assert refused.headers["Retry-After"] == "2"
+    assert 5 < int(refused.headers["Retry-After"]) <= 10  # a token comes back every 10 s
     assert (await refused.json())["error"]["code"] == "rate_limited"
     # Not the receiver, nor the health checks.
     assert (await client.get("/healthz")).status == 200
@@ -165,7 +165,7 @@ async def test_guessing_the_admin_token_is_limited_too(
     aiohttp_client: MakeClient, settings: Settings
 ) -> None:
     client = await aiohttp_client(
-        make_app(replace(settings, admin_rate_per_s=0.5, admin_rate_burst=3))
+        make_app(replace(settings, admin_rate_per_s=0.1, admin_rate_burst=3))
     )
     wrong = {"Authorization": "Bearer guess"}
     statuses = [(await client.get("/api/triggers", headers=wrong)).status for _ in range(4)]

@@ -1,0 +1,55 @@
+"""Dedup stays O(log n): the appender's own duplicate query probes the idempotency index however
+many keys a batch asks about (SQLite's planner switched to scanning the type index at ~10)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.appender import _originals_query, append_commands
+from ledger.commands import RecordDelivery
+from ledger.events import WebhookReceived, uuid7
+from ledger.migrate import upgrade
+from ledger.schema import IDEMPOTENCY_INDEX
+from ledger.store import create_engine, write_transaction
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncEngine:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+def _delivery(key: str) -> RecordDelivery:
+    received = WebhookReceived(
+        execution_id=uuid7(),
+        headers={},
+        body="{}",
+        content_type="application/json",
+        body_sha256=hashlib.sha256(b"{}").hexdigest(),
+        initial_status="recorded",
+    )
+    return RecordDelivery(trigger_id="t", idempotency_key=key, received=received)
+
+
+@pytest.mark.parametrize("asked", [2, 10, 100, 1000])
+async def test_a_batch_of_any_size_looks_its_keys_up_in_the_index(
+    engine: AsyncEngine, backend: str, asked: int
+) -> None:
+    async with write_transaction(engine) as conn:
+        await append_commands(conn, [_delivery(f"k{i}") for i in range(300)])
+    statement = _originals_query({("t", f"k{i}") for i in range(asked)})
+    async with engine.connect() as conn:
+        sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        if backend == "postgres":
+            await conn.exec_driver_sql("ANALYZE events")
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
+        else:
+            rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
+            plan = "\n".join(str(r[-1]) for r in rows)
+    assert IDEMPOTENCY_INDEX in plan, plan
