@@ -52,12 +52,13 @@ async def _measure(
     ):
         admin = _Admin(session, server)
         await admin.create_trigger()
-        await _seed(admin, 1)  # waits out the receiver's "no such trigger" cache; dup-1 exists
+        # Waits out the receiver's "no such trigger" cache; dup-1 is in the log: a duplicate.
+        seeded_new, seeded_dup = await _seed(admin, 1)
         load = Load("dup", CONNECTIONS, seconds, f"dedup-{label}", keys)
         result = await run_load(wrk, server.url, load, workdir / f"dedup-{label}.json")
     engine = create_engine(url)
     try:
-        acks = Acknowledged(result.new_ids, result.dup_ids, CONNECTIONS)
+        acks = Acknowledged(seeded_new + result.new_ids, seeded_dup + result.dup_ids, CONNECTIONS)
         checks = await check_log(engine, TRIGGER_ID, acks, after_seq=head)
     finally:
         await engine.dispose()

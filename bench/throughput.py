@@ -100,10 +100,12 @@ class _Admin:
         return response.status, str(body.get("event_id", ""))
 
 
-async def _seed(admin: _Admin, count: int) -> list[str]:
-    """Send dup-1 .. dup-N once, so the duplicate scenarios find every key already received."""
+async def _seed(admin: _Admin, count: int) -> tuple[list[str], list[str]]:
+    """Send dup-1 .. dup-N once, so the duplicate scenarios find every key already received.
+
+    Returns the event ids answered 202 and 200, for the checks."""
     async with asyncio.timeout(10):  # the receiver caches "no such trigger" for a moment
-        while (await admin.deliver("dup-1"))[0] == 404:  # noqa: ASYNC110 - polling a server
+        while (first := await admin.deliver("dup-1"))[0] == 404:  # noqa: ASYNC110 - polling
             await asyncio.sleep(0.2)
     gate = asyncio.Semaphore(32)
 
@@ -111,8 +113,9 @@ async def _seed(admin: _Admin, count: int) -> list[str]:
         async with gate:
             return await admin.deliver(f"dup-{n}")
 
-    answers = [await admin.deliver("dup-1"), *await asyncio.gather(*map(one, range(2, count + 1)))]
-    return [event_id for status, event_id in answers if status == 202]
+    answers = [first, *await asyncio.gather(*map(one, range(2, count + 1)))]
+    new = [event_id for status, event_id in answers if status == 202]
+    return new, [event_id for status, event_id in answers if status == 200]
 
 
 @contextlib.asynccontextmanager
@@ -222,7 +225,9 @@ async def run_hookledger(name: str, database_url: str, plan: Plan, progress: Pro
         admin = _Admin(session, server)
         await admin.create_trigger()
         measure = _Measure(plan, server, admin)
-        measure.new_ids += await _seed(admin, DUP_KEYS)
+        seeded_new, seeded_dup = await _seed(admin, DUP_KEYS)
+        measure.new_ids += seeded_new
+        measure.dup_ids += seeded_dup
         points = await _measure(measure, progress)
         run = ServerRun(name, points, server.peak_rss() / _MB)
     progress(f"{name}: checking the log and the projections:", None)
