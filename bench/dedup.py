@@ -16,7 +16,7 @@ import aiohttp
 
 from bench import servers
 from bench.checks import Acknowledged, check_log
-from bench.fill import sqlite_log
+from bench.fill import SMOKE_EVENTS, sqlite_log
 from bench.load import TRIGGER_ID, Load, ensure_wrk, run_load
 from bench.throughput import _Admin, _seed
 from ledger.store import create_engine, read_last_seq, write_transaction
@@ -72,7 +72,7 @@ async def _measure(
 async def dedup_suite(
     args: argparse.Namespace, workdir: Path, stamp: str
 ) -> tuple[dict[str, Any], bool]:
-    sizes = (1_000, 20_000) if args.smoke else (10_000, args.big_events)
+    sizes = (1_000, SMOKE_EVENTS) if args.smoke else (10_000, args.big_events)
     seconds = 1 if args.smoke else args.seconds
     logs = {size: await sqlite_log(workdir, size) for size in sizes}
     rates: dict[int, list[float]] = {size: [] for size in sizes}

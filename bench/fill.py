@@ -24,6 +24,7 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine, write_transaction
 
 BATCH = 5000
+SMOKE_EVENTS = 5_000  # the large log of --smoke: proves the suites work, measures nothing
 DUPLICATE_EVERY = 10
 _HEADERS = {"content-type": "application/json", "host": "127.0.0.1", "user-agent": "bench"}
 

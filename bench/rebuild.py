@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from bench.databases import postgres_database
-from bench.fill import fill_log, sqlite_log
+from bench.fill import SMOKE_EVENTS, fill_log, sqlite_log
 from ledger.migrate import upgrade
 from ledger.store import create_engine
 
@@ -85,7 +85,7 @@ async def _postgres(args: argparse.Namespace, events: int, small: int) -> dict[s
 async def rebuild_suite(
     args: argparse.Namespace, workdir: Path, stamp: str
 ) -> tuple[dict[str, Any], bool]:
-    events = 20_000 if args.smoke else args.big_events
+    events = SMOKE_EVENTS if args.smoke else args.big_events
     small = events // 10
     url, _keys = await sqlite_log(workdir, events)
     print(f"  SQLite, {events:,} events", flush=True)
