@@ -74,7 +74,7 @@ def replay_refusal(row: Row, *, now: datetime, interval_s: float) -> ApiError | 
 
 def _requester(payload: Any) -> str:
     value = payload.get("requested_by", DEFAULT_REQUESTER) if isinstance(payload, dict) else None
-    if not isinstance(value, str) or not _REQUESTER.match(value):
+    if not isinstance(value, str) or not _REQUESTER.fullmatch(value):
         raise _invalid("requested_by must be printable text of at most 100 characters")
     return value
 
