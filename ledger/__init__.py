@@ -1,7 +1,7 @@
-"""The append-only event store: event types, appends (group commit), reads, keys, signatures, chain."""
+"""The append-only event store: events, group-commit appends, reads, keys, signatures, chain."""
 
 from ledger.appender import Appender, append_commands
-from ledger.commands import AppendEvents, Appended, DeliveryOutcome, RecordDelivery
+from ledger.commands import Appended, AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import LedgerError, StorageUnavailable, StreamVersionConflict
 from ledger.events import NewEvent, RecordedEvent
 from ledger.store import create_engine, iter_events, read_events, read_stream, write_transaction

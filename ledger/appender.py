@@ -103,7 +103,9 @@ async def _read_originals(
     originals = {}
     for trigger_id, key, event_id, data in (await conn.execute(_originals_query(keys))).all():
         parsed = loads(data)
-        originals[(trigger_id, key)] = Original(event_id, parsed["execution_id"], parsed["body_sha256"])
+        originals[(trigger_id, key)] = Original(
+            event_id, parsed["execution_id"], parsed["body_sha256"]
+        )
     return originals
 
 
@@ -136,9 +138,16 @@ def _rows(
             "meta": meta,
         }
         canonical = canonical_bytes(
-            seq=seq, id=event.id, stream=event.stream, version=version, type=event.type,
-            trigger_id=event.trigger_id, idempotency_key=event.idempotency_key,
-            data=data, meta=meta, recorded_at=recorded_at,
+            seq=seq,
+            id=event.id,
+            stream=event.stream,
+            version=version,
+            type=event.type,
+            trigger_id=event.trigger_id,
+            idempotency_key=event.idempotency_key,
+            data=data,
+            meta=meta,
+            recorded_at=recorded_at,
         )
         previous = chain_hash(previous, canonical)
         rows.append(row | {"recorded_at": now, "hash": previous})
@@ -171,7 +180,9 @@ async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) ->
     return [
         span
         if isinstance(span, LedgerError)
-        else result_of(span[0], planned_all[span[1] : span[1] + span[2]], seqs[span[1] : span[1] + span[2]])
+        else result_of(
+            span[0], planned_all[span[1] : span[1] + span[2]], seqs[span[1] : span[1] + span[2]]
+        )
         for span in spans
     ]
 

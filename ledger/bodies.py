@@ -21,7 +21,9 @@ JSON_KIND, FORM_KIND, TEXT_KIND = "json", "form", "text"
 def content_kind(content_type: str) -> str | None:
     """json, form or text for an accepted media type (parameters already stripped), else None."""
     media = content_type.strip().lower()
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
         return JSON_KIND
     if media == "application/x-www-form-urlencoded":
         return FORM_KIND

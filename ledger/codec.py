@@ -41,7 +41,7 @@ def canonical_bytes(
     meta: str,
     recorded_at: str,
 ) -> bytes:
-    """The bytes an event's hash covers: every stored column but the hash, `data`/`meta` as stored text."""
+    """The bytes an event's hash covers: every column but the hash, `data`/`meta` as stored text."""
     return orjson.dumps(
         [seq, id, stream, version, type, trigger_id, idempotency_key, data, meta, recorded_at]
     )

@@ -1,14 +1,14 @@
 """The ledger's error tree. Every error the ledger raises is one of these.
 
-    LedgerError
-    ├── StreamVersionConflict     an append expected another stream version
-    ├── UnknownEventType          a stored type name no class is registered for
-    ├── DuplicateTrigger          trigger.registered for an id that exists
-    ├── InvalidIdempotencyKey     a key too long or with control characters
-    ├── InvalidBody               a body that does not parse as its content type says
-    ├── InvalidSignature          a signature missing, malformed, stale or wrong
-    ├── SecretUnavailable         an encrypted secret that the key in use cannot open
-    └── StorageUnavailable        the database cannot be reached or is full
+LedgerError
+├── StreamVersionConflict     an append expected another stream version
+├── UnknownEventType          a stored type name no class is registered for
+├── DuplicateTrigger          trigger.registered for an id that exists
+├── InvalidIdempotencyKey     a key too long or with control characters
+├── InvalidBody               a body that does not parse as its content type says
+├── InvalidSignature          a signature missing, malformed, stale or wrong
+├── SecretUnavailable         an encrypted secret that the key in use cannot open
+└── StorageUnavailable        the database cannot be reached or is full
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def _json_copy(value: Any) -> Any:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TriggerConfigured(EventData):
-    """Common shape of trigger.registered / trigger.updated: the whole configuration after the change."""
+    """trigger.registered / trigger.updated: the whole configuration after the change."""
 
     id: str
     source: str
@@ -211,7 +211,9 @@ class NewEvent:
 
     @classmethod
     def of(cls, stream: str, trigger_id: str, payload: EventData, **kw: Any) -> NewEvent:
-        return cls(stream=stream, type=payload.TYPE, trigger_id=trigger_id, data=payload.to_data(), **kw)
+        return cls(
+            stream=stream, type=payload.TYPE, trigger_id=trigger_id, data=payload.to_data(), **kw
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

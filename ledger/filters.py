@@ -1,4 +1,4 @@
-"""Trigger filters: a JSON object whose fields must all match the body (dotted paths, `*` in strings)."""
+"""Trigger filters: a JSON object whose fields must all match the body (dotted paths, `*`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The event store: engines for both backends, the append transaction, and reads by `seq` and stream.
+"""The event store: engines for both backends, the append transaction, reads by `seq` and stream.
 
 Every append runs under one lock (PostgreSQL: a transaction-scoped advisory lock; SQLite: the
 database write lock, taken by BEGIN IMMEDIATE). Under it the appender reads the chain head, assigns
@@ -91,7 +91,9 @@ async def take_append_lock(conn: AsyncConnection) -> None:
 async def read_head(conn: AsyncConnection) -> tuple[int, str]:
     """The last event's seq and hash (0 and the genesis hash for an empty log)."""
     row = (
-        await conn.execute(sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1))
+        await conn.execute(
+            sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1)
+        )
     ).first()
     return (row[0], row[1]) if row else (0, GENESIS_HASH)
 

@@ -1,4 +1,4 @@
-"""Secrets at rest: Fernet (AES-128-CBC + HMAC-SHA256) from `cryptography`, one key per deployment."""
+"""Secrets at rest: Fernet (AES-128-CBC + HMAC-SHA256) from `cryptography`, one key per install."""
 
 from __future__ import annotations
 

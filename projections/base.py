@@ -28,7 +28,9 @@ class Projection(Protocol):
 
     def index_ddl(self, table_name: str) -> list[sa.Index]: ...
 
-    async def apply(self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]) -> None: ...
+    async def apply(
+        self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,9 @@ class RowProjection:
         if inserts:
             await _insert_many(conn, table, inserts)
         if updates:
-            await conn.execute(_update_statement(table, self.key_column), [_bind(u) for u in updates])
+            await conn.execute(
+                _update_statement(table, self.key_column), [_bind(u) for u in updates]
+            )
 
 
 async def _insert_many(conn: AsyncConnection, table: sa.Table, rows: list[Row]) -> None:
@@ -117,9 +121,9 @@ def _bind(row: Row) -> Row:
 
 
 def _update_statement(table: sa.Table, key_column: str) -> sa.Update:
-    values: dict[str, Any] = {c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column}
+    values: dict[str, Any] = {
+        c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column
+    }
     return (
-        table.update()
-        .where(table.c[key_column] == sa.bindparam(f"b_{key_column}"))
-        .values(values)
+        table.update().where(table.c[key_column] == sa.bindparam(f"b_{key_column}")).values(values)
     )

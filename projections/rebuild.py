@@ -42,7 +42,11 @@ async def _recreate(engine: AsyncEngine, table: sa.Table) -> None:
 
 
 async def _fill(
-    engine: AsyncEngine, projection: Projection, table: sa.Table, until: int, progress: Progress | None
+    engine: AsyncEngine,
+    projection: Projection,
+    table: sa.Table,
+    until: int,
+    progress: Progress | None,
 ) -> int:
     done = 0
     batches = aiter(iter_events(engine, until=until, batch=BATCH))
@@ -98,4 +102,6 @@ async def rebuild(
         await _swap(engine, projection, target, until)
     seconds = time.monotonic() - started
     logger.info("evt=rebuilt projection=%s events=%d seconds=%.2f", projection.name, done, seconds)
-    return RebuildResult(projection.name, into or projection.table.name, until, done, seconds, into is None)
+    return RebuildResult(
+        projection.name, into or projection.table.name, until, done, seconds, into is None
+    )

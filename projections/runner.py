@@ -8,6 +8,7 @@ and says why; it never skips an event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ async def read_checkpoints(conn: AsyncConnection) -> dict[str, int]:
 
 async def set_checkpoint(conn: AsyncConnection, name: str, seq: int) -> None:
     values = {"seq": seq, "updated_at": datetime.now(UTC)}
-    result = await conn.execute(checkpoints.update().where(checkpoints.c.name == name).values(values))
+    result = await conn.execute(
+        checkpoints.update().where(checkpoints.c.name == name).values(values)
+    )
     if result.rowcount == 0:
         await conn.execute(checkpoints.insert().values(name=name, **values))
 
@@ -68,7 +71,7 @@ class ProjectionRunner:
         self.caught_up_at = time.monotonic()
 
     async def step(self) -> int:
-        """Project the next batch; the number of events read (0: caught up or another runner's turn)."""
+        """Project the next batch; the events read (0: caught up, or another runner's turn)."""
         async with write_transaction(self.engine) as conn:
             if not await _take_projector_lock(conn, wait=False):
                 return 0
@@ -77,7 +80,9 @@ class ProjectionRunner:
             batch = await read_events(conn, after=low, limit=self._batch)
             for projection in self.projections:
                 await self._apply(conn, projection, positions.get(projection.name, 0), batch)
-        self.positions = positions | {p.name: batch[-1].seq for p in self.projections} if batch else positions
+        self.positions = (
+            positions | {p.name: batch[-1].seq for p in self.projections} if batch else positions
+        )
         if batch:
             self.advanced.set()
         return len(batch)
@@ -109,12 +114,10 @@ class ProjectionRunner:
                 await asyncio.sleep(1.0)
                 continue
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
-            except TimeoutError:
-                pass
 
-    async def wait_for(self, seq: int, *, timeout: float = 10.0) -> None:
+    async def wait_for(self, seq: int, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a deadline for polling, not for one await
         """Return once every projection has folded in `seq` (read-your-writes for commands)."""
         deadline = time.monotonic() + timeout
         while True:

@@ -94,27 +94,54 @@ def _change(row: Row, event: RecordedEvent) -> Row:
             return {"duplicate_count": row["duplicate_count"] + 1, "last_duplicate_at": at}
         case "execution.started":
             lease = _time(data["lease_until"])
-            return {"status": "running", "attempts": data["attempt"], "lease_until": lease,
-                    "next_attempt_at": lease}
+            return {
+                "status": "running",
+                "attempts": data["attempt"],
+                "lease_until": lease,
+                "next_attempt_at": lease,
+            }
         case "execution.succeeded":
-            return {"status": "succeeded", "attempts": data["attempt"], "error_category": None,
-                    "last_error": None, "last_status_code": data["status_code"],
-                    "next_attempt_at": None, "lease_until": None, "completed_at": at}
+            return {
+                "status": "succeeded",
+                "attempts": data["attempt"],
+                "error_category": None,
+                "last_error": None,
+                "last_status_code": data["status_code"],
+                "next_attempt_at": None,
+                "lease_until": None,
+                "completed_at": at,
+            }
         case "execution.failed":
             retry_at = _time(data.get("retry_at"))
-            return {"status": "retrying" if retry_at else row["status"],
-                    "attempts": data["attempt"], "error_category": data["error_category"],
-                    "last_error": data["error"], "last_status_code": data.get("status_code"),
-                    "next_attempt_at": retry_at, "lease_until": None}
+            return {
+                "status": "retrying" if retry_at else row["status"],
+                "attempts": data["attempt"],
+                "error_category": data["error_category"],
+                "last_error": data["error"],
+                "last_status_code": data.get("status_code"),
+                "next_attempt_at": retry_at,
+                "lease_until": None,
+            }
         case "execution.dead_lettered":
             category = data.get("error_category") or row["error_category"] or "permanent"
-            return {"status": "dead_lettered", "error_category": category,
-                    "last_error": row["last_error"] or data["reason"], "next_attempt_at": None,
-                    "lease_until": None, "completed_at": at}
+            return {
+                "status": "dead_lettered",
+                "error_category": category,
+                "last_error": row["last_error"] or data["reason"],
+                "next_attempt_at": None,
+                "lease_until": None,
+                "completed_at": at,
+            }
         case "execution.replay_requested":
-            return {"status": "pending", "attempts": 0, "replay_count": row["replay_count"] + 1,
-                    "last_replay_at": at, "next_attempt_at": at, "lease_until": None,
-                    "completed_at": None}
+            return {
+                "status": "pending",
+                "attempts": 0,
+                "replay_count": row["replay_count"] + 1,
+                "last_replay_at": at,
+                "next_attempt_at": at,
+                "lease_until": None,
+                "completed_at": None,
+            }
         case _:
             return {}
 

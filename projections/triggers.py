@@ -76,7 +76,11 @@ def evolve(row: Row | None, event: RecordedEvent) -> Row | None:
             changed = row | {"deleted": True}
         case _:
             return row
-    return changed | {"updated_at": event.recorded_at, "last_seq": event.seq, "version": event.version}
+    return changed | {
+        "updated_at": event.recorded_at,
+        "last_seq": event.seq,
+        "version": event.version,
+    }
 
 
 def key_of(event: RecordedEvent) -> str | None:

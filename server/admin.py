@@ -10,8 +10,8 @@ from aiohttp import web
 from ledger.errors import StreamVersionConflict
 from ledger.events import JSON, EventData, trigger_stream
 from ledger.store import read_event
-from projections.registry import PROJECTIONS
 from projections.rebuild import rebuild
+from projections.registry import PROJECTIONS
 from server import queries
 from server.catalog import config_of, list_triggers, public_view, read_trigger, trigger_counts
 from server.errors import ApiError

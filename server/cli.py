@@ -57,13 +57,15 @@ async def _serve(args: argparse.Namespace) -> None:
     if is_new:
         # Shown once, as a notebook server does; later starts point at the file instead.
         print(
-            f"hookledger listening on {url}\n  dashboard: {url}#token={token}\n  admin token: {token}",
+            f"hookledger listening on {url}\n"
+            f"  dashboard: {url}#token={token}\n"
+            f"  admin token: {token}",
             flush=True,
         )
     else:
         print(
-            f"hookledger listening on {url} (admin token in {settings.data_dir / 'hookledger.token'}"
-            " or HOOKLEDGER_ADMIN_TOKEN)",
+            f"hookledger listening on {url} (admin token in "
+            f"{settings.data_dir / 'hookledger.token'} or HOOKLEDGER_ADMIN_TOKEN)",
             flush=True,
         )
     if settings.private_destinations_allowed:

@@ -70,7 +70,7 @@ class Settings:
         return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()
 
     def with_data_dir(self) -> Settings:
-        """State files (key, token) live beside the SQLite file, or in ./.hookledger for PostgreSQL."""
+        """State files (key, token) live beside the SQLite file, or in ./.hookledger otherwise."""
         if self.is_sqlite:
             path = self.database_url.split("///", 1)[-1]
             return replace(self, data_dir=Path(path).resolve().parent)

@@ -33,10 +33,10 @@ from ledger.vault import Vault
 from server.addresses import make_connector
 from server.attempts import claim_events, outcome_events
 from server.config import Settings
-from server.metrics import Metrics
 from server.delivery import AttemptResult, Delivery, attempt
 from server.due import Due, destination_key, find_due
 from server.logs import fact
+from server.metrics import Metrics
 
 __all__ = ["Dispatcher"]
 

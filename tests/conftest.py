@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import settings as hypothesis_settings
 from aiohttp.test_utils import TestClient
+from hypothesis import settings as hypothesis_settings
 
 from server.app import make_app
 from server.config import Settings

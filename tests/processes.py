@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-
 from conftest import ADMIN_TOKEN
 
 
@@ -58,7 +57,8 @@ async def start_server(
         | dict(env or {})
     )
     with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: S603 - our own console script
+        # Popen only forks: it does not wait, so it may run on the loop. noqa: the same reason.
+        process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own console script
             [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
             cwd=workdir,
             env=environment,
@@ -70,8 +70,8 @@ async def start_server(
     return server
 
 
-async def _wait_ready(server: ServerProcess, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _wait_ready(server: ServerProcess, wait_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + wait_s
     async with aiohttp.ClientSession() as session:
         while asyncio.get_running_loop().time() < deadline:
             if server.process.poll() is not None:

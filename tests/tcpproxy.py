@@ -1,4 +1,4 @@
-"""A TCP proxy the test controls, to make a database unreachable without stopping the shared server."""
+"""A TCP proxy the test controls: a database made unreachable without stopping the shared server."""
 
 from __future__ import annotations
 

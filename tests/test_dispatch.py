@@ -134,7 +134,9 @@ async def test_500_then_200_is_retried_under_one_webhook_id(
     assert len(lines) == 2 and "outcome=failed" in lines[0] and "outcome=succeeded" in lines[1]
 
 
-async def test_each_attempt_is_counted_in_the_metrics(app: Client, destination: Destination) -> None:
+async def test_each_attempt_is_counted_in_the_metrics(
+    app: Client, destination: Destination
+) -> None:
     await trigger_to(app, destination.script("/metered", Reply(500), Reply(200)))
     execution_id = await send(app, "t")
     assert (await wait_until(app, execution_id))["status"] == "succeeded"

@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
-
 from conftest import AUTH
-from ledger.store import create_engine, read_events
 from processes import start_server
+
+from ledger.store import create_engine, read_events
 
 
 async def test_racing_duplicates_across_two_processes_execute_once(
@@ -59,7 +59,7 @@ async def test_serve_prints_the_token_once_and_keeps_it(tmp_path: Path) -> None:
     outputs = []
     for _ in range(2):
         port = free_port()
-        process = subprocess.Popen(  # noqa: S603
+        process = subprocess.Popen(  # noqa: S603, ASYNC220 - only forks
             [sys.executable, "-m", "server", "serve", "--port", str(port), "--no-dispatch"],
             cwd=tmp_path,
             env=env,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import json
 import logging
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-
 from conftest import AUTH, create_trigger
+
 from ledger.store import create_engine, read_events
 from server.config import Settings
 
@@ -37,7 +38,9 @@ async def deliveries(settings: Settings) -> list[Any]:
     return [e for e in await log_events(settings) if e.type.startswith("webhook.")]
 
 
-async def test_new_delivery_is_accepted_and_stored_exactly(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_new_delivery_is_accepted_and_stored_exactly(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     body = '{"b": 1,  "a": [1.0, 1e2], "big": 123456789012345678901234567890}'
     response = await post(client, body, Idempotency_Key="k1")
@@ -54,7 +57,9 @@ async def test_new_delivery_is_accepted_and_stored_exactly(client: TestClient, s
 
 
 async def test_repeat_is_a_duplicate_answered_200_and_logged(
-    client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[type-arg]
 ) -> None:
     await create_trigger(client, id="t")
     first = await (await post(client, "{}", Idempotency_Key="k")).json()
@@ -72,12 +77,18 @@ async def test_repeat_is_a_duplicate_answered_200_and_logged(
     assert events[1].data["body_matches"] is True
     lines = [r.getMessage() for r in caplog.records if "evt=idempotent_replay" in r.getMessage()]
     assert len(lines) == 1
-    for part in ("trigger_id=t", "idempotency_key=k", f"event_id={answer['event_id']}",
-                 f"original_event_id={first['event_id']}"):
+    for part in (
+        "trigger_id=t",
+        "idempotency_key=k",
+        f"event_id={answer['event_id']}",
+        f"original_event_id={first['event_id']}",
+    ):
         assert part in lines[0]
 
 
-async def test_same_key_different_body_keeps_the_evidence(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_same_key_different_body_keeps_the_evidence(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     await post(client, '{"v": 1}', Idempotency_Key="k")
     response = await post(client, '{"v": 2}', Idempotency_Key="k")
@@ -98,7 +109,9 @@ async def test_no_key_means_every_delivery_is_new(client: TestClient, settings: 
 
 async def test_racing_duplicates_execute_once(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
-    responses = await asyncio.gather(*(post(client, "{}", Idempotency_Key="race") for _ in range(50)))
+    responses = await asyncio.gather(
+        *(post(client, "{}", Idempotency_Key="race") for _ in range(50))
+    )
     statuses = sorted(r.status for r in responses)
     assert statuses == [200] * 49 + [202]
     events = await deliveries(settings)
@@ -121,7 +134,11 @@ async def test_racing_duplicates_execute_once(client: TestClient, settings: Sett
     ],
 )
 async def test_every_key_rule_deduplicates_over_http(
-    client: TestClient, settings: Settings, config: dict[str, Any], headers: dict[str, str], body: str  # type: ignore[type-arg]
+    client: TestClient,
+    settings: Settings,
+    config: dict[str, Any],
+    headers: dict[str, str],
+    body: str,  # type: ignore[type-arg]
 ) -> None:
     await create_trigger(client, id="t", **config)
     merged = JSON_HEADERS | headers
@@ -133,15 +150,17 @@ async def test_every_key_rule_deduplicates_over_http(
 @pytest.mark.parametrize("value", ['{"a": 1}', "[1]", "1.5", "true", "null"])
 async def test_keys_of_other_json_types_are_ignored(client: TestClient, value: str) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
-    body = '{"idempotency_key": %s}' % value
+    body = f'{{"idempotency_key": {value}}}'
     statuses = [(await post(client, body)).status for _ in range(2)]
     assert statuses == [202, 202]
 
 
 @pytest.mark.parametrize("bad", ["x" * 256, "line\nbreak", "bell\x07"])
-async def test_invalid_key_is_400_and_stores_nothing(client: TestClient, settings: Settings, bad: str) -> None:  # type: ignore[type-arg]
+async def test_invalid_key_is_400_and_stores_nothing(
+    client: TestClient, settings: Settings, bad: str
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
-    response = await post(client, '{"idempotency_key": %s}' % __import__("json").dumps(bad))
+    response = await post(client, f'{{"idempotency_key": {json.dumps(bad)}}}')
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "invalid_idempotency_key"
     assert await deliveries(settings) == []
@@ -150,7 +169,9 @@ async def test_invalid_key_is_400_and_stores_nothing(client: TestClient, setting
 async def test_unknown_trigger_is_404(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
     response = await post(client, "{}", trigger="nobody")
     assert response.status == 404
-    assert await response.json() == {"error": {"code": "trigger_not_found", "message": "no trigger 'nobody'"}}
+    assert await response.json() == {
+        "error": {"code": "trigger_not_found", "message": "no trigger 'nobody'"}
+    }
 
 
 async def test_deleted_trigger_is_404(client: TestClient) -> None:  # type: ignore[type-arg]
@@ -159,7 +180,9 @@ async def test_deleted_trigger_is_404(client: TestClient) -> None:  # type: igno
     assert (await post(client, "{}")).status == 404
 
 
-async def test_body_over_the_limit_is_413_by_content_length(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_body_over_the_limit_is_413_by_content_length(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     body = io.BytesIO(("[" + "1," * (settings.max_body_bytes // 2) + "1]").encode())
     response = await client.post("/webhooks/t", data=body, headers=JSON_HEADERS)
@@ -181,15 +204,21 @@ async def test_chunked_body_over_the_limit_is_413(client: TestClient, settings: 
     assert await deliveries(settings) == []
 
 
-async def test_gzip_body_is_limited_after_decompression(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_gzip_body_is_limited_after_decompression(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     bomb = gzip.compress(b"[" + b" " * (settings.max_body_bytes * 4) + b"]")
-    response = await client.post("/webhooks/t", data=io.BytesIO(bomb), headers=JSON_HEADERS | {"Content-Encoding": "gzip"})
+    response = await client.post(
+        "/webhooks/t", data=io.BytesIO(bomb), headers=JSON_HEADERS | {"Content-Encoding": "gzip"}
+    )
     assert response.status == 413
     assert await deliveries(settings) == []
 
 
-@pytest.mark.parametrize("body", [b"{", b'{"a": NaN}', b"\xff\xfe{}", b'{"a": "\xed\xa0\x80"}', b"[" * 2000])
+@pytest.mark.parametrize(
+    "body", [b"{", b'{"a": NaN}', b"\xff\xfe{}", b'{"a": "\xed\xa0\x80"}', b"[" * 2000]
+)
 async def test_malformed_json_is_400(client: TestClient, settings: Settings, body: bytes) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     response = await post(client, body)
@@ -198,15 +227,21 @@ async def test_malformed_json_is_400(client: TestClient, settings: Settings, bod
     assert await deliveries(settings) == []
 
 
-async def test_json_deeper_than_a_serializer_writes_is_stored_as_received(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_json_deeper_than_a_serializer_writes_is_stored_as_received(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     body = "[" * 600 + "]" * 600
     assert (await post(client, body)).status == 202
     assert (await deliveries(settings))[0].data["body"] == body
 
 
-@pytest.mark.parametrize("content_type", ["image/png", "application/xml", "application/octet-stream"])
-async def test_unsupported_media_type_is_415(client: TestClient, settings: Settings, content_type: str) -> None:  # type: ignore[type-arg]
+@pytest.mark.parametrize(
+    "content_type", ["image/png", "application/xml", "application/octet-stream"]
+)
+async def test_unsupported_media_type_is_415(
+    client: TestClient, settings: Settings, content_type: str
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     response = await client.post("/webhooks/t", data=b"{}", headers={"Content-Type": content_type})
     assert response.status == 415
@@ -214,32 +249,50 @@ async def test_unsupported_media_type_is_415(client: TestClient, settings: Setti
     assert await deliveries(settings) == []
 
 
-async def test_vendor_json_form_and_text_are_accepted(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]
+async def test_vendor_json_form_and_text_are_accepted(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t", source="github")
     form = "payload=%7B%22zen%22%3A%22ok%22%7D"
     headers = {"X-GitHub-Delivery": "d1"}
-    r1 = await client.post("/webhooks/t", data=form, headers=headers | {"Content-Type": "application/x-www-form-urlencoded"})
-    r2 = await client.post("/webhooks/t", data="{}", headers={"Content-Type": "application/vnd.api+json"})
-    r3 = await client.post("/webhooks/t", data="plain words", headers={"Content-Type": "text/plain; charset=utf-8"})
+    r1 = await client.post(
+        "/webhooks/t",
+        data=form,
+        headers=headers | {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    r2 = await client.post(
+        "/webhooks/t", data="{}", headers={"Content-Type": "application/vnd.api+json"}
+    )
+    r3 = await client.post(
+        "/webhooks/t", data="plain words", headers={"Content-Type": "text/plain; charset=utf-8"}
+    )
     assert [r1.status, r2.status, r3.status] == [202, 202, 202]
     bodies = [e.data["body"] for e in await deliveries(settings)]
     assert bodies == [form, "{}", "plain words"]
 
 
-async def test_only_the_idempotency_constraint_is_absorbed(client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[type-arg]
+async def test_only_the_idempotency_constraint_is_absorbed(
+    client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[type-arg]
     """Another integrity error (here a unique index an operator added) is a logged 500."""
     await create_trigger(client, id="t")
     assert (await post(client, "{}")).status == 202
     engine = create_engine(settings.database_url)
     async with engine.begin() as conn:
-        await conn.execute(sa.text(
-            "CREATE UNIQUE INDEX one_delivery_only ON events (trigger_id) WHERE type = 'webhook.received'"))
+        await conn.execute(
+            sa.text(
+                "CREATE UNIQUE INDEX one_delivery_only ON events (trigger_id)"
+                " WHERE type = 'webhook.received'"
+            )
+        )
     await engine.dispose()
     caplog.set_level(logging.ERROR)
     response = await post(client, "{}")
     assert response.status == 500
     assert (await response.json())["error"]["code"] == "internal_error"
-    assert any("one_delivery_only" in r.getMessage() or "UNIQUE" in r.getMessage() for r in caplog.records)
+    assert any(
+        "one_delivery_only" in r.getMessage() or "UNIQUE" in r.getMessage() for r in caplog.records
+    )
     assert len(await deliveries(settings)) == 1
     # The next duplicate of an existing key is still absorbed, never a 500.
     await post(client, "{}", Idempotency_Key="z")

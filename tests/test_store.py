@@ -1,4 +1,4 @@
-"""The store's contract, on SQLite and on PostgreSQL: appends, concurrency, ordering, enforcement."""
+"""The store's contract on SQLite and PostgreSQL: appends, concurrency, ordering, enforcement."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.appender import Appender, append_commands
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
-from ledger.commands import AppendEvents, RecordDelivery
+from ledger.commands import RecordDelivery
 from ledger.errors import StreamVersionConflict
 from ledger.events import NewEvent, WebhookReceived, uuid7
 from ledger.migrate import current_revision, head_revision, upgrade
@@ -40,8 +40,12 @@ def event(stream: str = "s-1", n: int = 0) -> NewEvent:
 
 def delivery(key: str | None, body: str = "{}", trigger_id: str = "t") -> RecordDelivery:
     received = WebhookReceived(
-        execution_id=uuid7(), headers={}, body=body, content_type="application/json",
-        body_sha256=hashlib.sha256(body.encode()).hexdigest(), initial_status="recorded",
+        execution_id=uuid7(),
+        headers={},
+        body=body,
+        content_type="application/json",
+        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
+        initial_status="recorded",
     )
     return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
 
@@ -58,7 +62,9 @@ async def test_append_then_read_back_in_order(engine: AsyncEngine, appender: App
     assert read[0].recorded_at.tzinfo is not None
 
 
-async def test_expected_version_conflict_appends_nothing(engine: AsyncEngine, appender: Appender) -> None:
+async def test_expected_version_conflict_appends_nothing(
+    engine: AsyncEngine, appender: Appender
+) -> None:
     await appender.append([event()], expected_version=0)
     with pytest.raises(StreamVersionConflict) as caught:
         await appender.append([event()], expected_version=0)
@@ -67,15 +73,20 @@ async def test_expected_version_conflict_appends_nothing(engine: AsyncEngine, ap
         assert len(await read_events(conn, limit=10)) == 1
 
 
-async def test_racing_appends_with_one_expected_version_one_wins(engine: AsyncEngine, appender: Appender) -> None:
+async def test_racing_appends_with_one_expected_version_one_wins(
+    engine: AsyncEngine, appender: Appender
+) -> None:
     results = await asyncio.gather(
-        *(appender.append([event(n=i)], expected_version=0) for i in range(20)), return_exceptions=True
+        *(appender.append([event(n=i)], expected_version=0) for i in range(20)),
+        return_exceptions=True,
     )
     assert sum(not isinstance(r, Exception) for r in results) == 1
     assert all(isinstance(r, StreamVersionConflict) for r in results if isinstance(r, Exception))
 
 
-async def test_hash_chain_links_each_event_to_the_previous(engine: AsyncEngine, appender: Appender) -> None:
+async def test_hash_chain_links_each_event_to_the_previous(
+    engine: AsyncEngine, appender: Appender
+) -> None:
     for i in range(3):
         await appender.append([event(stream=f"s-{i}")])
     async with engine.connect() as conn:
@@ -83,8 +94,15 @@ async def test_hash_chain_links_each_event_to_the_previous(engine: AsyncEngine, 
     previous = GENESIS_HASH
     for e in read:
         canonical = canonical_bytes(
-            seq=e.seq, id=e.id, stream=e.stream, version=e.version, type=e.type, trigger_id=e.trigger_id,
-            idempotency_key=e.idempotency_key, data=dumps(e.data), meta=dumps(e.meta),
+            seq=e.seq,
+            id=e.id,
+            stream=e.stream,
+            version=e.version,
+            type=e.type,
+            trigger_id=e.trigger_id,
+            idempotency_key=e.idempotency_key,
+            data=dumps(e.data),
+            meta=dumps(e.meta),
             recorded_at=format_time(e.recorded_at),
         )
         previous = chain_hash(previous, canonical)
@@ -103,7 +121,9 @@ async def test_update_and_delete_on_events_are_refused_by_the_database(
         assert len(await read_events(conn, limit=10)) == 1
 
 
-async def test_duplicate_detection_uses_the_idempotency_index(engine: AsyncEngine, backend: str) -> None:
+async def test_duplicate_detection_uses_the_idempotency_index(
+    engine: AsyncEngine, backend: str
+) -> None:
     async with write_transaction(engine) as conn:
         await append_commands(conn, [delivery(f"k{i}") for i in range(200)])
     query = (
@@ -116,12 +136,16 @@ async def test_duplicate_detection_uses_the_idempotency_index(engine: AsyncEngin
             await conn.exec_driver_sql("SET enable_seqscan = off")
             plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + query))
         else:
-            plan = "\n".join(str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query))
+            plan = "\n".join(
+                str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query)
+            )
     assert "uq_events_trigger_id_idempotency_key" in plan, plan
 
 
-async def test_the_appenders_own_duplicate_query_uses_the_index(engine: AsyncEngine, backend: str) -> None:
-    """The statement the appender really sends, compiled for this backend, is planned on the index."""
+async def test_the_appenders_own_duplicate_query_uses_the_index(
+    engine: AsyncEngine, backend: str
+) -> None:
+    """The statement the appender really sends, compiled for this backend, probes the index."""
     from ledger.appender import _originals_query
 
     statement = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
@@ -133,13 +157,17 @@ async def test_the_appenders_own_duplicate_query_uses_the_index(engine: AsyncEng
             await conn.exec_driver_sql("SET enable_seqscan = off")
             plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
         else:
-            plan = "\n".join(str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+            plan = "\n".join(
+                str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
+            )
     assert "uq_events_trigger_id_idempotency_key" in plan, plan
 
 
 async def test_in_batch_and_cross_batch_duplicates(engine: AsyncEngine) -> None:
     async with write_transaction(engine) as conn:
-        first = await append_commands(conn, [delivery("a"), delivery("a", body="[1]"), delivery(None)])
+        first = await append_commands(
+            conn, [delivery("a"), delivery("a", body="[1]"), delivery(None)]
+        )
     async with write_transaction(engine) as conn:
         second = await append_commands(conn, [delivery("a")])
     assert [r.is_duplicate for r in first] == [False, True, False]
@@ -148,11 +176,17 @@ async def test_in_batch_and_cross_batch_duplicates(engine: AsyncEngine) -> None:
     assert second[0].execution_id == first[0].execution_id
     async with engine.connect() as conn:
         timeline = await read_stream(conn, f"execution-{first[0].execution_id}")
-    assert [e.type for e in timeline] == ["webhook.received", "webhook.duplicate", "webhook.duplicate"]
+    assert [e.type for e in timeline] == [
+        "webhook.received",
+        "webhook.duplicate",
+        "webhook.duplicate",
+    ]
     assert timeline[1].data["body"] == "[1]"
 
 
-async def test_upgrade_is_idempotent_and_keeps_events(engine: AsyncEngine, appender: Appender) -> None:
+async def test_upgrade_is_idempotent_and_keeps_events(
+    engine: AsyncEngine, appender: Appender
+) -> None:
     await appender.append([event()])
     assert await upgrade(engine) == head_revision()
     assert await current_revision(engine) == head_revision()
@@ -182,7 +216,9 @@ async def test_concurrent_appenders_never_let_a_reader_skip(database_url: str) -
 
     async def write(appender: Appender, n: int) -> None:
         for i in range(60):
-            await asyncio.gather(*(appender.append([event(stream=f"w{n}-{i}-{j}")]) for j in range(3)))
+            await asyncio.gather(
+                *(appender.append([event(stream=f"w{n}-{i}-{j}")]) for j in range(3))
+            )
 
     reader = asyncio.create_task(tail())
     await asyncio.gather(*(write(a, n) for n, a in enumerate(appenders)))

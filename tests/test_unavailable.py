@@ -11,12 +11,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-
 from conftest import create_trigger
+from tcpproxy import TcpProxy
+
 from ledger.store import create_engine, read_events
 from server.app import make_app
 from server.config import Settings
-from tcpproxy import TcpProxy
 
 
 def via(url: str, port: int) -> str:
@@ -40,7 +40,9 @@ async def test_receiver_answers_503_while_the_database_is_away_and_recovers(
     headers = {"Content-Type": "application/json"}
 
     async def deliver(key: str) -> Any:
-        return await client.post("/webhooks/t", data="{}", headers=headers | {"Idempotency-Key": key})
+        return await client.post(
+            "/webhooks/t", data="{}", headers=headers | {"Idempotency-Key": key}
+        )
 
     assert (await deliver("before")).status == 202
     await proxy.cut()
@@ -57,7 +59,10 @@ async def test_receiver_answers_503_while_the_database_is_away_and_recovers(
         await asyncio.sleep(0.2)
     engine = create_engine(settings.database_url)
     async with engine.connect() as conn:
-        keys = [e.idempotency_key for e in await read_events(conn, limit=100, types=["webhook.received"])]
+        keys = [
+            e.idempotency_key
+            for e in await read_events(conn, limit=100, types=["webhook.received"])
+        ]
     await engine.dispose()
     assert keys == ["before", "after"]
     await proxy.cut()

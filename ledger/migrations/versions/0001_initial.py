@@ -47,7 +47,9 @@ def _events() -> None:
     )
     op.create_index("ix_events_trigger_id_seq", "events", ["trigger_id", "seq"])
     op.create_index("ix_events_type_seq", "events", ["type", "seq"])
-    statements = POSTGRES_APPEND_ONLY if op.get_bind().dialect.name == "postgresql" else SQLITE_APPEND_ONLY
+    statements = (
+        POSTGRES_APPEND_ONLY if op.get_bind().dialect.name == "postgresql" else SQLITE_APPEND_ONLY
+    )
     for statement in statements:
         op.execute(statement)
 
