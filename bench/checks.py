@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,11 +120,21 @@ async def _drop(engine: AsyncEngine, table: str) -> None:
         await conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
 
 
+async def _behind(engine: AsyncEngine, wait_s: float) -> tuple[int, dict[str, int]]:
+    """How far each projection is behind the head, once the live projector had `wait_s` to fold."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        async with engine.connect() as conn:
+            head = await read_last_seq(conn)
+            positions = await read_checkpoints(conn)
+        behind = {name: head - positions.get(name, 0) for name in PROJECTIONS}
+        if not any(behind.values()) or time.monotonic() > deadline:
+            return head, behind
+        await asyncio.sleep(0.05)
+
+
 async def check_projections(engine: AsyncEngine) -> list[Check]:
-    async with engine.connect() as conn:
-        head = await read_last_seq(conn)
-        positions = await read_checkpoints(conn)
-    behind = {name: head - positions.get(name, 0) for name in PROJECTIONS}
+    head, behind = await _behind(engine, wait_s=2.0)
     checks = [
         Check("projections at the head", not any(behind.values()), f"head {head}, behind {behind}")
     ]
