@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/hookledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,browser]'
+	$(BIN)/pip install --quiet -e '.[dev,browser,bench]'
 	@touch $@
 
 install: $(BIN)/hookledger
