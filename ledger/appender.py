@@ -195,8 +195,6 @@ class Appender:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_batch = max_batch
         self.committed = asyncio.Event()  # set after each commit; listeners clear it
-        self.last_seq = 0
-        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
         # Called after each commit with (batch size, seconds of the transaction): metrics, feeds.
         self.commit_listeners: list[Callable[[int, float], None]] = []
         self._started = 0.0
@@ -267,8 +265,6 @@ class Appender:
                 pending.future.set_exception(error)
 
     def _notify(self, results: list[Any]) -> None:
-        self.batch_sizes.append(len(results))
-        del self.batch_sizes[:-100]
         self.committed.set()
         seconds = time.perf_counter() - self._started
         for listener in self.commit_listeners:

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from ledger.errors import StreamVersionConflict
-from ledger.events import JSON, EventData, trigger_stream
+from ledger.events import JSON, EventData
 from ledger.store import read_event
 from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS
@@ -228,4 +228,4 @@ async def rebuild_projection(request: web.Request) -> web.Response:
     )
 
 
-__all__ = ["routes", "trigger_stream"]
+__all__ = ["routes"]

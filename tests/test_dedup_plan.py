@@ -3,14 +3,12 @@ many keys a batch asks about (SQLite's planner switched to scanning the type ind
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
+from factories import delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.appender import _originals_query, append_commands
 from ledger.commands import RecordDelivery
-from ledger.events import WebhookReceived, uuid7
 from ledger.migrate import upgrade
 from ledger.schema import IDEMPOTENCY_INDEX
 from ledger.store import create_engine, write_transaction
@@ -25,15 +23,7 @@ async def engine(database_url: str) -> AsyncEngine:
 
 
 def _delivery(key: str) -> RecordDelivery:
-    received = WebhookReceived(
-        execution_id=uuid7(),
-        headers={},
-        body="{}",
-        content_type="application/json",
-        body_sha256=hashlib.sha256(b"{}").hexdigest(),
-        initial_status="recorded",
-    )
-    return RecordDelivery(trigger_id="t", idempotency_key=key, received=received)
+    return delivery(key, initial_status="recorded")
 
 
 @pytest.mark.parametrize("asked", [2, 10, 100, 1000])

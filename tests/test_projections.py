@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 from conftest import AUTH, create_trigger
+from factories import delivery
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.appender import append_commands
-from ledger.commands import AppendEvents, RecordDelivery
+from ledger.commands import AppendEvents
 from ledger.events import (
     ExecutionFailed,
     ExecutionReplayRequested,
@@ -26,7 +26,6 @@ from ledger.events import (
     TriggerPaused,
     TriggerRegistered,
     TriggerResumed,
-    WebhookReceived,
     execution_stream,
     trigger_stream,
     uuid7,
@@ -217,18 +216,6 @@ async def test_projector_catches_up_after_a_restart(database_url: str) -> None:
         assert (await read_checkpoints(conn))["trigger_executions"] == 25
     assert len(await snapshot(engine, "trigger_executions")) == 25
     await engine.dispose()
-
-
-def delivery(key: str | None, body: str = "{}", trigger_id: str = "t") -> RecordDelivery:
-    received = WebhookReceived(
-        execution_id=uuid7(),
-        headers={},
-        body=body,
-        content_type="application/json",
-        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
-        initial_status="pending",
-    )
-    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
 
 
 # --- property: live projection == rebuild, whatever the batches and restarts -----------------

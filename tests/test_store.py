@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import pytest
 import sqlalchemy as sa
+from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.appender import Appender, append_commands
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import RecordDelivery
 from ledger.errors import StreamVersionConflict
-from ledger.events import NewEvent, WebhookReceived, uuid7
+from ledger.events import NewEvent
 from ledger.migrate import current_revision, head_revision, upgrade
 from ledger.store import create_engine, read_events, read_stream, write_transaction
 
@@ -39,15 +39,7 @@ def event(stream: str = "s-1", n: int = 0) -> NewEvent:
 
 
 def delivery(key: str | None, body: str = "{}", trigger_id: str = "t") -> RecordDelivery:
-    received = WebhookReceived(
-        execution_id=uuid7(),
-        headers={},
-        body=body,
-        content_type="application/json",
-        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
-        initial_status="recorded",
-    )
-    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
+    return make_delivery(key, body, trigger_id, initial_status="recorded")
 
 
 async def test_append_then_read_back_in_order(engine: AsyncEngine, appender: Appender) -> None:
