@@ -9,6 +9,7 @@ that follows `seq` never passes an event that becomes visible later.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -16,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ledger.codec import GENESIS_HASH, loads
@@ -192,13 +194,19 @@ async def first_seq_at(conn: AsyncConnection, moment: datetime) -> int:
     return int((await conn.execute(query)).scalar_one())
 
 
-_write_locks: dict[int, asyncio.Lock] = {}
+# Keyed by the engine itself, weakly: keyed by id(), a new engine could inherit the lock of a
+# collected one at the same address, still held by a transaction its closed loop abandoned, and
+# every write of the new engine would wait forever.
+_write_locks: weakref.WeakKeyDictionary[Engine, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def _process_write_lock(engine: AsyncEngine) -> asyncio.Lock:
     # SQLite has one writer: inside a process, writers queue on an asyncio lock instead of
     # spinning in SQLite's busy handler, whose sleeps would show up as latency spikes.
-    return _write_locks.setdefault(id(engine.sync_engine), asyncio.Lock())
+    lock = _write_locks.get(engine.sync_engine)
+    if lock is None:
+        lock = _write_locks[engine.sync_engine] = asyncio.Lock()
+    return lock
 
 
 @asynccontextmanager

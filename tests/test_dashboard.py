@@ -133,7 +133,10 @@ async def dashboard(settings: Settings, destination: Destination) -> AsyncIterat
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
-        async with aiohttp.ClientSession(base_url=url, headers=headers) as api:
+        # A request that hangs fails in a minute and says which, instead of eating the test's
+        # whole 300 s timeout (aiohttp's own default) with nothing to show.
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(base_url=url, headers=headers, timeout=timeout) as api:
             yield Dashboard(url, api, destination)
     finally:
         await runner.cleanup()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger import store
 from ledger.appender import Appender, append_commands
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import RecordDelivery
@@ -235,3 +238,25 @@ async def test_commits_are_durable_by_configuration(engine: AsyncEngine, backend
         else:
             assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
             assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+async def test_a_new_engine_never_inherits_an_abandoned_write_lock(tmp_path: Path) -> None:
+    """An SQLite engine's in-process write lock lives and dies with that engine.
+
+    Keyed by id(), a new engine allocated where a collected one lived inherited its lock, still
+    held by a transaction that a closed event loop had abandoned: every write then waited forever
+    (seen in CI as a test that hung until its 300 s timeout).
+    """
+    abandoned = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    await store._process_write_lock(abandoned).acquire()  # a transaction that never ended
+    del abandoned
+    gc.collect()
+    assert len(store._write_locks) == 0  # nothing left for a newcomer at the same address to find
+    fresh = create_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        await upgrade(fresh)
+        async with asyncio.timeout(5):
+            async with write_transaction(fresh) as conn:
+                assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+    finally:
+        await fresh.dispose()
