@@ -10,6 +10,7 @@ A key is a non-empty string or a decimal integer; other JSON types at a path are
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ _ANY_SOURCE_HEADERS = ("x-github-delivery", "linear-delivery")
 _GENERAL_HEADERS = ("idempotency-key", "webhook-id")
 _GENERAL_BODY_PATHS = ("idempotency_key", "messageId", "data.messageId", "data.idempotency_key")
 _INT64 = 2**63
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
 def body_value(body: Any, path: str) -> Any:
@@ -61,7 +63,7 @@ def key_of(value: Any) -> str | None:
 def validate_key(key: str) -> str:
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidIdempotencyKey(f"longer than {MAX_KEY_LENGTH} characters")
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in key):
+    if _CONTROL.search(key):
         raise InvalidIdempotencyKey("contains control characters")
     return key
 

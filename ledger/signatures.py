@@ -80,13 +80,14 @@ def verify_signature(
 
 def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Lower-case names to values, repeated names joined with ", ", credentials hidden."""
-    values: dict[str, list[str]] = {}
+    stored: dict[str, str] = {}
     for name, value in headers:
-        values.setdefault(name.lower(), []).append(value)
-    return {
-        name: _REDACTED if name in REDACTED_HEADERS else ", ".join(joined)
-        for name, joined in values.items()
-    }
+        key = name.lower()
+        previous = stored.get(key)
+        stored[key] = value if previous is None else f"{previous}, {value}"
+    for key in REDACTED_HEADERS.intersection(stored):
+        stored[key] = _REDACTED
+    return stored
 
 
 def _usable_secrets(secrets: Sequence[str]) -> _Secrets:

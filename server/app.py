@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import re
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,52 +20,20 @@ from server import admin, audit, feed, monitoring, openapi, replays, stats
 from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
-from server.errors import ApiError, Handler, error_middleware
-from server.logs import request_id
+from server.errors import ApiError
 from server.metrics import Metrics
-from server.ratelimit import (
-    ADMIN_LIMITER,
-    INGEST_LIMITER,
-    RateLimiter,
-    admin_rate_limit_middleware,
-)
+from server.middleware import make_middleware
+from server.ratelimit import ADMIN_LIMITER, INGEST_LIMITER, RateLimiter
 from server.receiver import receive_webhook
 from server.state import SERVICES, Services
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DASHBOARD_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-
-
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get("X-Request-Id", "")
-    rid = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
-    token = request_id.set(rid)
-    try:
-        response = await handler(request)
-        response.headers["X-Request-Id"] = rid
-        return response
-    finally:
-        request_id.reset(token)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
-        expected = request.app[SERVICES].admin_token
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), expected.encode()
-        ):
-            raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin token>")
-    return await handler(request)
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -150,13 +115,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 def make_app(settings: Settings, services: Services | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[
-            request_id_middleware,
-            monitoring.webhook_outcome_middleware,
-            error_middleware,
-            admin_rate_limit_middleware(settings.admin_rate_per_s, settings.admin_rate_burst),
-            auth_middleware,
-        ],
+        middlewares=[make_middleware(settings.admin_rate_per_s, settings.admin_rate_burst)],
         client_max_size=settings.max_body_bytes,
     )
     app[SERVICES] = services or build_services(settings)

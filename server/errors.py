@@ -1,8 +1,11 @@
 """The server's errors and the one place that turns any error into the documented HTTP shape.
 
 ApiError(status, code, message)       raised by handlers for documented outcomes
-ledger.errors.*                        mapped by `error_middleware` (see _LEDGER_ERRORS)
+ledger.errors.*                        mapped by `error_answer` (see _LEDGER_ERRORS)
 anything else                          500 internal_error, logged with its cause
+
+`error_answer` is called by the request middleware (server.middleware) for whatever a handler
+raised.
 """
 
 from __future__ import annotations
@@ -67,35 +70,32 @@ def _from_http(exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, code, exc.reason or code, headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """The documented answer to what a handler raised. An HTTPException below 400 (a redirect,
+    say) is an answer, not an error: it is raised again for aiohttp to send."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
-    except ledger_errors.StorageUnavailable as exc:
+    if isinstance(exc, ledger_errors.StorageUnavailable):
         return _unavailable(exc.cause)
-    except ledger_errors.LedgerError as exc:
+    if isinstance(exc, ledger_errors.LedgerError):
         for kind, (status, code) in _LEDGER_ERRORS.items():
             if isinstance(exc, kind):
                 return error_response(status, code, str(exc))
-        logger.exception("evt=internal_error path=%s", request.path)
-        return error_response(
-            500, "internal_error", "an internal error occurred; it has been logged"
-        )
-    except web.HTTPException as exc:
+        return _internal(request, exc)
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return _from_http(exc)
-    except Exception as exc:
-        if is_unavailable(exc):
-            # A read that cannot reach the database (the trigger lookup, say) is a 503 too:
-            # the sender retries, and nothing was acknowledged.
-            return _unavailable(exc)
-        logger.exception("evt=internal_error path=%s", request.path)
-        return error_response(
-            500, "internal_error", "an internal error occurred; it has been logged"
-        )
+    if is_unavailable(exc):
+        # A read that cannot reach the database (the trigger lookup, say) is a 503 too:
+        # the sender retries, and nothing was acknowledged.
+        return _unavailable(exc)
+    return _internal(request, exc)
+
+
+def _internal(request: web.Request, exc: Exception) -> web.Response:
+    logger.error("evt=internal_error path=%s", request.path, exc_info=exc)
+    return error_response(500, "internal_error", "an internal error occurred; it has been logged")
 
 
 def _unavailable(cause: BaseException) -> web.Response:

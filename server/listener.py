@@ -52,7 +52,11 @@ class GuardedRequestHandler(RequestHandler):
     def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout_s = header_timeout_s
-        self._header_deadline: asyncio.TimerHandle | None = None
+        # When the next head is due (loop time; None while a request is being served), and the
+        # timer that looks at it. The timer is moved lazily, not replaced for every request:
+        # when it fires before the deadline, it is set again for the deadline.
+        self._head_due: float | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,6 +65,9 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_deadline()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -68,7 +75,7 @@ class GuardedRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != heads:
             self._disarm_header_deadline()
-        elif self._header_deadline is not None and data:
+        elif self._head_due is not None and data:
             self._head_begun = True
 
     async def finish_response(
@@ -104,20 +111,28 @@ class GuardedRequestHandler(RequestHandler):
         return response
 
     def _arm_header_deadline(self) -> None:
-        self._disarm_header_deadline()
-        if self._header_timeout_s > 0:
-            self._head_begun = False
-            self._header_deadline = self._loop.call_later(
-                self._header_timeout_s, self._on_header_deadline
-            )
+        if self._header_timeout_s <= 0:
+            return
+        self._head_begun = False
+        due = self._head_due = self._loop.time() + self._header_timeout_s
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(due, self._on_head_timer, due)
 
     def _disarm_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
+        self._head_due = None
+
+    def _on_head_timer(self, set_for: float) -> None:
+        self._head_timer = None
+        due = self._head_due
+        if due is None:
+            return
+        if due > set_for:  # re-armed since this timer was set
+            self._head_timer = self._loop.call_at(due, self._on_head_timer, due)
+            return
+        self._on_header_deadline()
 
     def _on_header_deadline(self) -> None:
-        self._header_deadline = None
+        self._head_due = None
         is_waiting_for_head = self._waiter is not None and not self._waiter.done()
         if not is_waiting_for_head:
             # Still busy with the previous request (e.g. draining its body): look again later.

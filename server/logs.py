@@ -1,11 +1,16 @@
-"""Structured logs: one line per fact (`evt=… key=value`), as text or JSON, with the request id.
+"""Structured logs: one line per fact (`evt=… key=value`), as text or JSON, with the request id;
+written once per event-loop iteration, not once per line.
 
 Values are quoted and escaped, so a payload's newlines or escape sequences never split a line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import random
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -15,7 +20,7 @@ import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+")
+_PLAIN = re.compile(r"[A-Za-z0-9\-_.:/@+]+")
 # Whatever a payload carries, a record stays one line and cannot drive a terminal: control
 # characters (C0, DEL, C1) and the Unicode line separators are written as escapes.
 _UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
@@ -26,11 +31,18 @@ _TEXT_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSA
 }
 # orjson escapes C0 itself; the rest may stand raw in JSON text, so escape them the JSON way.
 _JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x7F}
+_UNSAFE_ASCII = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def new_request_id() -> str:
+    """16 hex characters. A request id names a request in the logs; it guards nothing, so it
+    needs no system randomness (a syscall per request)."""
+    return f"{random.getrandbits(64):016x}"  # noqa: S311 - an id, not a secret
 
 
 def _text(value: Any) -> str:
     text = str(value)
-    if text and all(ch in _PLAIN for ch in text):
+    if _PLAIN.fullmatch(text):
         return text
     return orjson.dumps(text).decode()  # quoted, with every control character escaped
 
@@ -49,10 +61,38 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+def _escaped(line: str, escapes: dict[int, str]) -> str:
+    # translate() looks each character up in a dict; most lines are plain ASCII with nothing to
+    # escape, which isascii() (a flag) and one scan in C tell at once.
+    if line.isascii() and not _UNSAFE_ASCII.search(line):
+        return line
+    return line.translate(escapes)
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = (-1, "")  # the last second seen, and its date and time as text
+
+    def _timestamp(self, created: float) -> str:
+        """`datetime.fromtimestamp(created, UTC).isoformat()`, rounding as it does, with the text
+        of each second made once."""
+        fraction, whole = math.modf(created)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        elif micros < 0:
+            whole, micros = whole - 1, micros + 1_000_000
+        second, text = self._second
+        if second != int(whole):
+            second = int(whole)
+            text = datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat()
+            self._second = (second, text)
+        return f"{text}.{micros:06d}+00:00" if micros else f"{text}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -67,7 +107,7 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = rid
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode().translate(_JSON_ESCAPES)
+        return _escaped(orjson.dumps(entry, default=str).decode(), _JSON_ESCAPES)
 
 
 class TextFormatter(logging.Formatter):
@@ -76,12 +116,82 @@ class TextFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None)
         line = f"{line} request_id={rid}" if rid else line
         # Tracebacks are multi-line, and messages may carry anything: one line, always.
-        return line.translate(_TEXT_ESCAPES)
+        return _escaped(line, _TEXT_ESCAPES)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
+    """A StreamHandler that writes the lines an event loop's iteration logs in one write.
+
+    On a thread running an event loop, INFO and DEBUG lines wait for a `call_soon` callback, so
+    they reach the stream at the end of the loop's current iteration: a burst of requests costs
+    one write, not one per line. WARNING and above, lines from threads without a running loop,
+    `flush()` (logging's exit hook calls it) and the next line after a loop stopped with lines
+    pending write at once, after whatever waits: the order of lines is kept.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own rule: a bad record never raises
+            self.handleError(record)
+            return
+        loop = _running_loop()
+        if loop is not None and record.levelno < logging.WARNING:
+            if self._scheduled_on is not loop:
+                self._write_pending()  # lines of a loop that stopped before writing them
+                loop.call_soon(self._end_of_iteration)
+                self._scheduled_on = loop
+            self._pending.append(line)
+            return
+        self._pending.append(line)
+        self._write_pending()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _end_of_iteration(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled_on = None
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self) -> None:
+        """Write the waiting lines in one go; the caller holds the lock (emit runs under it)."""
+        text = "".join(self._pending)
+        self._pending.clear()
+        try:
+            if text:
+                self.stream.write(text)
+            self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as StreamHandler.emit: report, never raise
+            self.handleError(logging.makeLogRecord({"msg": text}))
 
 
 def build_handler(log_format: str, stream: TextIO) -> logging.Handler:
     """A handler writing `json` or `text` lines, each stamped with the current request id."""
-    handler = logging.StreamHandler(stream)
+    handler = _BatchingStreamHandler(stream)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(
         JsonFormatter()
@@ -94,8 +204,14 @@ def build_handler(log_format: str, stream: TextIO) -> logging.Handler:
 def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
     if log_format == "auto":
         log_format = "text" if sys.stderr.isatty() else "json"
+    # No format here prints them; each is a lookup (or, for the caller's file and line, a stack
+    # walk) for every record. The logging HOWTO's "Optimization" names these switches.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = build_handler(log_format, sys.stderr)
     root = logging.getLogger()
+    for previous in root.handlers:
+        previous.flush()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

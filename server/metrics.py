@@ -32,6 +32,10 @@ class Metrics:
             ["trigger_id", "outcome", "reason"],
             registry=r,
         )
+        # The labelled children by label values, since `.labels()` checks and joins its
+        # arguments on every call. It holds the very children the counter keeps (one per label
+        # set ever counted), so it grows only as they do.
+        self._webhook_children: dict[tuple[str, str, str], Counter] = {}
         self._attempts = Histogram(
             "hookledger_dispatch_attempt_seconds",
             "Duration of dispatch attempts, by trigger and outcome.",
@@ -80,7 +84,11 @@ class Metrics:
 
     def count_webhook(self, trigger_id: str, outcome: str, reason: str = "") -> None:
         """One answered delivery: `accepted`, `duplicate` or `rejected` (with its reason)."""
-        self._webhooks.labels(trigger_id, outcome, reason).inc()
+        key = (trigger_id, outcome, reason)
+        child = self._webhook_children.get(key)
+        if child is None:
+            child = self._webhook_children[key] = self._webhooks.labels(*key)
+        child.inc()
 
     def observe_attempt(self, trigger_id: str, outcome: str, seconds: float) -> None:
         """One dispatch attempt: outcome `succeeded`, `failed_transient` or `failed_permanent`."""

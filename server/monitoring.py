@@ -25,7 +25,6 @@ from projections.runner import read_checkpoints
 from projections.trigger_executions import DISPATCHABLE, STATUSES
 from projections.trigger_executions import table as executions
 from server.config import Settings
-from server.errors import Handler
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
 from server.state import SERVICES, Services
@@ -139,7 +138,9 @@ def _error_code(response: web.StreamResponse) -> str:
         return f"http_{response.status}"
 
 
-def _record_outcome(request: web.Request, response: web.StreamResponse) -> None:
+def record_outcome(request: web.Request, response: web.StreamResponse) -> None:
+    """Count an answer of the receiver, and log a rejection with its reason. Called with the
+    answer the sender gets, after any error became one."""
     metrics = request.app[SERVICES].metrics
     trigger_id = request.match_info.get("trigger_id", "")
     if response.status < 400:
@@ -150,18 +151,6 @@ def _record_outcome(request: web.Request, response: web.StreamResponse) -> None:
     label = "" if code in _UNKNOWN_TRIGGER_CODES else trigger_id
     metrics.count_webhook(label, "rejected", code)
     fact(logger, "webhook_rejected", trigger_id=trigger_id, status=response.status, reason=code)
-
-
-@web.middleware
-async def webhook_outcome_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts every answer of the receiver, and logs each rejection with its reason.
-
-    It sits outside the error middleware, so it sees the answer the sender gets.
-    """
-    response = await handler(request)
-    if request.path.startswith("/webhooks/"):
-        _record_outcome(request, response)
-    return response
 
 
 def setup(app: web.Application) -> None:

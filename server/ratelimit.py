@@ -13,15 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
-from server.errors import ApiError, Handler
+from server.errors import ApiError
 
 __all__ = [
     "ADMIN_LIMITER",
     "INGEST_LIMITER",
     "RateLimiter",
-    "admin_rate_limit_middleware",
+    "limit_admin",
     "rate_limited",
 ]
 
@@ -79,16 +78,10 @@ INGEST_LIMITER: web.AppKey[RateLimiter] = web.AppKey("ingest_limiter", RateLimit
 ADMIN_LIMITER: web.AppKey[RateLimiter] = web.AppKey("admin_limiter", RateLimiter)
 
 
-def admin_rate_limit_middleware(per_s: float, burst: float) -> Middleware:
-    """Limit /api/ requests per client address, before the token is checked (so guessing it is
-    slow too). `per_s` <= 0 turns the limit off."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if per_s > 0 and request.path.startswith("/api/"):
-            wait = request.app[ADMIN_LIMITER].wait_s(request.remote or "", per_s, burst)
-            if wait > 0:
-                raise rate_limited(wait, "the admin API")
-        return await handler(request)
-
-    return middleware
+def limit_admin(request: web.Request, per_s: float, burst: float) -> None:
+    """Take a token for an /api/ request's client address, or raise 429. Called before the token
+    is checked (so guessing it is slow too); `per_s` <= 0 turns the limit off."""
+    if per_s > 0:
+        wait = request.app[ADMIN_LIMITER].wait_s(request.remote or "", per_s, burst)
+        if wait > 0:
+            raise rate_limited(wait, "the admin API")

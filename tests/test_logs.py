@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import create_trigger
+from hypothesis import given
+from hypothesis import strategies as st
 
-from server.logs import JsonFormatter, TextFormatter, fact
+from server.logs import JsonFormatter, TextFormatter, build_handler, fact, new_request_id
 
 HOSTILE = [
     "line\nbreak",
@@ -101,3 +107,94 @@ async def test_hostile_requests_log_one_line_per_record(
     for record in records:
         for formatter in FORMATTERS.values():
             assert_one_safe_line(formatter.format(record))
+
+
+class RecordingStream(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[list[int]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append([orjson.loads(line)["n"] for line in text.splitlines()])
+        return super().write(text)
+
+
+Batched = tuple[logging.Logger, logging.Handler, RecordingStream]
+
+
+@pytest.fixture
+def batched() -> Iterator[Batched]:
+    stream = RecordingStream()
+    handler = build_handler("json", stream)
+    log = logging.getLogger("batched")
+    log.addHandler(handler)
+    log.propagate, log.level = False, logging.INFO
+    yield log, handler, stream
+    log.removeHandler(handler)
+
+
+async def test_the_lines_of_one_loop_iteration_are_written_together_when_it_ends(
+    batched: Batched,
+) -> None:
+    log, _, stream = batched
+    for n in range(3):
+        fact(log, "x", n=n)
+    assert stream.writes == []
+    await asyncio.sleep(0)  # our task resumes after the callback that writes them
+    assert stream.writes == [[0, 1, 2]]
+
+
+async def test_a_warning_is_written_at_once_after_the_lines_waiting(batched: Batched) -> None:
+    log, _, stream = batched
+    fact(log, "x", n=0)
+    fact(log, "x", logging.WARNING, n=1)
+    assert stream.writes == [[0, 1]]
+    await asyncio.sleep(0)
+    assert stream.writes == [[0, 1]]
+
+
+def test_without_a_running_loop_each_line_is_written_at_once(batched: Batched) -> None:
+    log, _, stream = batched
+    fact(log, "x", n=0)
+    fact(log, "x", n=1)
+    assert stream.writes == [[0], [1]]
+
+
+def test_lines_a_stopped_loop_left_waiting_are_written_by_flush_or_the_next_line(
+    batched: Batched,
+) -> None:
+    log, handler, stream = batched
+
+    def run_loop_that_stops_after(n: int) -> None:
+        loop = asyncio.new_event_loop()
+
+        def log_and_stop() -> None:
+            fact(log, "x", n=n)
+            loop.stop()  # before the callback that would write the line
+
+        loop.call_soon(log_and_stop)
+        loop.run_forever()
+        loop.close()
+
+    run_loop_that_stops_after(0)
+    assert stream.writes == []
+    fact(log, "x", n=1)
+    run_loop_that_stops_after(2)
+    handler.flush()  # as logging.shutdown does at exit
+    assert stream.writes == [[0, 1], [2]]
+
+
+def test_request_ids_are_16_hex_characters() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(rid) == 16 and set(rid) <= set("0123456789abcdef") for rid in ids)
+
+
+@given(st.floats(min_value=0, max_value=2**36, allow_nan=False, allow_infinity=False))
+def test_json_timestamps_are_what_datetime_isoformat_writes(created: float) -> None:
+    formatter = JsonFormatter()
+    for moment in (created, created + 0.5, created):  # a new second, then a cached one
+        expected = datetime.fromtimestamp(moment, UTC).isoformat()
+        assert formatter._timestamp(moment) == expected

@@ -1,0 +1,63 @@
+"""The one middleware around every request: its id, the admin API's gate, the documented error
+shape, and the receiver's outcomes.
+
+One layer rather than one per concern: aiohttp runs each layer as a partial and a coroutine of its
+own, a fair share of what a webhook costs. Inside, the order is the layers' order: the request id
+around everything (errors are logged with it); the admin rate limit before the token check; and
+the outcome counted on the answer the sender gets, after any error became one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from server.errors import ApiError, Handler, error_answer
+from server.logs import new_request_id, request_id
+from server.monitoring import record_outcome
+from server.ratelimit import limit_admin
+from server.state import SERVICES
+
+__all__ = ["make_middleware"]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _check_admin_token(request: web.Request) -> None:
+    expected = request.app[SERVICES].admin_token
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin token>")
+
+
+def make_middleware(admin_rate_per_s: float, admin_rate_burst: float) -> Middleware:
+    """The middleware; `admin_rate_per_s` <= 0 turns the admin API's rate limit off."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("X-Request-Id", "")
+        rid = given if given and _REQUEST_ID.match(given) else new_request_id()
+        token = request_id.set(rid)
+        try:
+            path = request.path
+            try:
+                if path.startswith("/api/"):
+                    limit_admin(request, admin_rate_per_s, admin_rate_burst)
+                    _check_admin_token(request)
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - error_answer shapes any error, or re-raises
+                response = error_answer(request, exc)
+            if path.startswith("/webhooks/"):
+                record_outcome(request, response)
+            response.headers["X-Request-Id"] = rid
+            return response
+        finally:
+            request_id.reset(token)
+
+    return middleware
