@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +23,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from ledger.codec import canonical_bytes, chain_hash, dumps, format_time, loads
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
-from ledger.events import NewEvent, WebhookReceived
+from ledger.events import NewEvent, RecordedEvent, WebhookReceived
 from ledger.schema import IDEMPOTENCY_INDEX, events
 from ledger.store import read_head, read_versions, take_append_lock, write_transaction
 
@@ -154,11 +154,25 @@ def _rows(
     return rows
 
 
+@dataclass(slots=True)
+class Appended:
+    """What one append transaction did: each command's result, and the events it wrote."""
+
+    results: list[Any]
+    before: int  # the head's seq before this transaction
+    events: list[RecordedEvent]
+
+
 async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
     """Append every command in the caller's transaction; each result is its outcome or its error.
 
     The caller must hold the append lock for the whole transaction (see `write_connection`).
     """
+    return (await append_batch(conn, commands)).results
+
+
+async def append_batch(conn: AsyncConnection, commands: Sequence[Command]) -> Appended:
+    """`append_commands`, also returning the events written, as a reader of the log sees them."""
     await take_append_lock(conn)
     head = await read_head(conn)
     state = await _plan_state(conn, commands)
@@ -177,7 +191,7 @@ async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) ->
     if rows:
         await conn.execute(events.insert(), rows)
     seqs = [row["seq"] for row in rows]
-    return [
+    results = [
         span
         if isinstance(span, LedgerError)
         else result_of(
@@ -185,6 +199,30 @@ async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) ->
         )
         for span in spans
     ]
+    return Appended(results, head[0], [_recorded(row) for row in rows])
+
+
+def _recorded(row: dict[str, Any]) -> RecordedEvent:
+    # data and meta decoded from the text just written, not taken from the Python objects: a
+    # fold sees exactly what a reader of the log will (a datetime in data is a string there).
+    return RecordedEvent(
+        seq=row["seq"],
+        id=row["id"],
+        stream=row["stream"],
+        version=row["version"],
+        type=row["type"],
+        trigger_id=row["trigger_id"],
+        idempotency_key=row["idempotency_key"],
+        data=loads(row["data"]),
+        meta=loads(row["meta"]),
+        recorded_at=row["recorded_at"],
+        hash=row["hash"],
+    )
+
+
+# Folds the events of an append into the projections inside its transaction; True when it did
+# (False: the projections were not at the head before it, the runner will fold them).
+Fold = Callable[[AsyncConnection, int, list[RecordedEvent]], Awaitable[bool]]
 
 
 class Appender:
@@ -192,12 +230,17 @@ class Appender:
 
     def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
+        # Set by the projection runner: the projections are folded in the append's own
+        # transaction, so they are never behind an acknowledged delivery (see projections.runner).
+        self.fold: Fold | None = None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_batch = max_batch
-        self.committed = asyncio.Event()  # set after each commit; listeners clear it
+        # Set after each commit that left the projections behind the log (none folded it in).
+        self.committed = asyncio.Event()
         # Called after each commit with (batch size, seconds of the transaction): metrics, feeds.
         self.commit_listeners: list[Callable[[int, float], None]] = []
         self._started = 0.0
+        self._behind = False
 
     async def submit(self, command: Command) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -233,7 +276,13 @@ class Appender:
     async def _transaction(self, commands: list[Command]) -> list[Any]:
         self._started = time.perf_counter()
         async with write_transaction(self._engine) as conn:
-            return await append_commands(conn, commands)
+            appended = await append_batch(conn, commands)
+            if appended.events:
+                folded = self.fold is not None and await self.fold(
+                    conn, appended.before, appended.events
+                )
+                self._behind = self._behind or not folded
+        return appended.results
 
     async def _isolate(self, batch: list[_Pending], exc: sa.exc.IntegrityError) -> None:
         """One bad command must not fail its neighbours: retry each alone."""
@@ -265,7 +314,9 @@ class Appender:
                 pending.future.set_exception(error)
 
     def _notify(self, results: list[Any]) -> None:
-        self.committed.set()
+        if self._behind:
+            self._behind = False
+            self.committed.set()
         seconds = time.perf_counter() - self._started
         for listener in self.commit_listeners:
             try:

@@ -41,6 +41,15 @@ async def set_checkpoint(conn: AsyncConnection, name: str, seq: int) -> None:
         await conn.execute(checkpoints.insert().values(name=name, **values))
 
 
+async def set_checkpoints(conn: AsyncConnection, names: Sequence[str], seq: int) -> None:
+    """Move several checkpoints that exist already to one position, in one statement."""
+    await conn.execute(
+        checkpoints.update()
+        .where(checkpoints.c.name.in_(sorted(names)))
+        .values(seq=seq, updated_at=datetime.now(UTC))
+    )
+
+
 async def _take_projector_lock(conn: AsyncConnection, *, wait: bool) -> bool:
     if not is_postgres(conn):
         return True  # the SQLite write transaction already excludes other runners
@@ -95,6 +104,34 @@ class ProjectionRunner:
         if pending:
             await projection.apply(conn, projection.table, pending)
             await set_checkpoint(conn, projection.name, pending[-1].seq)
+
+    async def fold_appended(
+        self, conn: AsyncConnection, before: int, appended: list[RecordedEvent]
+    ) -> bool:
+        """Fold events in the transaction that appends them, when every projection stood at
+        `before`, the head before them: an acknowledged delivery is in the projections when its
+        sender hears back, and nothing is read back from the log or committed twice.
+
+        Otherwise (a projection is behind or rebuilt, another runner is folding) leave them to
+        `step`, and say so. A projection that fails here is rolled back to a savepoint and left
+        to `step` too, which stops on it and says why: a bug in a fold never refuses deliveries.
+        """
+        if not await _take_projector_lock(conn, wait=False):
+            return False
+        positions = await read_checkpoints(conn)
+        if any(positions.get(p.name) != before for p in self.projections):
+            return False
+        try:
+            async with conn.begin_nested():
+                for projection in self.projections:
+                    await projection.apply(conn, projection.table, appended)
+                await set_checkpoints(conn, [p.name for p in self.projections], appended[-1].seq)
+        except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
+            logger.exception("evt=inline_fold_failed")
+            return False
+        self.positions = {p.name: appended[-1].seq for p in self.projections}
+        self.advanced.set()
+        return True
 
     async def catch_up(self) -> None:
         while await self.step():

@@ -119,6 +119,8 @@ def build_services(settings: Settings) -> Services:
     vault = Vault(settings.resolved_secret_key())
     token, _ = settings.resolved_admin_token()
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
+    if settings.projector:
+        appender.fold = runner.fold_appended
     metrics = Metrics()  # one registry per app; the dispatcher calls metrics.observe_attempt
     dispatcher = Dispatcher(
         engine=engine,
