@@ -56,7 +56,7 @@ async def _fill(
         # the database works while Python decodes and folds. Two batches in memory at most.
         reading = asyncio.ensure_future(anext(batches, None))
         async with write_transaction(engine) as conn:
-            await projection.apply(conn, table, batch)
+            await conn.run_sync(projection.apply, table, batch)
         done += len(batch)
         if progress:
             progress(batch[-1].seq, until, done)

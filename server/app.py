@@ -84,6 +84,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    services.appender.close()
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -120,7 +121,7 @@ def build_services(settings: Settings) -> Services:
     token, _ = settings.resolved_admin_token()
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
     if settings.projector:
-        appender.fold = runner.fold_appended
+        appender.folder = runner
     metrics = Metrics()  # one registry per app; the dispatcher calls metrics.observe_attempt
     dispatcher = Dispatcher(
         engine=engine,

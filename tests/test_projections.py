@@ -233,9 +233,18 @@ class _BrokenAfterApplying:
     def table(self) -> sa.Table:
         return self.inner.table  # type: ignore[no-any-return]
 
-    async def apply(self, conn: Any, table: sa.Table, events: Any) -> None:
-        await self.inner.apply(conn, table, events)
+    def apply(self, conn: Any, table: sa.Table, events: Any) -> None:
+        self.inner.apply(conn, table, events)
         raise RuntimeError("a bug in a fold")
+
+
+async def _append_and_fold(engine: AsyncEngine, runner: ProjectionRunner, key: str) -> bool:
+    def work(conn: sa.Connection) -> bool:
+        appended = append_batch(conn, [delivery(key)])
+        return runner.fold_appended(conn, appended.before, appended.events)
+
+    async with write_transaction(engine) as conn:
+        return await conn.run_sync(work)
 
 
 async def test_a_failing_inline_fold_keeps_the_append_and_leaves_the_fold_to_the_runner(
@@ -246,19 +255,13 @@ async def test_a_failing_inline_fold_keeps_the_append_and_leaves_the_fold_to_the
         await upgrade(engine)
         executions, stats = PROJECTIONS["trigger_executions"], PROJECTIONS["trigger_stats"]
         healthy = ProjectionRunner(engine, [executions, stats])
-        async with write_transaction(engine) as conn:
-            appended = await append_batch(conn, [delivery("a")])
-            assert await healthy.fold_appended(conn, appended.before, appended.events) is False
+        assert await _append_and_fold(engine, healthy, "a") is False  # no checkpoints yet
         await healthy.catch_up()  # checkpoints exist from here on: inline folds may start
-        async with write_transaction(engine) as conn:
-            appended = await append_batch(conn, [delivery("b")])
-            assert await healthy.fold_appended(conn, appended.before, appended.events) is True
+        assert await _append_and_fold(engine, healthy, "b") is True
         assert len(await snapshot(engine, "trigger_executions")) == 2
 
         broken = ProjectionRunner(engine, [executions, _BrokenAfterApplying(stats)])
-        async with write_transaction(engine) as conn:
-            appended = await append_batch(conn, [delivery("c")])
-            assert await broken.fold_appended(conn, appended.before, appended.events) is False
+        assert await _append_and_fold(engine, broken, "c") is False
         assert "evt=inline_fold_failed" in caplog.text
         async with engine.connect() as conn:
             assert await read_last_seq(conn) == 3  # the delivery is in the log
@@ -339,6 +342,16 @@ async def _reset(engine: AsyncEngine) -> None:
     await upgrade(engine)
 
 
+def _append_maybe_folded(
+    conn: sa.Connection, chunk: list[Any], folder: ProjectionRunner, inline: bool
+) -> None:
+    # As the server's appender does: folded in the append's own transaction when the
+    # projections are at the head, left to the runner otherwise.
+    appended = append_batch(conn, chunk)
+    if inline and appended.events:
+        folder.fold_appended(conn, appended.before, appended.events)
+
+
 async def _run_property(
     url: str, ops: list[Any], splits: list[int], batches: list[int], inline: list[bool]
 ) -> None:
@@ -352,11 +365,7 @@ async def _run_property(
             chunk, i = commands[i : i + split], i + split
             if chunk:
                 async with write_transaction(engine) as conn:
-                    appended = await append_batch(conn, chunk)
-                    # As the server's appender does: folded in the append's own transaction
-                    # when the projections are at the head, left to the runner otherwise.
-                    if inline[n % len(inline)] and appended.events:
-                        await folder.fold_appended(conn, appended.before, appended.events)
+                    await conn.run_sync(_append_maybe_folded, chunk, folder, inline[n % len(inline)])
             # A new runner each time: a restart between any two batches.
             await ProjectionRunner(
                 engine, list(PROJECTIONS.values()), batch=batches[n % len(batches)]

@@ -143,11 +143,12 @@ async def test_the_appenders_own_duplicate_query_uses_the_index(
     """The statement the appender really sends, compiled for this backend, probes the index."""
     from ledger.appender import _originals_query
 
-    statement = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
+    statement, params = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
     async with write_transaction(engine) as conn:
         await append_commands(conn, [delivery(f"k{i}") for i in range(50)])
     async with engine.connect() as conn:
-        sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        bound = statement.params(params)  # type: ignore[attr-defined]
+        sql = str(bound.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
         if backend == "postgres":
             await conn.exec_driver_sql("SET enable_seqscan = off")
             plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
