@@ -255,26 +255,37 @@ def has_own_file(engine: AsyncEngine) -> bool:
     )
 
 
+def plain_sqlite_engine(engine: AsyncEngine) -> Engine:
+    """A synchronous engine (the stdlib's sqlite3) on the same file, configured as `engine`."""
+    url = engine.url.set(drivername="sqlite+pysqlite")
+    # Its connections may be used from one thread and committed or closed from another.
+    plain = sa.create_engine(
+        url, pool_size=1, connect_args={"timeout": 30, "check_same_thread": False}
+    )
+    _configure_sqlite(plain)
+    return plain
+
+
+def write_options(conn: sa.Connection) -> sa.Connection:
+    """`conn`, its transactions taking the write lock (SQLite: BEGIN IMMEDIATE)."""
+    return conn.execution_options(**{WRITE_OPTION: True})
+
+
 class SqliteWriter:
     """The write transactions of one SQLite database in this process, on one plain connection.
 
     Through the asyncio driver every statement is a round trip to the driver's thread (~24 per
     append batch with the projections folded in), and each hop hands the GIL back and forth.
     Here the statements of a transaction run on the event loop's own thread, as plain sqlite3
-    calls (microseconds each: SQLite is in-process), and only COMMIT, whose fsync is the one
-    slow part, goes to a thread, while the loop serves other requests. The process's write lock
-    is held from BEGIN IMMEDIATE to the end of COMMIT, so the async engine's writers (the
-    runner, rebuilds) queue behind it as before; other processes wait in SQLite's busy handler.
+    calls (microseconds each: SQLite is in-process); only what may wait goes to a thread while
+    the loop serves other requests: BEGIN IMMEDIATE (another process may hold the write lock)
+    and COMMIT (its fsync). The process's write lock is held from BEGIN to the end of COMMIT,
+    so the async engine's writers (the runner, rebuilds) queue behind it as before.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._async_engine = engine
-        url = engine.url.set(drivername="sqlite+pysqlite")
-        # Used from the loop's thread, committed from the writer's: not same-thread.
-        self._engine = sa.create_engine(
-            url, pool_size=1, connect_args={"timeout": 30, "check_same_thread": False}
-        )
-        _configure_sqlite(self._engine)
+        self._engine = plain_sqlite_engine(engine)
         self._conn: sa.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="hookledger-commit")
 
@@ -282,25 +293,29 @@ class SqliteWriter:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
         async with _process_write_lock(self._async_engine):
             conn = self._connection()
-            transaction = conn.begin()
+            # BEGIN IMMEDIATE may wait for another process's writer (SQLite's busy handler):
+            # in the thread, like COMMIT, so the loop never does. In between, holding the
+            # write lock, statements only run (WAL readers never block them).
+            transaction = await self._in_thread(conn.begin)
             try:
                 result = work(conn)
-                committing = asyncio.get_running_loop().run_in_executor(
-                    self._thread, transaction.commit
-                )
-                try:
-                    await asyncio.shield(committing)
-                except asyncio.CancelledError:
-                    await asyncio.wait([committing])  # keep the lock until COMMIT has ended
-                    raise
+                await self._in_thread(transaction.commit)
             except BaseException:
                 self._discard(transaction)
                 raise
             return result
 
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        running = asyncio.get_running_loop().run_in_executor(self._thread, call)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait([running])  # keep the write lock until the call has ended
+            raise
+
     def _connection(self) -> sa.Connection:
         if self._conn is None:
-            self._conn = self._engine.connect().execution_options(**{WRITE_OPTION: True})
+            self._conn = write_options(self._engine.connect())
         return self._conn
 
     def _discard(self, transaction: sa.RootTransaction) -> None:

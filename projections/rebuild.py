@@ -10,12 +10,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.store import iter_events, read_last_seq, write_transaction
+from ledger.events import RecordedEvent
+from ledger.schema import events
+from ledger.store import (
+    has_own_file,
+    iter_events,
+    plain_sqlite_engine,
+    read_last_seq,
+    to_recorded,
+    write_options,
+    write_transaction,
+)
 from projections.base import Projection
 from projections.runner import _take_projector_lock, set_checkpoint
 
@@ -48,6 +59,8 @@ async def _fill(
     until: int,
     progress: Progress | None,
 ) -> int:
+    if has_own_file(engine):
+        return await asyncio.to_thread(_fill_sqlite, engine, projection, table, until, progress)
     done = 0
     batches = aiter(iter_events(engine, until=until, batch=BATCH))
     reading = asyncio.ensure_future(anext(batches, None))
@@ -61,6 +74,51 @@ async def _fill(
         if progress:
             progress(batch[-1].seq, until, done)
     return done
+
+
+def _fill_sqlite(
+    engine: AsyncEngine,
+    projection: Projection,
+    table: sa.Table,
+    until: int,
+    progress: Progress | None,
+) -> int:
+    """`_fill` on SQLite, in a thread of its own with plain sqlite3 connections: no hop per
+    statement, and the server's loop (an admin API rebuild) never waits for it. A reader thread
+    fetches and decodes the next batch while this one is folded in; two batches in memory."""
+    plain = plain_sqlite_engine(engine)
+    done = 0
+    try:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="hookledger-rebuild-read") as reader,
+            plain.connect() as read_conn,
+            write_options(plain.connect()) as write_conn,
+        ):
+            reading = reader.submit(_read_batch, read_conn, 0, until)
+            while batch := reading.result():
+                reading = reader.submit(_read_batch, read_conn, batch[-1].seq, until)
+                with write_conn.begin():
+                    projection.apply(write_conn, table, batch)
+                done += len(batch)
+                if progress:
+                    progress(batch[-1].seq, until, done)
+    finally:
+        plain.dispose()
+    return done
+
+
+_BATCH_QUERY = (
+    sa.select(events)
+    .where(events.c.seq > sa.bindparam("after"), events.c.seq <= sa.bindparam("until"))
+    .order_by(events.c.seq)
+    .limit(BATCH)
+)
+
+
+def _read_batch(conn: sa.Connection, after: int, until: int) -> list[RecordedEvent]:
+    with conn.begin():  # one snapshot per batch: the WAL is not pinned for the whole rebuild
+        rows = conn.execute(_BATCH_QUERY, {"after": after, "until": until}).all()
+    return [to_recorded(row) for row in rows]
 
 
 def _create_index(sync: sa.Connection, index: sa.Index) -> None:

@@ -125,14 +125,18 @@ class ProjectionRunner:
             return False
         now, seq = datetime.now(UTC), appended[-1].seq
         moved = [{"b_name": p.name, "b_seq": seq, "b_at": now} for p in self.projections]
+        # A savepoint by hand: SQLAlchemy's begin_nested() compiles two statements every time.
+        conn.exec_driver_sql("SAVEPOINT inline_fold")
         try:
-            with conn.begin_nested():
-                for projection in self.projections:
-                    projection.apply(conn, projection.table, appended)
-                conn.execute(_MOVE_CHECKPOINT, moved)
+            for projection in self.projections:
+                projection.apply(conn, projection.table, appended)
+            conn.execute(_MOVE_CHECKPOINT, moved)
         except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
             logger.exception("evt=inline_fold_failed")
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT inline_fold")
+            conn.exec_driver_sql("RELEASE SAVEPOINT inline_fold")
             return False
+        conn.exec_driver_sql("RELEASE SAVEPOINT inline_fold")
         return True
 
     def folded(self, seq: int) -> None:
