@@ -10,6 +10,7 @@ projections and rebuilds all insert through here, so what they store is what SQL
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -22,39 +23,78 @@ _Pairs = Sequence[tuple[str, Processor | None]]  # column name, bind processor
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    prepared = _prepared_insert(table, conn.dialect)
-    if prepared is None:  # a named paramstyle: let SQLAlchemy bind
-        conn.execute(table.insert(), list(rows))
+    """INSERT `rows` (dicts by column name) into `table`."""
+    execute_many(conn, _insert_statement(table), rows)
+
+
+def execute_many(
+    conn: sa.Connection,
+    statement: sa.Executable,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    prefix: str = "",
+) -> None:
+    """`statement` once per row; a row's keys are the statement's bind names less `prefix`."""
+    if not rows:
         return
-    sql, pairs = prepared
-    converted: dict[tuple[int, Any], Any] = {}  # a batch shares its timestamps: convert each once
-    conn.exec_driver_sql(sql, [_processed(row, pairs, converted) for row in rows])
+    prepared = _prepared(statement, conn.dialect, prefix)
+    if prepared is None:  # a named paramstyle: let SQLAlchemy bind
+        conn.execute(statement, [{f"{prefix}{k}": v for k, v in row.items()} for row in rows])
+        return
+    sql, names, processors = prepared
+    conn.exec_driver_sql(sql, _values(rows, names, processors))
 
 
 @functools.lru_cache(maxsize=64)
-def _prepared_insert(table: sa.Table, dialect: Dialect) -> tuple[str, _Pairs] | None:
-    compiled = table.insert().compile(dialect=dialect)
+def _insert_statement(table: sa.Table) -> sa.Insert:
+    return table.insert()
+
+
+_Prepared = tuple[str, tuple[str, ...], tuple[tuple[int, Processor], ...]]
+
+
+@functools.lru_cache(maxsize=128)
+def _prepared(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Prepared | None:
+    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
     if compiled.positiontup is None:
         return None
-    columns = [table.c[name] for name in compiled.positiontup]
-    pairs = [(c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns]
-    return str(compiled), pairs
+    binds = list(compiled.positiontup)
+    processors = tuple(
+        (position, processor)
+        for position, name in enumerate(binds)
+        if (processor := compiled.binds[name].type._cached_bind_processor(dialect)) is not None
+    )
+    names = tuple(name.removeprefix(prefix) for name in binds)
+    return str(compiled), names, processors
 
 
-def _processed(
-    row: Mapping[str, Any], pairs: _Pairs, converted: dict[tuple[int, Any], Any]
-) -> tuple[Any, ...]:
-    values = []
-    for position, (name, processor) in enumerate(pairs):
-        value = row.get(name)
-        if value is not None and processor is not None:
-            key = (position, value)
-            found = converted.get(key, converted)
-            if found is converted:
-                found = converted[key] = processor(value)
-            value = found
-        values.append(value)
-    return tuple(values)
+def _values(
+    rows: Sequence[Mapping[str, Any]],
+    names: tuple[str, ...],
+    processors: tuple[tuple[int, Processor], ...],
+) -> list[Sequence[Any]]:
+    take = operator.itemgetter(*names)
+    single = len(names) == 1
+    converted: dict[tuple[int, Any], Any] = {}  # a batch shares its timestamps: convert each once
+    values: list[Sequence[Any]] = []
+    for row in rows:
+        try:
+            picked = (take(row),) if single else take(row)
+        except KeyError:  # a row without some column: NULL there
+            picked = tuple(row.get(name) for name in names)
+        if processors:
+            listed = list(picked)
+            for position, processor in processors:
+                value = listed[position]
+                if value is not None:
+                    key = (position, value)
+                    found = converted.get(key, converted)
+                    if found is converted:
+                        found = converted[key] = processor(value)
+                    listed[position] = found
+            picked = tuple(listed)
+        values.append(picked)
+    return values
 
 
 def padded(values: Sequence[T]) -> list[T]:

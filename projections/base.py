@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
-from ledger.rows import in_list, in_values, insert_many, padded
+from ledger.rows import execute_many, in_list, in_values, insert_many, padded
 
 Row = dict[str, Any]
 # SQLite binds at most 32766 parameters a statement; stay well under it.
@@ -45,6 +45,10 @@ class RowProjection:
     evolve: Callable[[Row | None, RecordedEvent], Row | None]
     shadow: Callable[[str], sa.Table]
     indexes: Sequence[tuple[str, list[str]]] = ()
+    # One row per stream (the key names the stream): a stream's first event (version 1) comes
+    # before any row of its key can exist, so its row is not looked for. Folds are exactly once
+    # (checkpoints), so this holds live and in rebuilds; it spares most of a rebuild's reads.
+    keyed_by_stream: bool = False
 
     def shadow_table(self, name: str) -> sa.Table:
         return self.shadow(name)
@@ -57,7 +61,12 @@ class RowProjection:
         keyed = [(key, event) for event in events if (key := self.key_of(event)) is not None]
         if not keyed:
             return
-        existing = self._load(conn, table, {key for key, _ in keyed})
+        if self.keyed_by_stream:
+            first = {key for key, event in keyed if event.version == 1}
+            wanted = {key for key, _ in keyed if key not in first}
+        else:
+            wanted = {key for key, _ in keyed}
+        existing = self._load(conn, table, wanted) if wanted else {}
         rows = dict(existing)
         for key, event in keyed:
             after = self.evolve(rows.get(key), event)
@@ -82,7 +91,7 @@ class RowProjection:
         if inserts:
             insert_many(conn, table, inserts)
         if updates:
-            conn.execute(_update_statement(table, self.key_column), [_bind(u) for u in updates])
+            execute_many(conn, _update_statement(table, self.key_column), updates, prefix="b_")
 
 
 @functools.lru_cache(maxsize=128)
@@ -90,10 +99,6 @@ def _load_statement(table: sa.Table, key_column: str, size: int) -> sa.Select[An
     return sa.select(table).where(
         table.c[key_column].in_(in_list(table.c[key_column], "key", size))
     )
-
-
-def _bind(row: Row) -> Row:
-    return {f"b_{name}": value for name, value in row.items()}
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
-from ledger.rows import in_list, in_values, insert_many, padded
+from ledger.rows import execute_many, in_list, in_values, insert_many, padded
 from ledger.schema import BigInt, metadata
 from projections import histogram
 
@@ -225,7 +225,7 @@ class TriggerStatsProjection:
             insert_many(conn, table, inserts)
         if updates:
             statement = _update_statement(table)
-            conn.execute(statement, [{f"b_{n}": v for n, v in row.items()} for row in updates])
+            execute_many(conn, statement, updates, prefix="b_")
 
 
 PROJECTION = TriggerStatsProjection()

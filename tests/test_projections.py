@@ -365,7 +365,9 @@ async def _run_property(
             chunk, i = commands[i : i + split], i + split
             if chunk:
                 async with write_transaction(engine) as conn:
-                    await conn.run_sync(_append_maybe_folded, chunk, folder, inline[n % len(inline)])
+                    await conn.run_sync(
+                        _append_maybe_folded, chunk, folder, inline[n % len(inline)]
+                    )
             # A new runner each time: a restart between any two batches.
             await ProjectionRunner(
                 engine, list(PROJECTIONS.values()), batch=batches[n % len(batches)]
