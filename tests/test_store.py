@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -248,14 +249,14 @@ async def test_a_new_engine_never_inherits_an_abandoned_write_lock(tmp_path: Pat
     held by a transaction that a closed event loop had abandoned: every write then waited forever
     (seen in CI as a test that hung until its 300 s timeout).
     """
-    gc.collect()
-    known = len(store._write_locks)
     abandoned = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
     await store._process_write_lock(abandoned).acquire()  # a transaction that never ended
-    assert len(store._write_locks) == known + 1
+    gone = weakref.ref(abandoned.sync_engine)
     del abandoned
     gc.collect()
-    assert len(store._write_locks) == known  # nothing left for a newcomer at its address to find
+    assert gone() is None  # the registry does not keep an engine alive
+    # ... nor its lock: no held lock is left for a newcomer at the same address to find.
+    assert not any(lock.locked() for lock in store._write_locks.values())
     fresh = create_engine(f"sqlite:///{tmp_path / 'new.db'}")
     try:
         await upgrade(fresh)
