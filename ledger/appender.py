@@ -7,12 +7,13 @@ A caller's future resolves only after COMMIT: an acknowledged delivery is durabl
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -23,9 +24,17 @@ from sqlalchemy.sql.functions import FunctionElement
 from ledger.codec import canonical_bytes, chain_hash, dumps, format_time, loads
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
-from ledger.events import NewEvent, WebhookReceived
+from ledger.events import NewEvent, RecordedEvent, WebhookReceived
+from ledger.rows import in_list, in_values, insert_many, padded
 from ledger.schema import IDEMPOTENCY_INDEX, events
-from ledger.store import read_head, read_versions, take_append_lock, write_transaction
+from ledger.store import (
+    SqliteWriter,
+    has_own_file,
+    read_head,
+    read_versions,
+    take_append_lock,
+    write_transaction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +81,21 @@ def _likely_sqlite(element: _likely, compiler: SQLCompiler, **kw: Any) -> str:
     return f"likely({compiler.process(element.clauses, **kw)})"
 
 
-def _originals_query(keys: set[tuple[str, str]]) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+def _originals_query(keys: set[tuple[str, str]]) -> tuple[sa.Executable, dict[str, Any]]:
+    """The statement that finds the webhook.received of each (trigger, key), and its parameters."""
     by_trigger: dict[str, list[str]] = {}
     for trigger_id, key in keys:
         by_trigger.setdefault(trigger_id, []).append(key)
+    asked = [(trigger_id, padded(sorted(keys))) for trigger_id, keys in sorted(by_trigger.items())]
+    params: dict[str, Any] = {}
+    for n, (trigger_id, trigger_keys) in enumerate(asked):
+        params[f"trigger_{n}"] = trigger_id
+        params |= in_values(f"key_{n}", trigger_keys)
+    return _originals_statement(tuple(len(trigger_keys) for _, trigger_keys in asked)), params
+
+
+@functools.lru_cache(maxsize=128)
+def _originals_statement(sizes: tuple[int, ...]) -> sa.Executable:
     # One branch per trigger, each `type = … AND trigger_id = … AND key IN (…)`: it repeats the
     # partial index's predicate and binds both its columns, so both planners probe that index
     # (an OR across triggers made SQLite fall back to scanning the type index).
@@ -83,25 +103,26 @@ def _originals_query(keys: set[tuple[str, str]]) -> sa.Select[Any] | sa.Compound
     # generic (prepared) plan; marked likely() for SQLite, whose planner, without statistics,
     # took `type = …` for the selective term once ~10 keys were asked and scanned every
     # webhook.received: O(n), 0.5 s a batch at 200k events, 8 duplicates/s at 1M.
-    is_received = _likely(events.c.type == sa.literal(WebhookReceived.TYPE, literal_execute=True))
+    is_received = _likely(events.c.type == sa.literal_column(f"'{WebhookReceived.TYPE}'"))
     selects = [
         sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
             is_received,
-            events.c.trigger_id == trigger_id,
-            events.c.idempotency_key.in_(sorted(trigger_keys)),
+            events.c.trigger_id == sa.bindparam(f"trigger_{n}", type_=events.c.trigger_id.type),
+            events.c.idempotency_key.in_(in_list(events.c.idempotency_key, f"key_{n}", size)),
         )
-        for trigger_id, trigger_keys in sorted(by_trigger.items())
+        for n, size in enumerate(sizes)
     ]
     return selects[0] if len(selects) == 1 else sa.union_all(*selects)
 
 
-async def _read_originals(
-    conn: AsyncConnection, keys: set[tuple[str, str]]
+def _read_originals(
+    conn: sa.Connection, keys: set[tuple[str, str]]
 ) -> dict[tuple[str, str], Original]:
     if not keys:
         return {}
     originals = {}
-    for trigger_id, key, event_id, data in (await conn.execute(_originals_query(keys))).all():
+    statement, params = _originals_query(keys)
+    for trigger_id, key, event_id, data in conn.execute(statement, params).all():
         parsed = loads(data)
         originals[(trigger_id, key)] = Original(
             event_id, parsed["execution_id"], parsed["body_sha256"]
@@ -109,12 +130,12 @@ async def _read_originals(
     return originals
 
 
-async def _plan_state(conn: AsyncConnection, commands: Sequence[Command]) -> PlanState:
+def _plan_state(conn: sa.Connection, commands: Sequence[Command]) -> PlanState:
     keys = {c.key for c in commands if isinstance(c, RecordDelivery) and c.key}
-    originals = await _read_originals(conn, keys)
+    originals = _read_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
     streams += [f"execution-{o.execution_id}" for o in originals.values()]
-    return PlanState(await read_versions(conn, streams), originals)
+    return PlanState(read_versions(conn, streams), originals)
 
 
 def _rows(
@@ -154,14 +175,29 @@ def _rows(
     return rows
 
 
+@dataclass(slots=True)
+class Appended:
+    """What one append transaction did: each command's result, and the events it wrote."""
+
+    results: list[Any]
+    before: int  # the head's seq before this transaction
+    events: list[RecordedEvent]
+
+
 async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
     """Append every command in the caller's transaction; each result is its outcome or its error.
 
-    The caller must hold the append lock for the whole transaction (see `write_connection`).
+    The caller's transaction must be a write transaction (see `write_transaction`).
     """
-    await take_append_lock(conn)
-    head = await read_head(conn)
-    state = await _plan_state(conn, commands)
+    return (await conn.run_sync(append_batch, commands)).results
+
+
+def append_batch(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
+    """The append core (plain SQLAlchemy, so one thread can run a whole transaction): every
+    command's result, and the events written, as a reader of the log sees them."""
+    take_append_lock(conn)
+    head = read_head(conn)
+    state = _plan_state(conn, commands)
     planned_all: list[tuple[NewEvent, int]] = []
     spans: list[tuple[Command, int, int] | LedgerError] = []
     for command in commands:
@@ -175,9 +211,9 @@ async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) ->
     now = datetime.now(UTC)
     rows = _rows(planned_all, head, now)
     if rows:
-        await conn.execute(events.insert(), rows)
+        insert_many(conn, events, rows)
     seqs = [row["seq"] for row in rows]
-    return [
+    results = [
         span
         if isinstance(span, LedgerError)
         else result_of(
@@ -185,6 +221,40 @@ async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) ->
         )
         for span in spans
     ]
+    return Appended(results, head[0], [_recorded(row) for row in rows])
+
+
+def _recorded(row: dict[str, Any]) -> RecordedEvent:
+    # data and meta decoded from the text just written, not taken from the Python objects: a
+    # fold sees exactly what a reader of the log will (a datetime in data is a string there).
+    return RecordedEvent(
+        seq=row["seq"],
+        id=row["id"],
+        stream=row["stream"],
+        version=row["version"],
+        type=row["type"],
+        trigger_id=row["trigger_id"],
+        idempotency_key=row["idempotency_key"],
+        data=loads(row["data"]),
+        meta=loads(row["meta"]),
+        recorded_at=row["recorded_at"],
+        hash=row["hash"],
+    )
+
+
+class Folder(Protocol):
+    """Folds the events of an append into the projections inside its transaction."""
+
+    def fold_appended(
+        self, conn: sa.Connection, before: int, appended: list[RecordedEvent]
+    ) -> bool:
+        """In the append's transaction (maybe the writer's thread): True when it folded them
+        (False: the projections were not at `before`, the head before them; left to the runner)."""
+        ...
+
+    def folded(self, seq: int) -> None:
+        """On the event loop, after the commit of a transaction whose events were folded."""
+        ...
 
 
 class Appender:
@@ -192,12 +262,20 @@ class Appender:
 
     def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
+        # Set by the projection runner: the projections are folded in the append's own
+        # transaction, so they are never behind an acknowledged delivery (see projections.runner).
+        self.folder: Folder | None = None
+        # SQLite: each transaction runs whole in the writer's thread (see SqliteWriter).
+        self._writes_in_thread = has_own_file(engine)
+        self._writer: SqliteWriter | None = None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_batch = max_batch
-        self.committed = asyncio.Event()  # set after each commit; listeners clear it
+        # Set after each commit that left the projections behind the log (none folded it in).
+        self.committed = asyncio.Event()
         # Called after each commit with (batch size, seconds of the transaction): metrics, feeds.
         self.commit_listeners: list[Callable[[int, float], None]] = []
         self._started = 0.0
+        self._behind = False
 
     async def submit(self, command: Command) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -232,8 +310,33 @@ class Appender:
 
     async def _transaction(self, commands: list[Command]) -> list[Any]:
         self._started = time.perf_counter()
-        async with write_transaction(self._engine) as conn:
-            return await append_commands(conn, commands)
+        folder = self.folder
+
+        def work(conn: sa.Connection) -> tuple[Appended, bool]:
+            appended = append_batch(conn, commands)
+            if not appended.events:
+                return appended, True
+            return appended, folder is not None and folder.fold_appended(
+                conn, appended.before, appended.events
+            )
+
+        if self._writes_in_thread:
+            if self._writer is None:
+                self._writer = SqliteWriter(self._engine)
+            appended, folded = await self._writer.run(work)
+        else:
+            async with write_transaction(self._engine) as conn:
+                appended, folded = await conn.run_sync(work)
+        if appended.events and folded and folder is not None:
+            folder.folded(appended.events[-1].seq)
+        self._behind = self._behind or not folded
+        return appended.results
+
+    def close(self) -> None:
+        """Let the writer's thread go (after `run` was cancelled)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     async def _isolate(self, batch: list[_Pending], exc: sa.exc.IntegrityError) -> None:
         """One bad command must not fail its neighbours: retry each alone."""
@@ -265,7 +368,9 @@ class Appender:
                 pending.future.set_exception(error)
 
     def _notify(self, results: list[Any]) -> None:
-        self.committed.set()
+        if self._behind:
+            self._behind = False
+            self.committed.set()
         seconds = time.perf_counter() - self._started
         for listener in self.commit_listeners:
             try:

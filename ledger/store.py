@@ -9,11 +9,14 @@ that follows `seq` never passes an event that becomes visible later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -22,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ledger.codec import GENESIS_HASH, loads
 from ledger.events import RecordedEvent
+from ledger.rows import in_list, in_values, padded
 from ledger.schema import events
 
 APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
@@ -54,8 +58,14 @@ def create_engine(url: str, **kw: Any) -> AsyncEngine:
 
 def _sqlite_engine(url: str, **kw: Any) -> AsyncEngine:
     engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
+    _configure_sqlite(engine.sync_engine)
+    return engine
 
-    @sa_event.listens_for(engine.sync_engine, "connect")
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Every SQLite connection, async or the writer's: WAL, FULL sync, and our own BEGIN."""
+
+    @sa_event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from the driver so BEGIN IMMEDIATE is ours to emit.
         dbapi_conn.isolation_level = None
@@ -66,13 +76,11 @@ def _sqlite_engine(url: str, **kw: Any) -> AsyncEngine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @sa_event.listens_for(engine.sync_engine, "begin")
+    @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Writers take the write lock up front, so that what they read under it stays true.
         is_write = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if is_write else "BEGIN")
-
-    return engine
 
 
 def is_postgres(conn: AsyncConnection | AsyncEngine) -> bool:
@@ -85,35 +93,42 @@ async def write_connection(engine: AsyncEngine) -> AsyncConnection:
     return await conn.execution_options(**{WRITE_OPTION: True})
 
 
-async def take_append_lock(conn: AsyncConnection) -> None:
-    if is_postgres(conn):
-        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_ID})
+def take_append_lock(conn: sa.Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(_APPEND_LOCK, {"k": APPEND_LOCK_ID})
 
 
-async def read_head(conn: AsyncConnection) -> tuple[int, str]:
+_APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
+_HEAD = sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _versions_statement(size: int) -> sa.Select[Any]:
+    return (
+        sa.select(events.c.stream, sa.func.max(events.c.version))
+        .where(events.c.stream.in_(in_list(events.c.stream, "stream", size)))
+        .group_by(events.c.stream)
+    )
+
+
+def read_head(conn: sa.Connection) -> tuple[int, str]:
     """The last event's seq and hash (0 and the genesis hash for an empty log)."""
-    row = (
-        await conn.execute(
-            sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1)
-        )
-    ).first()
+    row = conn.execute(_HEAD).first()
     return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
+def read_versions(conn: sa.Connection, streams: Sequence[str]) -> dict[str, int]:
+    """The current version of each stream that has events (the append core: sync)."""
+    if not streams:
+        return {}
+    asked = padded(sorted(set(streams)))
+    rows = conn.execute(_versions_statement(len(asked)), in_values("stream", asked)).all()
+    return {stream: version for stream, version in rows}
 
 
 async def read_last_seq(conn: AsyncConnection) -> int:
     result = await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)))
     return int(result.scalar_one())
-
-
-async def read_versions(conn: AsyncConnection, streams: Sequence[str]) -> dict[str, int]:
-    if not streams:
-        return {}
-    query = (
-        sa.select(events.c.stream, sa.func.max(events.c.version))
-        .where(events.c.stream.in_(sorted(set(streams))))
-        .group_by(events.c.stream)
-    )
-    return {stream: version for stream, version in (await conn.execute(query)).all()}
 
 
 def to_recorded(row: Any) -> RecordedEvent:
@@ -225,3 +240,97 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
     finally:
         if lock is not None:
             lock.release()
+
+
+T = TypeVar("T")
+
+
+def has_own_file(engine: AsyncEngine) -> bool:
+    """An SQLite database in a file (a second connection, the writer's, sees the same data)."""
+    url = engine.url
+    return (
+        url.get_backend_name() == "sqlite"
+        and url.database not in (None, "", ":memory:")
+        and "mode=memory" not in str(url)
+    )
+
+
+def plain_sqlite_engine(engine: AsyncEngine) -> Engine:
+    """A synchronous engine (the stdlib's sqlite3) on the same file, configured as `engine`."""
+    url = engine.url.set(drivername="sqlite+pysqlite")
+    # Its connections may be used from one thread and committed or closed from another.
+    plain = sa.create_engine(
+        url, pool_size=1, connect_args={"timeout": 30, "check_same_thread": False}
+    )
+    _configure_sqlite(plain)
+    return plain
+
+
+def write_options(conn: sa.Connection) -> sa.Connection:
+    """`conn`, its transactions taking the write lock (SQLite: BEGIN IMMEDIATE)."""
+    return conn.execution_options(**{WRITE_OPTION: True})
+
+
+class SqliteWriter:
+    """The write transactions of one SQLite database in this process, on one plain connection.
+
+    Through the asyncio driver every statement is a round trip to the driver's thread (~24 per
+    append batch with the projections folded in), and each hop hands the GIL back and forth.
+    Here the statements of a transaction run on the event loop's own thread, as plain sqlite3
+    calls (microseconds each: SQLite is in-process); only what may wait goes to a thread while
+    the loop serves other requests: BEGIN IMMEDIATE (another process may hold the write lock)
+    and COMMIT (its fsync). The process's write lock is held from BEGIN to the end of COMMIT,
+    so the async engine's writers (the runner, rebuilds) queue behind it as before.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._async_engine = engine
+        self._engine = plain_sqlite_engine(engine)
+        self._conn: sa.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hookledger-commit")
+
+    async def run(self, work: Callable[[sa.Connection], T]) -> T:
+        """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
+        async with _process_write_lock(self._async_engine):
+            conn = self._connection()
+            # BEGIN IMMEDIATE may wait for another process's writer (SQLite's busy handler):
+            # in the thread, like COMMIT, so the loop never does. In between, holding the
+            # write lock, statements only run (WAL readers never block them).
+            transaction = await self._in_thread(conn.begin)
+            try:
+                result = work(conn)
+                await self._in_thread(transaction.commit)
+            except BaseException:
+                self._discard(transaction)
+                raise
+            return result
+
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        running = asyncio.get_running_loop().run_in_executor(self._thread, call)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait([running])  # keep the write lock until the call has ended
+            raise
+
+    def _connection(self) -> sa.Connection:
+        if self._conn is None:
+            self._conn = write_options(self._engine.connect())
+        return self._conn
+
+    def _discard(self, transaction: sa.RootTransaction) -> None:
+        # After any failure start afresh: roll back what is left, and a new connection next time.
+        conn, self._conn = self._conn, None
+        with contextlib.suppress(Exception):
+            if transaction.is_active:
+                transaction.rollback()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._engine.dispose()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.events import RecordedEvent
+from ledger.rows import execute_many, in_list, in_values, insert_many, padded
 
 Row = dict[str, Any]
 # SQLite binds at most 32766 parameters a statement; stay well under it.
@@ -28,9 +29,9 @@ class Projection(Protocol):
 
     def index_ddl(self, table_name: str) -> list[sa.Index]: ...
 
-    async def apply(
-        self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]
-    ) -> None: ...
+    def apply(self, conn: sa.Connection, table: sa.Table, events: Sequence[RecordedEvent]) -> None:
+        """Fold `events` into `table` (plain SQLAlchemy: async callers use `conn.run_sync`)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,10 @@ class RowProjection:
     evolve: Callable[[Row | None, RecordedEvent], Row | None]
     shadow: Callable[[str], sa.Table]
     indexes: Sequence[tuple[str, list[str]]] = ()
+    # One row per stream (the key names the stream): a stream's first event (version 1) comes
+    # before any row of its key can exist, so its row is not looked for. Folds are exactly once
+    # (checkpoints), so this holds live and in rebuilds; it spares most of a rebuild's reads.
+    keyed_by_stream: bool = False
 
     def shadow_table(self, name: str) -> sa.Table:
         return self.shadow(name)
@@ -52,74 +57,51 @@ class RowProjection:
         target = self.shadow(table_name)
         return [sa.Index(name, *(target.c[c] for c in cols)) for name, cols in self.indexes]
 
-    async def apply(
-        self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]
-    ) -> None:
+    def apply(self, conn: sa.Connection, table: sa.Table, events: Sequence[RecordedEvent]) -> None:
         keyed = [(key, event) for event in events if (key := self.key_of(event)) is not None]
         if not keyed:
             return
-        existing = await self._load(conn, table, {key for key, _ in keyed})
+        if self.keyed_by_stream:
+            first = {key for key, event in keyed if event.version == 1}
+            wanted = {key for key, _ in keyed if key not in first}
+        else:
+            wanted = {key for key, _ in keyed}
+        existing = self._load(conn, table, wanted) if wanted else {}
         rows = dict(existing)
         for key, event in keyed:
             after = self.evolve(rows.get(key), event)
             if after is not None:
                 rows[key] = after
-        await self._store(conn, table, rows, existing)
+        self._store(conn, table, rows, existing)
 
-    async def _load(self, conn: AsyncConnection, table: sa.Table, keys: set[str]) -> dict[str, Row]:
-        column = table.c[self.key_column]
+    def _load(self, conn: sa.Connection, table: sa.Table, keys: set[str]) -> dict[str, Row]:
         ordered, found = sorted(keys), {}
         for start in range(0, len(ordered), _CHUNK):
-            query = sa.select(table).where(column.in_(ordered[start : start + _CHUNK]))
-            for row in (await conn.execute(query)).mappings():
+            chunk = padded(ordered[start : start + _CHUNK])
+            query = _load_statement(table, self.key_column, len(chunk))
+            for row in conn.execute(query, in_values("key", chunk)).mappings():
                 found[row[self.key_column]] = dict(row)
         return found
 
-    async def _store(
-        self, conn: AsyncConnection, table: sa.Table, rows: dict[str, Row], existing: dict[str, Row]
+    def _store(
+        self, conn: sa.Connection, table: sa.Table, rows: dict[str, Row], existing: dict[str, Row]
     ) -> None:
         inserts = [row for key, row in rows.items() if key not in existing]
         updates = [row for key, row in rows.items() if key in existing and row != existing[key]]
         if inserts:
-            await _insert_many(conn, table, inserts)
+            insert_many(conn, table, inserts)
         if updates:
-            await conn.execute(
-                _update_statement(table, self.key_column), [_bind(u) for u in updates]
-            )
+            execute_many(conn, _update_statement(table, self.key_column), updates, prefix="b_")
 
 
-async def _insert_many(conn: AsyncConnection, table: sa.Table, rows: list[Row]) -> None:
-    """INSERT rows through the columns' own bind processors, applied here once per non-NULL value.
-
-    SQLAlchemy's executemany sends every value of every row through its compiler and processors
-    (~60 us a row of trigger_executions, mostly on NULLs): a rebuild spent more there than on
-    reading and decoding the log. Same statement, same conversions, a fraction of the cost.
-    """
-    dialect = conn.dialect
-    compiled = table.insert().compile(dialect=dialect)
-    if compiled.positiontup is None:  # a named paramstyle: let SQLAlchemy bind
-        await conn.execute(table.insert(), rows)
-        return
-    columns = [table.c[name] for name in compiled.positiontup]
-    pairs = [(c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns]
-    await conn.exec_driver_sql(str(compiled), [_processed(row, pairs) for row in rows])
+@functools.lru_cache(maxsize=128)
+def _load_statement(table: sa.Table, key_column: str, size: int) -> sa.Select[Any]:
+    return sa.select(table).where(
+        table.c[key_column].in_(in_list(table.c[key_column], "key", size))
+    )
 
 
-_Pairs = Sequence[tuple[str, Callable[[Any], Any] | None]]  # column name, bind processor
-
-
-def _processed(row: Row, pairs: _Pairs) -> tuple[Any, ...]:
-    values = []
-    for name, processor in pairs:
-        value = row.get(name)
-        values.append(value if value is None or processor is None else processor(value))
-    return tuple(values)
-
-
-def _bind(row: Row) -> Row:
-    return {f"b_{name}": value for name, value in row.items()}
-
-
+@functools.lru_cache(maxsize=64)
 def _update_statement(table: sa.Table, key_column: str) -> sa.Update:
     values: dict[str, Any] = {
         c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column

@@ -12,6 +12,7 @@ TRIGGERS = RowProjection(
     key_of=triggers.key_of,
     evolve=triggers.evolve,
     shadow=triggers.shadow_table,
+    keyed_by_stream=True,  # stream trigger-<id>
 )
 
 TRIGGER_EXECUTIONS = RowProjection(
@@ -22,6 +23,7 @@ TRIGGER_EXECUTIONS = RowProjection(
     evolve=trigger_executions.evolve,
     shadow=trigger_executions.shadow_table,
     indexes=trigger_executions.INDEXES,
+    keyed_by_stream=True,  # stream execution-<id>
 )
 
 TRIGGER_STATS = trigger_stats.PROJECTION

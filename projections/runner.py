@@ -41,6 +41,15 @@ async def set_checkpoint(conn: AsyncConnection, name: str, seq: int) -> None:
         await conn.execute(checkpoints.insert().values(name=name, **values))
 
 
+_CHECKPOINTS = sa.select(checkpoints.c.name, checkpoints.c.seq)
+_MOVE_CHECKPOINT = (
+    checkpoints.update()
+    .where(checkpoints.c.name == sa.bindparam("b_name"))
+    .values(seq=sa.bindparam("b_seq"), updated_at=sa.bindparam("b_at"))
+)
+_TRY_PROJECTOR_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:k)")
+
+
 async def _take_projector_lock(conn: AsyncConnection, *, wait: bool) -> bool:
     if not is_postgres(conn):
         return True  # the SQLite write transaction already excludes other runners
@@ -93,8 +102,47 @@ class ProjectionRunner:
     ) -> None:
         pending = [event for event in batch if event.seq > position]
         if pending:
-            await projection.apply(conn, projection.table, pending)
+            await conn.run_sync(projection.apply, projection.table, pending)
             await set_checkpoint(conn, projection.name, pending[-1].seq)
+
+    def fold_appended(
+        self, conn: sa.Connection, before: int, appended: list[RecordedEvent]
+    ) -> bool:
+        """Fold events in the transaction that appends them, when every projection stood at
+        `before`, the head before them: an acknowledged delivery is in the projections when its
+        sender hears back, and nothing is read back from the log or committed twice.
+
+        Otherwise (a projection is behind or rebuilt, another runner is folding) leave them to
+        `step`, and say so. A projection that fails here is rolled back to a savepoint and left
+        to `step` too, which stops on it and says why: a bug in a fold never refuses deliveries.
+        It runs in the append's thread (SQLite: the writer's), so it touches nothing but `conn`.
+        """
+        is_postgres = conn.dialect.name == "postgresql"
+        if is_postgres and not conn.execute(_TRY_PROJECTOR_LOCK, {"k": PROJECTOR_LOCK_ID}).scalar():
+            return False
+        positions: dict[str, int] = {name: seq for name, seq in conn.execute(_CHECKPOINTS)}
+        if any(positions.get(p.name) != before for p in self.projections):
+            return False
+        now, seq = datetime.now(UTC), appended[-1].seq
+        moved = [{"b_name": p.name, "b_seq": seq, "b_at": now} for p in self.projections]
+        # A savepoint by hand: SQLAlchemy's begin_nested() compiles two statements every time.
+        conn.exec_driver_sql("SAVEPOINT inline_fold")
+        try:
+            for projection in self.projections:
+                projection.apply(conn, projection.table, appended)
+            conn.execute(_MOVE_CHECKPOINT, moved)
+        except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
+            logger.exception("evt=inline_fold_failed")
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT inline_fold")
+            conn.exec_driver_sql("RELEASE SAVEPOINT inline_fold")
+            return False
+        conn.exec_driver_sql("RELEASE SAVEPOINT inline_fold")
+        return True
+
+    def folded(self, seq: int) -> None:
+        """After the commit of events `fold_appended` folded (on the event loop)."""
+        self.positions = {p.name: seq for p in self.projections}
+        self.advanced.set()
 
     async def catch_up(self) -> None:
         while await self.step():

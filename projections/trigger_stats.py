@@ -8,15 +8,16 @@ range of days and triggers combines without rereading the log.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.events import RecordedEvent
+from ledger.rows import execute_many, in_list, in_values, insert_many, padded
 from ledger.schema import BigInt, metadata
 from projections import histogram
 
@@ -156,23 +157,32 @@ def fold(changes: Iterable[tuple[Key, int, Change]], rows: dict[Key, DayStats]) 
     return touched
 
 
-async def _load(conn: AsyncConnection, target: sa.Table, keys: set[Key]) -> dict[Key, Row]:
+def _load(conn: sa.Connection, target: sa.Table, keys: set[Key]) -> dict[Key, Row]:
     found: dict[Key, Row] = {}
     ordered = sorted(keys)
     for start in range(0, len(ordered), _CHUNK):
         chunk = ordered[start : start + _CHUNK]
         # A superset (every trigger × every day of the chunk), narrowed here: portable and indexed.
-        query = sa.select(target).where(
-            target.c.trigger_id.in_(sorted({t for t, _ in chunk})),
-            target.c.day.in_(sorted({d for _, d in chunk})),
-        )
-        for row in (await conn.execute(query)).mappings():
+        triggers = padded(sorted({t for t, _ in chunk}))
+        days = padded(sorted({d for _, d in chunk}))
+        asked = in_values("trigger", triggers) | in_values("day", days)
+        query = _load_statement(target, len(triggers), len(days))
+        for row in conn.execute(query, asked).mappings():
             key = (row["trigger_id"], row["day"])
             if key in keys:
                 found[key] = dict(row)
     return found
 
 
+@functools.lru_cache(maxsize=128)
+def _load_statement(target: sa.Table, triggers: int, days: int) -> sa.Select[Any]:
+    return sa.select(target).where(
+        target.c.trigger_id.in_(in_list(target.c.trigger_id, "trigger", triggers)),
+        target.c.day.in_(in_list(target.c.day, "day", days)),
+    )
+
+
+@functools.lru_cache(maxsize=64)
 def _update_statement(target: sa.Table) -> sa.Update:
     keys = ("trigger_id", "day")
     values: dict[str, Any] = {
@@ -202,24 +212,20 @@ class TriggerStatsProjection:
         target = shadow_table(table_name)
         return [sa.Index(name, *(target.c[c] for c in cols)) for name, cols in INDEXES]
 
-    async def apply(
-        self, conn: AsyncConnection, table: sa.Table, events: Sequence[RecordedEvent]
-    ) -> None:
+    def apply(self, conn: sa.Connection, table: sa.Table, events: Sequence[RecordedEvent]) -> None:
         changes = changes_of(events)
         if not changes:
             return
-        existing = await _load(conn, table, {key for key, _, _ in changes})
+        existing = _load(conn, table, {key for key, _, _ in changes})
         rows = {key: DayStats.from_row(row) for key, row in existing.items()}
         touched = fold(changes, rows)
         inserts = [rows[k].to_row(k) for k in sorted(touched) if k not in existing]
         updates = [rows[k].to_row(k) for k in sorted(touched) if k in existing]
         if inserts:
-            await conn.execute(table.insert(), inserts)
+            insert_many(conn, table, inserts)
         if updates:
             statement = _update_statement(table)
-            await conn.execute(
-                statement, [{f"b_{n}": v for n, v in row.items()} for row in updates]
-            )
+            execute_many(conn, statement, updates, prefix="b_")
 
 
 PROJECTION = TriggerStatsProjection()

@@ -49,6 +49,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    services.appender.close()
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -84,6 +85,8 @@ def build_services(settings: Settings) -> Services:
     vault = Vault(settings.resolved_secret_key())
     token, _ = settings.resolved_admin_token()
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
+    if settings.projector:
+        appender.folder = runner
     metrics = Metrics()  # one registry per app; the dispatcher calls metrics.observe_attempt
     dispatcher = Dispatcher(
         engine=engine,

@@ -32,9 +32,10 @@ async def test_a_batch_of_any_size_looks_its_keys_up_in_the_index(
 ) -> None:
     async with write_transaction(engine) as conn:
         await append_commands(conn, [_delivery(f"k{i}") for i in range(300)])
-    statement = _originals_query({("t", f"k{i}") for i in range(asked)})
+    statement, params = _originals_query({("t", f"k{i}") for i in range(asked)})
     async with engine.connect() as conn:
-        sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        bound = statement.params(params)  # type: ignore[attr-defined]
+        sql = str(bound.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
         if backend == "postgres":
             await conn.exec_driver_sql("ANALYZE events")
             await conn.exec_driver_sql("SET enable_seqscan = off")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.appender import append_commands
+from ledger.appender import append_batch, append_commands
 from ledger.commands import AppendEvents
 from ledger.events import (
     ExecutionFailed,
@@ -218,6 +219,62 @@ async def test_projector_catches_up_after_a_restart(database_url: str) -> None:
     await engine.dispose()
 
 
+@dataclass(frozen=True)
+class _BrokenAfterApplying:
+    """A projection whose fold writes its rows, then fails (a bug in a projection)."""
+
+    inner: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.inner.name)
+
+    @property
+    def table(self) -> sa.Table:
+        return self.inner.table  # type: ignore[no-any-return]
+
+    def apply(self, conn: Any, table: sa.Table, events: Any) -> None:
+        self.inner.apply(conn, table, events)
+        raise RuntimeError("a bug in a fold")
+
+
+async def _append_and_fold(engine: AsyncEngine, runner: ProjectionRunner, key: str) -> bool:
+    def work(conn: sa.Connection) -> bool:
+        appended = append_batch(conn, [delivery(key)])
+        return runner.fold_appended(conn, appended.before, appended.events)
+
+    async with write_transaction(engine) as conn:
+        return await conn.run_sync(work)
+
+
+async def test_a_failing_inline_fold_keeps_the_append_and_leaves_the_fold_to_the_runner(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        executions, stats = PROJECTIONS["trigger_executions"], PROJECTIONS["trigger_stats"]
+        healthy = ProjectionRunner(engine, [executions, stats])
+        assert await _append_and_fold(engine, healthy, "a") is False  # no checkpoints yet
+        await healthy.catch_up()  # checkpoints exist from here on: inline folds may start
+        assert await _append_and_fold(engine, healthy, "b") is True
+        assert len(await snapshot(engine, "trigger_executions")) == 2
+
+        broken = ProjectionRunner(engine, [executions, _BrokenAfterApplying(stats)])
+        assert await _append_and_fold(engine, broken, "c") is False
+        assert "evt=inline_fold_failed" in caplog.text
+        async with engine.connect() as conn:
+            assert await read_last_seq(conn) == 3  # the delivery is in the log
+            positions = await read_checkpoints(conn)
+        # Rolled back to the savepoint: the projection that had folded "c" did not keep it.
+        assert positions["trigger_executions"] == positions["trigger_stats"] == 2
+        assert len(await snapshot(engine, "trigger_executions")) == 2
+        await healthy.catch_up()
+        assert len(await snapshot(engine, "trigger_executions")) == 3
+    finally:
+        await engine.dispose()
+
+
 # --- property: live projection == rebuild, whatever the batches and restarts -----------------
 
 operation = st.one_of(
@@ -285,17 +342,32 @@ async def _reset(engine: AsyncEngine) -> None:
     await upgrade(engine)
 
 
-async def _run_property(url: str, ops: list[Any], splits: list[int], batches: list[int]) -> None:
+def _append_maybe_folded(
+    conn: sa.Connection, chunk: list[Any], folder: ProjectionRunner, inline: bool
+) -> None:
+    # As the server's appender does: folded in the append's own transaction when the
+    # projections are at the head, left to the runner otherwise.
+    appended = append_batch(conn, chunk)
+    if inline and appended.events:
+        folder.fold_appended(conn, appended.before, appended.events)
+
+
+async def _run_property(
+    url: str, ops: list[Any], splits: list[int], batches: list[int], inline: list[bool]
+) -> None:
     engine = create_engine(url)
     try:
         await _reset(engine)
         commands = _commands(ops)
+        folder = ProjectionRunner(engine, list(PROJECTIONS.values()))
         i = 0
         for n, split in enumerate(splits):
             chunk, i = commands[i : i + split], i + split
             if chunk:
                 async with write_transaction(engine) as conn:
-                    await append_commands(conn, chunk)
+                    await conn.run_sync(
+                        _append_maybe_folded, chunk, folder, inline[n % len(inline)]
+                    )
             # A new runner each time: a restart between any two batches.
             await ProjectionRunner(
                 engine, list(PROJECTIONS.values()), batch=batches[n % len(batches)]
@@ -320,11 +392,12 @@ async def _run_property(url: str, ops: list[Any], splits: list[int], batches: li
     ops=st.lists(operation, min_size=1, max_size=30),
     splits=st.lists(st.integers(1, 6), min_size=1, max_size=10),
     batches=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    inline=st.lists(st.booleans(), min_size=1, max_size=4),
 )
 def test_live_projection_equals_rebuild_for_any_history(
-    database_url: str, ops: list[Any], splits: list[int], batches: list[int]
+    database_url: str, ops: list[Any], splits: list[int], batches: list[int], inline: list[bool]
 ) -> None:
-    asyncio.run(_run_property(database_url, ops, splits, batches))
+    asyncio.run(_run_property(database_url, ops, splits, batches, inline))
 
 
 def test_applying_an_event_twice_equals_once() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -143,11 +144,12 @@ async def test_the_appenders_own_duplicate_query_uses_the_index(
     """The statement the appender really sends, compiled for this backend, probes the index."""
     from ledger.appender import _originals_query
 
-    statement = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
+    statement, params = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
     async with write_transaction(engine) as conn:
         await append_commands(conn, [delivery(f"k{i}") for i in range(50)])
     async with engine.connect() as conn:
-        sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        bound = statement.params(params)  # type: ignore[attr-defined]
+        sql = str(bound.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
         if backend == "postgres":
             await conn.exec_driver_sql("SET enable_seqscan = off")
             plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
@@ -249,9 +251,12 @@ async def test_a_new_engine_never_inherits_an_abandoned_write_lock(tmp_path: Pat
     """
     abandoned = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
     await store._process_write_lock(abandoned).acquire()  # a transaction that never ended
+    gone = weakref.ref(abandoned.sync_engine)
     del abandoned
     gc.collect()
-    assert len(store._write_locks) == 0  # nothing left for a newcomer at the same address to find
+    assert gone() is None  # the registry does not keep an engine alive
+    # ... nor its lock: no held lock is left for a newcomer at the same address to find.
+    assert not any(lock.locked() for lock in store._write_locks.values())
     fresh = create_engine(f"sqlite:///{tmp_path / 'new.db'}")
     try:
         await upgrade(fresh)
