@@ -290,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("error: give the trigger id")
     import os as _os
     import sys as _sys
+
     if _os.environ.get("SWITCH"):
         _sys.setswitchinterval(float(_os.environ["SWITCH"]))
     runner = asyncio.run
