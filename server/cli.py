@@ -288,11 +288,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         logs.configure("text", logging.WARNING)
     if args.command == "triggers" and args.action != "list" and not args.id:
         raise SystemExit("error: give the trigger id")
-    import os as _os
-    import sys as _sys
-
-    if _os.environ.get("SWITCH"):
-        _sys.setswitchinterval(float(_os.environ["SWITCH"]))
     runner = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
