@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import getpass
 import logging
 import sys
@@ -53,6 +54,7 @@ async def _serve(args: argparse.Namespace) -> None:
     logs.configure(settings.log_format)
     token, is_new = settings.resolved_admin_token()
     runner = await start_site(make_app(settings), settings, host=settings.host, port=settings.port)
+    tune_gc()
     url = f"http://{settings.host}:{settings.port}/"
     if is_new:
         # Shown once, as a notebook server does; later starts point at the file instead.
@@ -177,6 +179,7 @@ async def _dispatch(args: argparse.Namespace) -> None:
     logs.configure(settings.log_format)
     runner = web.AppRunner(make_app(settings), access_log=None)
     await runner.setup()  # runs the app's cleanup contexts: schema, appender, projector, dispatcher
+    tune_gc()
     print(f"hookledger dispatching from {settings.database_url.split('://', 1)[0]}", flush=True)
     if settings.private_destinations_allowed:
         print("  destinations on loopback and private networks are allowed", flush=True)
@@ -280,6 +283,15 @@ COMMANDS = {
     "dispatch": _dispatch,
     **cli_readers.COMMANDS,
 }
+
+
+def tune_gc() -> None:
+    """Once the server is up: what exists now (modules, schema, compiled statements) lives as
+    long as the process, so the cyclic collector stops scanning it (`gc.freeze`), and collects
+    the young generation every 20,000 allocations instead of 700. Measured at c=64: ~7 % less
+    CPU per request and half the p99 (bench/README.md)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
