@@ -293,15 +293,15 @@ class SqliteWriter:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
         async with _process_write_lock(self._async_engine):
             conn = self._connection()
-            # BEGIN IMMEDIATE may wait for another process's writer (SQLite's busy handler):
-            # in the thread, like COMMIT, so the loop never does. In between, holding the
-            # write lock, statements only run (WAL readers never block them).
-            transaction = await self._in_thread(conn.begin)
             try:
+                # BEGIN IMMEDIATE may wait for another process's writer (SQLite's busy
+                # handler): in the thread, like COMMIT, so the loop never does. In between,
+                # holding the write lock, statements only run (WAL readers never block them).
+                transaction = await self._in_thread(conn.begin)
                 result = work(conn)
                 await self._in_thread(transaction.commit)
             except BaseException:
-                self._discard(transaction)
+                self._discard()
                 raise
             return result
 
@@ -318,12 +318,10 @@ class SqliteWriter:
             self._conn = write_options(self._engine.connect())
         return self._conn
 
-    def _discard(self, transaction: sa.RootTransaction) -> None:
-        # After any failure start afresh: roll back what is left, and a new connection next time.
+    def _discard(self) -> None:
+        # After any failure (or a cancellation) start afresh: closing the connection rolls back
+        # whatever it still holds, and the next transaction opens a new one.
         conn, self._conn = self._conn, None
-        with contextlib.suppress(Exception):
-            if transaction.is_active:
-                transaction.rollback()
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()

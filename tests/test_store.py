@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sqlite3
 import weakref
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -13,13 +16,19 @@ from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import store
-from ledger.appender import Appender, append_commands
+from ledger.appender import Appender, append_batch, append_commands
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import RecordDelivery
 from ledger.errors import StreamVersionConflict
 from ledger.events import NewEvent
 from ledger.migrate import current_revision, head_revision, upgrade
-from ledger.store import create_engine, read_events, read_stream, write_transaction
+from ledger.store import (
+    SqliteWriter,
+    create_engine,
+    read_events,
+    read_stream,
+    write_transaction,
+)
 
 
 @pytest.fixture
@@ -265,3 +274,80 @@ async def test_a_new_engine_never_inherits_an_abandoned_write_lock(tmp_path: Pat
                 assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
     finally:
         await fresh.dispose()
+
+
+# --- the SQLite writer: statements on the loop, BEGIN IMMEDIATE and COMMIT in a thread ---------
+
+
+@pytest.fixture
+async def sqlite_writer(tmp_path: Path) -> AsyncIterator[tuple[AsyncEngine, SqliteWriter, Path]]:
+    path = tmp_path / "writer.db"
+    engine = create_engine(f"sqlite:///{path}")
+    await upgrade(engine)
+    writer = SqliteWriter(engine)
+    yield engine, writer, path
+    writer.close()
+    await engine.dispose()
+
+
+def _append_one(key: str) -> Callable[[sa.Connection], list[Any]]:
+    return lambda conn: append_batch(conn, [delivery(key)]).results
+
+
+async def test_the_writer_keeps_nothing_of_a_failed_transaction(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    engine, writer, _ = sqlite_writer
+
+    def fails_after_writing(conn: sa.Connection) -> None:
+        append_batch(conn, [delivery("lost")])
+        raise RuntimeError("a bug after the insert")
+
+    with pytest.raises(RuntimeError):
+        await writer.run(fails_after_writing)
+    await writer.run(_append_one("kept"))  # the writer goes on, on a fresh connection
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn)]
+    assert keys == ["kept"]
+
+
+async def test_the_loop_runs_on_while_another_process_holds_the_write_lock(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    engine, writer, path = sqlite_writer
+    other = sqlite3.connect(path, isolation_level=None)  # another process's writer, in effect
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        appending = asyncio.create_task(writer.run(_append_one("waited")))
+        ticks = 0
+        for _ in range(10):  # BEGIN IMMEDIATE waits in the writer's thread, not on the loop
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert ticks == 10 and not appending.done()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    async with asyncio.timeout(10):
+        await appending
+    async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["waited"]
+
+
+async def test_a_cancelled_append_holds_the_write_lock_until_its_commit_ends(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    engine, writer, path = sqlite_writer
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    appending = asyncio.create_task(writer.run(_append_one("cancelled")))
+    await asyncio.sleep(0.05)  # waiting in BEGIN IMMEDIATE
+    appending.cancel()
+    await asyncio.sleep(0.05)
+    assert not appending.done()  # it waits for its thread before giving the lock back
+    other.execute("ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await appending
+    await writer.run(_append_one("after"))  # nothing of the cancelled one stands in the way
+    async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["after"]
