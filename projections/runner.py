@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.events import RecordedEvent
+from ledger.failures import FailureLog
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import is_postgres, read_events, read_last_seq, write_transaction
 from projections.base import Projection
@@ -76,6 +77,7 @@ class ProjectionRunner:
         self._poll_s = poll_s
         self._wake = wake or asyncio.Event()
         self.advanced = asyncio.Event()
+        self._failures = FailureLog(logger, "projector_failed")
         self.positions: dict[str, int] = {}
         self.caught_up_at = time.monotonic()
 
@@ -155,12 +157,13 @@ class ProjectionRunner:
                 await self.catch_up()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - the loop outlives a database outage
                 # A projection that fails stops here and retries from the same checkpoint:
                 # it never skips the event it cannot fold.
-                logger.exception("evt=projector_failed")
+                self._failures.failed(exc)
                 await asyncio.sleep(1.0)
                 continue
+            self._failures.succeeded()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)

@@ -28,6 +28,7 @@ from ledger.codec import loads
 from ledger.commands import Appended
 from ledger.errors import StorageUnavailable, StreamVersionConflict
 from ledger.events import EventData, NewEvent, execution_stream
+from ledger.failures import FailureLog
 from ledger.schema import events
 from ledger.vault import Vault
 from server.addresses import make_connector
@@ -73,6 +74,7 @@ class Dispatcher:
         self._per_destination: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
         self.worker = worker_name()
+        self._failures = FailureLog(logger, "dispatch_round_failed")
 
     async def run(self) -> None:
         connector = make_connector(
@@ -109,10 +111,11 @@ class Dispatcher:
                     skip_executions=list(self._in_flight),
                     skip_triggers=self._saturated_triggers(),
                 )
-        except Exception:  # noqa: BLE001 - the loop outlives a database outage
-            logger.exception("evt=dispatch_round_failed")
+        except Exception as exc:  # noqa: BLE001 - the loop outlives a database outage
+            self._failures.failed(exc)
             await asyncio.sleep(max(self._settings.dispatch_poll_s, 1.0))
             return 0
+        self._failures.succeeded()
         started = 0
         for due in page:
             key = destination_key(due)
