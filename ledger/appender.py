@@ -28,6 +28,7 @@ from ledger.events import NewEvent, RecordedEvent, WebhookReceived
 from ledger.rows import in_list, in_values, insert_many, padded
 from ledger.schema import IDEMPOTENCY_INDEX, events
 from ledger.store import (
+    HeldConnection,
     SqliteWriter,
     has_own_file,
     read_head,
@@ -268,6 +269,8 @@ class Appender:
         # SQLite: each transaction runs whole in the writer's thread (see SqliteWriter).
         self._writes_in_thread = has_own_file(engine)
         self._writer: SqliteWriter | None = None
+        # PostgreSQL: one connection kept for the appender's transactions (see HeldConnection).
+        self._held = HeldConnection(engine) if engine.dialect.name == "postgresql" else None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_batch = max_batch
         # Set after each commit that left the projections behind the log (none folded it in).
@@ -324,6 +327,8 @@ class Appender:
             if self._writer is None:
                 self._writer = SqliteWriter(self._engine)
             appended, folded = await self._writer.run(work)
+        elif self._held is not None:
+            appended, folded = await self._held.run(work)
         else:
             async with write_transaction(self._engine) as conn:
                 appended, folded = await conn.run_sync(work)
@@ -332,11 +337,13 @@ class Appender:
         self._behind = self._behind or not folded
         return appended.results
 
-    def close(self) -> None:
-        """Let the writer's thread go (after `run` was cancelled)."""
+    async def close(self) -> None:
+        """Let the writer's thread and connection go (after `run` was cancelled)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._held is not None:
+            await self._held.close()
 
     async def _isolate(self, batch: list[_Pending], exc: sa.exc.IntegrityError) -> None:
         """One bad command must not fail its neighbours: retry each alone."""

@@ -48,7 +48,9 @@ _MOVE_CHECKPOINT = (
     .where(checkpoints.c.name == sa.bindparam("b_name"))
     .values(seq=sa.bindparam("b_seq"), updated_at=sa.bindparam("b_at"))
 )
-_TRY_PROJECTOR_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:k)")
+_LOCKED_CHECKPOINTS = _CHECKPOINTS.where(
+    sa.func.pg_try_advisory_xact_lock(sa.bindparam("k", type_=sa.BigInteger()), type_=sa.Boolean)
+)
 
 
 async def _take_projector_lock(conn: AsyncConnection, *, wait: bool) -> bool:
@@ -119,10 +121,14 @@ class ProjectionRunner:
         to `step` too, which stops on it and says why: a bug in a fold never refuses deliveries.
         It runs in the append's thread (SQLite: the writer's), so it touches nothing but `conn`.
         """
-        is_postgres = conn.dialect.name == "postgresql"
-        if is_postgres and not conn.execute(_TRY_PROJECTOR_LOCK, {"k": PROJECTOR_LOCK_ID}).scalar():
-            return False
-        positions: dict[str, int] = {name: seq for name, seq in conn.execute(_CHECKPOINTS)}
+        if conn.dialect.name == "postgresql":
+            # One round trip: no rows when another runner holds the projector lock. The rows
+            # may predate a runner's commit that ended just before the lock was won: then they
+            # are behind `before`, and this declines, which is always safe.
+            rows = conn.execute(_LOCKED_CHECKPOINTS, {"k": PROJECTOR_LOCK_ID})
+        else:
+            rows = conn.execute(_CHECKPOINTS)  # the SQLite write lock already excludes runners
+        positions: dict[str, int] = {name: seq for name, seq in rows}
         if any(positions.get(p.name) != before for p in self.projections):
             return False
         now, seq = datetime.now(UTC), appended[-1].seq

@@ -49,7 +49,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    services.appender.close()
+    await services.appender.close()
 
 
 async def healthz(_request: web.Request) -> web.Response:

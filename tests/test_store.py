@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sqlite3
 import weakref
@@ -45,6 +46,9 @@ async def appender(engine: AsyncEngine) -> Appender:
     task = asyncio.create_task(appender.run())
     yield appender
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await appender.close()
 
 
 def event(stream: str = "s-1", n: int = 0) -> NewEvent:
@@ -234,6 +238,9 @@ async def test_concurrent_appenders_never_let_a_reader_skip(database_url: str) -
         final = [e.seq for e in await read_events(conn, limit=10_000)]
     for t in tasks:
         t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for a in appenders:
+        await a.close()
     for e in engines:
         await e.dispose()
     assert len(final) == 4 * 60 * 3
