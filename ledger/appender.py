@@ -249,7 +249,7 @@ class Folder(Protocol):
     def fold_appended(
         self, conn: sa.Connection, before: int, appended: list[RecordedEvent]
     ) -> bool:
-        """In the append's transaction (maybe the writer's thread): True when it folded them
+        """In the append's transaction, touching nothing but `conn`: True when it folded them
         (False: the projections were not at `before`, the head before them; left to the runner)."""
         ...
 
@@ -266,8 +266,8 @@ class Appender:
         # Set by the projection runner: the projections are folded in the append's own
         # transaction, so they are never behind an acknowledged delivery (see projections.runner).
         self.folder: Folder | None = None
-        # SQLite: each transaction runs whole in the writer's thread (see SqliteWriter).
-        self._writes_in_thread = has_own_file(engine)
+        # SQLite file: one plain connection, BEGIN and COMMIT off the loop (see SqliteWriter).
+        self._writes_plain = has_own_file(engine)
         self._writer: SqliteWriter | None = None
         # PostgreSQL: one connection kept for the appender's transactions (see HeldConnection).
         self._held = HeldConnection(engine) if engine.dialect.name == "postgresql" else None
@@ -323,7 +323,7 @@ class Appender:
                 conn, appended.before, appended.events
             )
 
-        if self._writes_in_thread:
+        if self._writes_plain:
             if self._writer is None:
                 self._writer = SqliteWriter(self._engine)
             appended, folded = await self._writer.run(work)

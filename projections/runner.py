@@ -119,7 +119,7 @@ class ProjectionRunner:
         Otherwise (a projection is behind or rebuilt, another runner is folding) leave them to
         `step`, and say so. A projection that fails here is rolled back to a savepoint and left
         to `step` too, which stops on it and says why: a bug in a fold never refuses deliveries.
-        It runs in the append's thread (SQLite: the writer's), so it touches nothing but `conn`.
+        It touches nothing but `conn`: the appender reports the commit through `folded`.
         """
         if conn.dialect.name == "postgresql":
             # One round trip: no rows when another runner holds the projector lock. The rows
