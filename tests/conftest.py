@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,31 @@ MakeClient = Callable[..., Any]
 @pytest.fixture
 async def client(aiohttp_client: MakeClient, settings: Settings) -> TestClient:  # type: ignore[type-arg]
     return await aiohttp_client(make_app(settings))
+
+
+# A dispatching server and a real destination (tests/destinations.py), for the dispatch and
+# replay suites; a module that defines its own `app` or `destination` fixture overrides these.
+
+
+@pytest.fixture
+def dispatching(settings: Settings) -> Settings:
+    """Settings of a server that dispatches, polling and leasing fast enough for a test."""
+    return replace(settings, dispatch=True, dispatch_poll_s=0.05, lease_s=1.0)
+
+
+@pytest.fixture
+async def app(aiohttp_client: MakeClient, dispatching: Settings) -> TestClient:  # type: ignore[type-arg]
+    """A dispatching server."""
+    return await aiohttp_client(make_app(dispatching))
+
+
+@pytest.fixture
+async def destination(aiohttp_server: Any) -> AsyncIterator[Any]:
+    """A local destination that answers as each test scripts it (destinations.Destination)."""
+    from destinations import start_destination  # it imports this module: not at the top
+
+    async for running in start_destination(aiohttp_server):
+        yield running
 
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

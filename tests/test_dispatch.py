@@ -11,7 +11,6 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +30,6 @@ from destinations import (
     execution,
     hanging_tcp_server,
     send,
-    start_destination,
     types,
     wait_until,
 )
@@ -46,23 +44,6 @@ from server.config import Settings
 
 FAST = {"max_attempts": 5, "base_s": 0.01, "cap_s": 0.05}
 HOOKLEDGER = str(Path(sys.executable).parent / "hookledger")
-
-
-@pytest.fixture
-def dispatching(settings: Settings) -> Settings:
-    return replace(settings, dispatch=True, dispatch_poll_s=0.05, lease_s=1.0)
-
-
-@pytest.fixture
-async def app(aiohttp_client: MakeClient, dispatching: Settings) -> Client:
-    client: Client = await aiohttp_client(make_app(dispatching))
-    return client
-
-
-@pytest.fixture
-async def destination(aiohttp_server: Any) -> AsyncIterator[Destination]:
-    async for running in start_destination(aiohttp_server):
-        yield running
 
 
 async def trigger_to(

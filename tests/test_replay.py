@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
-from conftest import ADMIN_TOKEN, AUTH, MakeClient, create_trigger
-from destinations import Client, Destination, Reply, send, start_destination, types, wait_until
+from conftest import ADMIN_TOKEN, AUTH, create_trigger
+from destinations import Client, Destination, Reply, send, types, wait_until
 
-from server.app import make_app
 from server.cli import main
 from server.config import Settings
 
 FAST = {"max_attempts": 3, "base_s": 0.01, "cap_s": 0.05}
-
-
-@pytest.fixture
-def dispatching(settings: Settings) -> Settings:
-    return replace(settings, dispatch=True, dispatch_poll_s=0.05, lease_s=1.0)
-
-
-@pytest.fixture
-async def app(aiohttp_client: MakeClient, dispatching: Settings) -> Client:
-    client: Client = await aiohttp_client(make_app(dispatching))
-    return client
-
-
-@pytest.fixture
-async def destination(aiohttp_server: Any) -> AsyncIterator[Destination]:
-    async for running in start_destination(aiohttp_server):
-        yield running
 
 
 async def dead_letter(app: Client, destination: Destination, **headers: str) -> str:
