@@ -63,7 +63,7 @@ def is_unavailable(exc: BaseException) -> bool:
     return any(s in text for s in ("disk is full", "no space left", "database is locked"))
 
 
-class _likely(FunctionElement[bool]):  # noqa: N801 - reads as the SQL function it renders
+class likely(FunctionElement[bool]):  # noqa: N801 - reads as the SQL function it renders
     """`likely(x)` on SQLite (a hint that x is not selective), plain `x` elsewhere."""
 
     inherit_cache = True
@@ -72,13 +72,13 @@ class _likely(FunctionElement[bool]):  # noqa: N801 - reads as the SQL function 
     _is_implicitly_boolean = True  # a condition as it stands, not `likely(…) = 1`
 
 
-@compiles(_likely)
-def _likely_plain(element: _likely, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(likely)
+def likely_plain(element: likely, compiler: SQLCompiler, **kw: Any) -> str:
     return compiler.process(element.clauses, **kw)
 
 
-@compiles(_likely, "sqlite")
-def _likely_sqlite(element: _likely, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(likely, "sqlite")
+def likely_sqlite(element: likely, compiler: SQLCompiler, **kw: Any) -> str:
     return f"likely({compiler.process(element.clauses, **kw)})"
 
 
@@ -104,7 +104,7 @@ def _originals_statement(sizes: tuple[int, ...]) -> sa.Executable:
     # generic (prepared) plan; marked likely() for SQLite, whose planner, without statistics,
     # took `type = …` for the selective term once ~10 keys were asked and scanned every
     # webhook.received: O(n), 0.5 s a batch at 200k events, 8 duplicates/s at 1M.
-    is_received = _likely(events.c.type == sa.literal_column(f"'{WebhookReceived.TYPE}'"))
+    is_received = likely(events.c.type == sa.literal_column(f"'{WebhookReceived.TYPE}'"))
     selects = [
         sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
             is_received,

@@ -46,6 +46,7 @@ def columns() -> list[sa.Column[Any]]:
 INDEXES: list[tuple[str, list[str]]] = [
     ("ix_trigger_executions_trigger_id_execution_id", ["trigger_id", "execution_id"]),
     ("ix_trigger_executions_status_next_attempt_at", ["status", "next_attempt_at"]),
+    ("ix_trigger_executions_trigger_id_status", ["trigger_id", "status"]),  # server/due.py
 ]
 
 table = sa.Table(NAME, metadata, *columns())

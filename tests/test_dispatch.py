@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +461,82 @@ async def test_a_body_that_is_not_utf8_reaches_the_destination_byte_for_byte(
     assert (await wait_until(app, execution_id))["status"] == "succeeded"
     [received] = destination.of(execution_id)
     assert received.body == raw and received.headers["Content-Type"] == "text/plain"
+
+
+async def test_the_due_query_probes_indexes_not_the_backlog(
+    database_url: str, backend: str
+) -> None:
+    """Each branch of the dispatcher's page query rides an index: the due rows by status and
+    time, a deleted trigger's waiting rows by trigger and status — never a walk over every
+    execution (the OR it replaces visited every pending and retrying row at every poll)."""
+    from ledger.migrate import upgrade
+    from server.due import due_query
+
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        await _seed_a_backlog(engine)
+        query = due_query(datetime.now(UTC), 64, ["x"], ["busy"])
+        async with engine.connect() as conn:
+            if backend == "postgres":
+                await conn.exec_driver_sql("ANALYZE trigger_executions")
+                await conn.exec_driver_sql("ANALYZE triggers")
+            sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            if backend == "postgres":
+                await conn.exec_driver_sql("SET enable_seqscan = off")
+                plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
+                walks = [
+                    line for line in plan.splitlines() if "Seq Scan on trigger_executions" in line
+                ]
+            else:
+                rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
+                plan = "\n".join(str(r[-1]) for r in rows)
+                walks = [
+                    line for line in plan.splitlines() if line.startswith("SCAN trigger_executions")
+                ]
+    finally:
+        await engine.dispose()
+    assert "ix_trigger_executions_status_next_attempt_at" in plan, plan
+    assert "ix_trigger_executions_trigger_id_status" in plan, plan
+    assert not walks, plan
+
+
+async def _seed_a_backlog(engine: Any) -> None:
+    """3,000 executions waiting to be retried later for a live trigger, 3 of a deleted one."""
+    from projections.triggers import table as triggers_table
+
+    now = datetime.now(UTC)
+    later = now.replace(year=now.year + 1)
+
+    def trigger(trigger_id: str, deleted: bool) -> dict[str, Any]:
+        return {
+            "id": trigger_id,
+            "source": "generic",
+            "secrets": "[]",
+            "paused": False,
+            "deleted": deleted,
+            "created_at": now,
+            "updated_at": now,
+            "last_seq": 1,
+            "version": 1,
+        }
+
+    def waiting(n: int, trigger_id: str) -> dict[str, Any]:
+        return {
+            "execution_id": f"{trigger_id}-{n:05d}",
+            "trigger_id": trigger_id,
+            "received_event_id": f"e-{trigger_id}-{n}",
+            "status": "retrying",
+            "attempts": 1,
+            "next_attempt_at": later,
+            "duplicate_count": 0,
+            "replay_count": 0,
+            "received_at": now,
+            "last_seq": n,
+            "version": 2,
+        }
+
+    async with engine.begin() as conn:
+        await conn.execute(triggers_table.insert(), [trigger("live", False), trigger("gone", True)])
+        rows = [waiting(n, "live") for n in range(3000)] + [waiting(n, "gone") for n in range(3)]
+        await conn.execute(executions.insert(), rows)
