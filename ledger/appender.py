@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ledger.store import (
     read_head,
     read_versions,
     take_append_lock,
+    to_recorded,
     write_transaction,
 )
 
@@ -225,22 +227,14 @@ def append_batch(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
     return Appended(results, head[0], [_recorded(row) for row in rows])
 
 
+_IN_TABLE_ORDER = operator.itemgetter(*(column.name for column in events.c))
+
+
 def _recorded(row: dict[str, Any]) -> RecordedEvent:
-    # data and meta decoded from the text just written, not taken from the Python objects: a
-    # fold sees exactly what a reader of the log will (a datetime in data is a string there).
-    return RecordedEvent(
-        seq=row["seq"],
-        id=row["id"],
-        stream=row["stream"],
-        version=row["version"],
-        type=row["type"],
-        trigger_id=row["trigger_id"],
-        idempotency_key=row["idempotency_key"],
-        data=loads(row["data"]),
-        meta=loads(row["meta"]),
-        recorded_at=row["recorded_at"],
-        hash=row["hash"],
-    )
+    # Decoded from the text just written, as every reader of the log does (`to_recorded`), not
+    # taken from the Python objects: a fold sees exactly what a reader will (a datetime in data
+    # is a string there).
+    return to_recorded(_IN_TABLE_ORDER(row))
 
 
 class Folder(Protocol):

@@ -19,7 +19,6 @@ from sqlalchemy.engine import Dialect
 
 Processor = Callable[[Any], Any]
 T = TypeVar("T")
-_Pairs = Sequence[tuple[str, Processor | None]]  # column name, bind processor
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -117,5 +116,5 @@ def in_list(column: sa.ColumnElement[Any], name: str, size: int) -> list[sa.Bind
 
 
 def in_values(name: str, values: Sequence[Any]) -> dict[str, Any]:
-    """The parameters of `in_list(name, len(values))`."""
+    """The parameters of `in_list(column, name, len(values))`."""
     return {f"{name}_{i}": value for i, value in enumerate(values)}

@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 PROJECTOR_LOCK_ID = 0x70726F6A  # "proj"
 
 
+_CHECKPOINTS = sa.select(checkpoints.c.name, checkpoints.c.seq)
+
+
 async def read_checkpoints(conn: AsyncConnection) -> dict[str, int]:
-    rows = (await conn.execute(sa.select(checkpoints.c.name, checkpoints.c.seq))).all()
+    rows = (await conn.execute(_CHECKPOINTS)).all()
     return {name: seq for name, seq in rows}
 
 
@@ -42,7 +45,6 @@ async def set_checkpoint(conn: AsyncConnection, name: str, seq: int) -> None:
         await conn.execute(checkpoints.insert().values(name=name, **values))
 
 
-_CHECKPOINTS = sa.select(checkpoints.c.name, checkpoints.c.seq)
 _MOVE_CHECKPOINT = (
     checkpoints.update()
     .where(checkpoints.c.name == sa.bindparam("b_name"))

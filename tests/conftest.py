@@ -18,7 +18,10 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import settings as hypothesis_settings
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.migrate import upgrade
+from ledger.store import create_engine
 from server.app import make_app
 from server.config import Settings
 
@@ -93,6 +96,15 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 
 MakeClient = Callable[..., Any]
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test's database, migrated to the head (a module may define its own)."""
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture

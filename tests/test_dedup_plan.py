@@ -9,17 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.appender import _originals_query, append_commands
 from ledger.commands import RecordDelivery
-from ledger.migrate import upgrade
 from ledger.schema import IDEMPOTENCY_INDEX
-from ledger.store import create_engine, write_transaction
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncEngine:
-    engine = create_engine(database_url)
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
+from ledger.store import write_transaction
 
 
 def _delivery(key: str) -> RecordDelivery:

@@ -33,14 +33,6 @@ from ledger.store import (
 
 
 @pytest.fixture
-async def engine(database_url: str) -> AsyncEngine:
-    engine = create_engine(database_url)
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
 async def appender(engine: AsyncEngine) -> Appender:
     appender = Appender(engine)
     task = asyncio.create_task(appender.run())
