@@ -143,28 +143,6 @@ async def test_duplicate_detection_uses_the_idempotency_index(
     assert "uq_events_trigger_id_idempotency_key" in plan, plan
 
 
-async def test_the_appenders_own_duplicate_query_uses_the_index(
-    engine: AsyncEngine, backend: str
-) -> None:
-    """The statement the appender really sends, compiled for this backend, probes the index."""
-    from ledger.appender import _originals_query
-
-    statement, params = _originals_query({("t", "k1"), ("t", "k2"), ("u", "k3")})
-    async with write_transaction(engine) as conn:
-        await append_commands(conn, [delivery(f"k{i}") for i in range(50)])
-    async with engine.connect() as conn:
-        bound = statement.params(params)  # type: ignore[attr-defined]
-        sql = str(bound.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
-        if backend == "postgres":
-            await conn.exec_driver_sql("SET enable_seqscan = off")
-            plan = "\n".join(r[0] for r in await conn.exec_driver_sql("EXPLAIN " + sql))
-        else:
-            plan = "\n".join(
-                str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
-            )
-    assert "uq_events_trigger_id_idempotency_key" in plan, plan
-
-
 async def test_in_batch_and_cross_batch_duplicates(engine: AsyncEngine) -> None:
     async with write_transaction(engine) as conn:
         first = await append_commands(
