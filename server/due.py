@@ -77,16 +77,21 @@ _HELD_BY_DELETION = ("pending", "retrying")
 
 def _branches(now: datetime) -> list[sa.ColumnElement[bool]]:
     e, t = executions.c, triggers.c
-    # Two branches, each on an index of its own (an OR of the two made both planners walk every
-    # pending and retrying row, due or not, at every poll: O(backlog) each second).
-    runnable = sa.and_(e.status.in_(DISPATCHABLE), e.next_attempt_at <= now, sa.not_(t.paused))
+    # One branch per dispatchable status, each a walk of the (status, next_attempt_at) index in
+    # time order that stops at the page's size: O(page) a poll, however many are due (after an
+    # outage, all of them). An OR of the statuses made both planners visit every pending and
+    # retrying row at each poll; one IN made them sort every due row for the first page.
+    runnable = [
+        sa.and_(e.status == status, e.next_attempt_at <= now, sa.not_(t.paused))
+        for status in DISPATCHABLE
+    ]
     # A deleted trigger's waiting executions are dead-lettered at once, paused or not
     # (ix_trigger_executions_trigger_id_status: the deleted trigger's waiting rows only).
     deleted = sa.select(triggers.c.id).where(triggers.c.deleted).scalar_subquery()
     abandoned = sa.and_(
         e.trigger_id.in_(deleted), likely(e.status.in_(_HELD_BY_DELETION)), t.deleted
     )
-    return [runnable, abandoned]
+    return [*runnable, abandoned]
 
 
 def due_query(
@@ -94,10 +99,11 @@ def due_query(
     limit: int,
     skip_executions: Sequence[str] = (),
     skip_triggers: Sequence[str] = (),
-) -> sa.Select[Any] | sa.CompoundSelect[Any]:
-    """The statement `find_due` runs (its query plans are tested)."""
+) -> sa.Select[Any]:
+    """The statement `find_due` runs (its query plans are tested): each branch's first `limit`
+    rows by time, then the first `limit` of those."""
     e, t = executions.c, triggers.c
-    selects = []
+    pages = []
     for branch in _branches(now):
         select = (
             sa.select(
@@ -120,8 +126,9 @@ def due_query(
             select = select.where(e.execution_id.not_in(list(skip_executions)))
         if skip_triggers:
             select = select.where(e.trigger_id.not_in(list(skip_triggers)))
-        selects.append(select)
-    union = sa.union_all(*selects).subquery()
+        page = select.order_by(e.next_attempt_at).limit(limit).subquery()
+        pages.append(sa.select(page))
+    union = sa.union_all(*pages).subquery()
     return sa.select(union).order_by(union.c.next_attempt_at).limit(limit)
 
 

@@ -7,12 +7,13 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import secrets
 import socket
 import sys
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -501,12 +502,75 @@ async def test_the_due_query_probes_indexes_not_the_backlog(
     assert not walks, plan
 
 
-async def _seed_a_backlog(engine: Any) -> None:
-    """3,000 executions waiting to be retried later for a live trigger, 3 of a deleted one."""
+async def test_a_poll_reads_one_page_however_many_are_due(database_url: str, backend: str) -> None:
+    """After an outage every waiting execution is due at once: a poll still reads about one page
+    (each status's index walked in time order and cut at the page's size), never every due row
+    sorted for the first 64."""
+    from ledger.migrate import upgrade
+    from server.due import due_query
+
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        await _seed_a_backlog(engine)
+        await _seed_a_backlog(engine, due=300)
+        async with engine.connect() as conn:
+            sql = str(
+                due_query(datetime.now(UTC), 64).compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+                )
+            )
+        if backend == "postgres":
+            async with engine.connect() as conn:
+                # statistics as autovacuum keeps them (a deleted trigger's few rows otherwise
+                # look no rarer than every waiting row)
+                await conn.exec_driver_sql("ANALYZE trigger_executions")
+                await conn.exec_driver_sql("ANALYZE triggers")
+                plan = [r[0] for r in await conn.exec_driver_sql("EXPLAIN ANALYZE " + sql)]
+            # every node that reads trigger_executions hands on at most a page of rows
+            read = [
+                int(match.group(1))
+                for line in plan
+                if "trigger_executions" in line
+                and (match := re.search(r"actual time=\S+ rows=(\d+)", line))
+            ]
+            assert read and max(read) <= 64, "\n".join(plan)
+            return
+        # SQLite: the virtual machine's steps for the page, with 300 due and then with 3,000
+        path = database_url.split("///", 1)[1]
+        before = _sqlite_steps(path, sql)
+        await _seed_a_backlog(engine, due=2700, first=300)
+        after = _sqlite_steps(path, sql)
+    finally:
+        await engine.dispose()
+    assert after < 1.5 * before, (before, after)
+
+
+def _sqlite_steps(path: str, sql: str) -> int:
+    import sqlite3
+
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.set_progress_handler(count, 100)
+        assert len(conn.execute(sql).fetchall()) == 64
+    return steps
+
+
+async def _seed_a_backlog(engine: Any, *, due: int = 0, first: int = 0) -> None:
+    """3,000 executions waiting to be retried later for a live trigger, 3 of a deleted one
+    (with `due`: that many pending executions of the live trigger due now instead, numbered
+    from `first`)."""
     from projections.triggers import table as triggers_table
 
     now = datetime.now(UTC)
     later = now.replace(year=now.year + 1)
+    earlier = now.replace(year=now.year - 1)
 
     def trigger(trigger_id: str, deleted: bool) -> dict[str, Any]:
         return {
@@ -521,14 +585,16 @@ async def _seed_a_backlog(engine: Any) -> None:
             "version": 1,
         }
 
-    def waiting(n: int, trigger_id: str) -> dict[str, Any]:
+    def waiting(
+        n: int, trigger_id: str, status: str = "retrying", at: datetime = later
+    ) -> dict[str, Any]:
         return {
-            "execution_id": f"{trigger_id}-{n:05d}",
+            "execution_id": f"{trigger_id}-{status}-{n:05d}",
             "trigger_id": trigger_id,
-            "received_event_id": f"e-{trigger_id}-{n}",
-            "status": "retrying",
+            "received_event_id": f"e-{trigger_id}-{status}-{n}",
+            "status": status,
             "attempts": 1,
-            "next_attempt_at": later,
+            "next_attempt_at": at,
             "duplicate_count": 0,
             "replay_count": 0,
             "received_at": now,
@@ -537,6 +603,13 @@ async def _seed_a_backlog(engine: Any) -> None:
         }
 
     async with engine.begin() as conn:
+        if due:
+            rows = [
+                waiting(n, "live", "pending", earlier + timedelta(seconds=n))
+                for n in range(first, first + due)
+            ]
+            await conn.execute(executions.insert(), rows)
+            return
         await conn.execute(triggers_table.insert(), [trigger("live", False), trigger("gone", True)])
         rows = [waiting(n, "live") for n in range(3000)] + [waiting(n, "gone") for n in range(3)]
         await conn.execute(executions.insert(), rows)
