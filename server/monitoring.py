@@ -27,7 +27,7 @@ from projections.trigger_executions import table as executions
 from server.config import Settings
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
-from server.state import SERVICES, Services
+from server.state import FOUND_TRIGGER, SERVICES, Services
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ routes = web.RouteTableDef()
 
 READY_TIMEOUT_S = 2.0
 SCRAPE_TIMEOUT_S = 5.0
-# Rejections before the trigger is known carry no trigger label: ids from the URL are unbounded.
-_UNKNOWN_TRIGGER_CODES = frozenset({"trigger_not_found", "not_found", "method_not_allowed"})
 
 Lag = dict[str, tuple[int, float]]  # projection -> (events behind, seconds behind)
 
@@ -142,14 +140,14 @@ def record_outcome(request: web.Request, response: web.StreamResponse) -> None:
     """Count an answer of the receiver, and log a rejection with its reason. Called with the
     answer the sender gets, after any error became one."""
     metrics = request.app[SERVICES].metrics
-    trigger_id = request.match_info.get("trigger_id", "")
+    found = request.get(FOUND_TRIGGER, "")
     if response.status < 400:
         is_duplicate = response.headers.get("Idempotent-Replayed") == "true"
-        metrics.count_webhook(trigger_id, "duplicate" if is_duplicate else "accepted")
+        metrics.count_webhook(found, "duplicate" if is_duplicate else "accepted")
         return
     code = _error_code(response)
-    label = "" if code in _UNKNOWN_TRIGGER_CODES else trigger_id
-    metrics.count_webhook(label, "rejected", code)
+    metrics.count_webhook(found, "rejected", code)
+    trigger_id = request.match_info.get("trigger_id", "")
     fact(logger, "webhook_rejected", trigger_id=trigger_id, status=response.status, reason=code)
 
 

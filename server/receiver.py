@@ -22,7 +22,7 @@ from server.catalog import ActiveTrigger
 from server.errors import ApiError
 from server.logs import fact, request_id
 from server.ratelimit import INGEST_LIMITER, rate_limited
-from server.state import SERVICES, Services
+from server.state import FOUND_TRIGGER, SERVICES, Services
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> web.R
 async def receive_webhook(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     trigger = await _find_trigger(services, request.match_info["trigger_id"])
+    request[FOUND_TRIGGER] = trigger.id
     _check_size(request, services.settings.max_body_bytes)
     kind = content_kind(request.content_type)
     if kind is None:

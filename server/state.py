@@ -30,3 +30,6 @@ class Services:
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+# Set by the receiver once the trigger is found: metrics label only triggers that exist (an id
+# taken from the URL is unbounded: a 404, or a 503 while the lookup could not run, has none).
+FOUND_TRIGGER: web.RequestKey[str] = web.RequestKey("found_trigger", str)

@@ -184,6 +184,13 @@ async def test_readyz_answers_503_while_the_database_is_unreachable_then_recover
     if proxy is not None:
         refused = await client.post("/webhooks/t", data="{}", headers=JSON_HEADERS)
         assert refused.status == 503 and refused.headers["Retry-After"]
+        # An id nobody made, while it cannot be looked up: refused, and never a metric label
+        # (ids from the URL are unbounded).
+        unknown = await client.post("/webhooks/made-up-1", data="{}", headers=JSON_HEADERS)
+        assert unknown.status == 503
+        assert (await unknown.json())["error"]["code"] == "storage_unavailable"
+        labels = {dict(labels).get("trigger_id") for _, labels in await scrape(client)}
+        assert "made-up-1" not in labels
 
     if proxy is not None:
         await proxy.restore()
