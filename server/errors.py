@@ -27,13 +27,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(status, code, message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.close = close  # answer, then close the connection (its request was not read whole)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -74,7 +81,10 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
     """The documented answer to what a handler raised. An HTTPException below 400 (a redirect,
     say) is an answer, not an error: it is raised again for aiohttp to send."""
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        if exc.close:
+            response.force_close()
+        return response
     if isinstance(exc, ledger_errors.StorageUnavailable):
         return _unavailable(exc.cause)
     if isinstance(exc, ledger_errors.LedgerError):

@@ -23,7 +23,9 @@ from server.config import Settings
 from server.errors import error_response
 from server.logs import fact
 
-__all__ = ["GuardedAppRunner", "start_site"]
+__all__ = ["LINGERING_S", "GuardedAppRunner", "start_site"]
+
+LINGERING_S = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +183,10 @@ async def start_site(
         header_timeout_s=settings.header_timeout_s,
         access_log=None,
         handler_cancellation=True,
+        # After an answer given before the body was read whole (413, 401, a body's 408), aiohttp
+        # goes on reading and dropping it this long so the sender can read the answer; then it
+        # closes. Its default, 10 s, would hold a trickler that long again.
+        lingering_time=LINGERING_S,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)

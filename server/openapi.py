@@ -35,6 +35,7 @@ ERRORS = {
     400: _error("invalid input (`invalid_json`, `invalid_trigger`, `invalid_query`, …)"),
     401: _error("`unauthorized`: no or wrong admin token"),
     404: _error("not found (`trigger_not_found`, `execution_not_found`, …)"),
+    408: _error("`request_timeout`: the body did not arrive in time; the connection is closed"),
     409: _error("conflict (`trigger_exists`, `conflict`, `replay_not_allowed`)"),
     413: _error("`payload_too_large`"),
     415: _error("`unsupported_media_type`"),
@@ -131,7 +132,7 @@ def _receiver() -> Operation:
                 ),
                 401: _error("`invalid_signature`"),
             },
-            (400, 404, 413, 415, 429, 503),
+            (400, 404, 408, 413, 415, 429, 503),
         ),
     }
 

@@ -6,6 +6,7 @@ answer goes out only after the delivery is committed to the log.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
@@ -50,6 +51,21 @@ def _check_rate(request: web.Request, trigger: ActiveTrigger) -> None:
         wait = limiter.wait_s(trigger.id, limit["per_s"], limit["burst"])
         if wait > 0:
             raise rate_limited(wait, f"trigger {trigger.id!r}")
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> bytes:
+    # aiohttp bounds a body's size, not the time it takes (the listener's deadline covers heads
+    # only): a sender trickling its body would hold the connection and its memory for ever.
+    try:
+        async with asyncio.timeout(timeout_s if timeout_s > 0 else None):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+            close=True,
+        ) from None
 
 
 async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
@@ -127,7 +143,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
             "unsupported_media_type",
             f"{request.content_type!r} is not accepted: send JSON, a form or text/plain",
         )
-    raw = await request.read()
+    raw = await _read_body(request, services.settings.body_timeout_s)
     headers = {name.lower(): value for name, value in request.headers.items()}
     if trigger.requires_signature:
         verify_signature(trigger.source, trigger.secrets, headers, raw)

@@ -15,9 +15,10 @@ from processes import free_port, start_server
 
 from server.app import make_app
 from server.config import Settings
-from server.listener import start_site
+from server.listener import LINGERING_S, start_site
 
 HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 3.0
 
 
 @pytest.fixture
@@ -30,6 +31,7 @@ async def site(tmp_path: Path) -> AsyncIterator[int]:
         data_dir=tmp_path,
         dispatch=False,
         header_timeout_s=HEADER_TIMEOUT_S,
+        body_timeout_s=BODY_TIMEOUT_S,
     )
     port = free_port()
     runner = await start_site(make_app(settings), settings, host="127.0.0.1", port=port)
@@ -200,6 +202,43 @@ async def test_a_slow_body_is_not_cut_off_by_the_header_deadline(site: int) -> N
         writer.close()
 
 
+async def test_a_body_that_stops_arriving_is_408_and_nothing_is_recorded(site: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", site)
+    try:
+        create = orjson.dumps({"id": "t"})
+        writer.write(
+            b"POST /api/triggers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: {AUTH['Authorization']}\r\n".encode()
+            + b"Content-Length: %d\r\n\r\n" % len(create)
+            + create
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        await reader.readexactly(int(parse_response(head)[1]["content-length"]))
+        writer.write(
+            b"POST /webhooks/t HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"partial": '
+        )
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BODY_TIMEOUT_S + 5)
+        answered = time.monotonic() - started
+        answer = head + await asyncio.wait_for(reader.read(), LINGERING_S + 2)  # then it closes
+        closed = time.monotonic() - started
+    finally:
+        writer.close()
+    status, headers, body = parse_response(answer)
+    assert status == 408 and headers["connection"] == "close"
+    assert_error_shape(body, "request_timeout")
+    assert BODY_TIMEOUT_S - 0.1 <= answered < BODY_TIMEOUT_S + 2
+    assert closed < BODY_TIMEOUT_S + LINGERING_S + 2
+    status, _, body = await exchange(
+        site,
+        b"GET /api/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + f"Authorization: {AUTH['Authorization']}\r\n\r\n".encode(),
+    )
+    assert status == 200
+    assert [e["type"] for e in orjson.loads(body)["events"]] == ["trigger.registered"]
+
+
 @pytest.mark.slow
 async def test_hookledger_serve_cuts_off_tricklers(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}"
@@ -222,5 +261,7 @@ def test_the_header_timeout_is_a_setting_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HOOKLEDGER_HEADER_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("HOOKLEDGER_BODY_TIMEOUT_S", "7")
     assert Settings.from_env().header_timeout_s == 2.5
+    assert Settings.from_env().body_timeout_s == 7
     assert replace(Settings(), header_timeout_s=3).header_timeout_s == 3
