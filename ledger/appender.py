@@ -26,7 +26,7 @@ from ledger.codec import canonical_bytes, chain_hash, dumps, format_time, loads
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent, RecordedEvent, WebhookReceived
-from ledger.rows import insert_many, padded
+from ledger.rows import fetch_all, insert_many, padded
 from ledger.schema import IDEMPOTENCY_INDEX, events
 from ledger.store import (
     HeldConnection,
@@ -132,7 +132,7 @@ def _read_originals(
         return {}
     originals = {}
     for statement, params in originals_queries(keys):
-        for trigger_id, key, event_id, data in conn.execute(statement, params).all():
+        for trigger_id, key, event_id, data in fetch_all(conn, statement, params):
             parsed = loads(data)
             originals[(trigger_id, key)] = Original(
                 event_id, parsed["execution_id"], parsed["body_sha256"]
@@ -283,7 +283,7 @@ class Appender:
 
     async def submit(self, command: Command) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(command, future))
+        self._queue.put_nowait(_Pending(command, future))  # unbounded: never waits
         return await future
 
     async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:

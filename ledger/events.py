@@ -49,18 +49,25 @@ class EventData:
         names = _FIELD_NAMES.get(type(self))
         if names is None:
             names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))  # type: ignore[arg-type]
-        return {name: _json_copy(getattr(self, name)) for name in names}
+        data = {}
+        for name in names:
+            value = getattr(self, name)
+            data[name] = value if type(value) in _ATOMS else _json_copy(value)
+        return data
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_ATOMS = frozenset({str, int, float, bool, type(None)})  # immutable: shared, not copied
 
 
 def _json_copy(value: Any) -> Any:
     """A copy of nested dicts and lists; strings and numbers are immutable and shared."""
     if isinstance(value, dict):
-        return {key: _json_copy(item) for key, item in value.items()}
+        return {
+            key: item if type(item) in _ATOMS else _json_copy(item) for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
-        return type(value)(_json_copy(item) for item in value)
+        return type(value)(item if type(item) in _ATOMS else _json_copy(item) for item in value)
     return value
 
 

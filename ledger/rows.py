@@ -1,10 +1,14 @@
-"""Many rows into one table, cheaply: the statement compiled once, values through the columns'
-own bind processors, each distinct value converted once per call.
+"""The hot path's statements, cheaply: each compiled once, then run on the driver's own cursor,
+values through the columns' own bind processors (each distinct value converted once per call)
+and results through their result processors.
 
-SQLAlchemy's executemany sends every value of every row through its compiler and processors
-(~60 us a row of trigger_executions, mostly on NULLs; the datetime processors alone were a fifth
-of an append). Same statement, same conversions, a fraction of the cost: the append, the
-projections and rebuilds all insert through here, so what they store is what SQLAlchemy would.
+SQLAlchemy's execute costs ~50 us a statement here before the database does anything (execution
+context, events, result metadata), and its executemany sends every value of every row through
+the compiler (~60 us a row of trigger_executions, mostly on NULLs). An append batch runs ~10
+statements, so for one delivery that overhead was most of its transaction. The statements are
+still SQLAlchemy's, compiled by its dialect, and the values converted by its types: what is
+stored and read back is what SQLAlchemy would store and read. Driver errors become SQLAlchemy's
+(`IntegrityError`, `OperationalError`, with `connection_invalidated`), as from `conn.execute`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -19,6 +24,16 @@ from sqlalchemy.engine import Dialect
 
 Processor = Callable[[Any], Any]
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    sql: str
+    names: tuple[str, ...]  # bind names in the statement's positional order, less the prefix
+    defaults: tuple[Any, ...]  # each bind's own value (a LIMIT, a literal), when not given
+    processors: tuple[tuple[int, Processor], ...]  # bind processors by position
+    columns: tuple[str, ...]  # result columns' names (SELECT)
+    types: tuple[Any, ...]  # and their SQLAlchemy types
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -36,12 +51,78 @@ def execute_many(
     """`statement` once per row; a row's keys are the statement's bind names less `prefix`."""
     if not rows:
         return
-    prepared = _prepared(statement, conn.dialect, prefix)
-    if prepared is None:  # a named paramstyle: let SQLAlchemy bind
+    compiled = _compiled(statement, conn.dialect, prefix)
+    if compiled is None:  # a named paramstyle: let SQLAlchemy bind
         conn.execute(statement, [{f"{prefix}{k}": v for k, v in row.items()} for row in rows])
         return
-    sql, names, processors = prepared
-    conn.exec_driver_sql(sql, _values(rows, names, processors))
+    values = _values(rows, compiled)
+    _on_cursor(conn, compiled.sql, values, lambda cursor: cursor.executemany(compiled.sql, values))
+
+
+def fetch_all(
+    conn: sa.Connection, statement: sa.Executable, params: Mapping[str, Any] | None = None
+) -> list[Sequence[Any]]:
+    """The rows of a SELECT (tuples in its columns' order), converted as SQLAlchemy would."""
+    compiled = _compiled(statement, conn.dialect, "")
+    if compiled is None:
+        return list(conn.execute(statement, dict(params or {})).all())
+    values = _values([params or {}], compiled)[0]
+
+    def run(cursor: Any) -> tuple[list[Sequence[Any]], tuple[Any, ...]]:
+        cursor.execute(compiled.sql, values)
+        # The driver's type of each column: some processors depend on it (asyncpg's numerics).
+        return list(cursor.fetchall()), tuple(column[1] for column in cursor.description or ())
+
+    rows, coltypes = _on_cursor(conn, compiled.sql, values, run)
+    processors = _result_processors(compiled, conn.dialect, coltypes)
+    if not processors:
+        return rows
+    converted: list[Sequence[Any]] = []
+    for row in rows:
+        listed = list(row)
+        for position, processor in processors:
+            listed[position] = processor(listed[position])
+        converted.append(tuple(listed))
+    return converted
+
+
+def fetch_dicts(
+    conn: sa.Connection, statement: sa.Executable, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """`fetch_all`, each row a dict by column name."""
+    compiled = _compiled(statement, conn.dialect, "")
+    if compiled is None:
+        return [dict(row) for row in conn.execute(statement, dict(params or {})).mappings()]
+    names = compiled.columns
+    return [dict(zip(names, row, strict=True)) for row in fetch_all(conn, statement, params)]
+
+
+def execute_sql(conn: sa.Connection, sql: str) -> None:
+    """A statement without parameters or rows (SAVEPOINT …), on the driver's cursor."""
+    _on_cursor(conn, sql, (), lambda cursor: cursor.execute(sql))
+
+
+def _on_cursor(conn: sa.Connection, sql: str, params: Any, call: Callable[[Any], T]) -> T:
+    connection = conn.connection
+    dbapi_connection = connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        return call(cursor)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        invalidated = conn.dialect.is_disconnect(exc, dbapi_connection, cursor)
+        if invalidated:
+            connection.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            sql,
+            params,
+            exc,
+            conn.dialect.loaded_dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=conn.dialect,
+        ) from exc
+    finally:
+        cursor.close()
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,11 +130,8 @@ def _insert_statement(table: sa.Table) -> sa.Insert:
     return table.insert()
 
 
-_Prepared = tuple[str, tuple[str, ...], tuple[tuple[int, Processor], ...]]
-
-
-@functools.lru_cache(maxsize=128)
-def _prepared(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Prepared | None:
+@functools.lru_cache(maxsize=256)
+def _compiled(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Compiled | None:
     compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
     if compiled.positiontup is None:
         return None
@@ -63,24 +141,44 @@ def _prepared(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Prepa
         for position, name in enumerate(binds)
         if (processor := compiled.binds[name].type._cached_bind_processor(dialect)) is not None
     )
+    defaults = tuple(compiled.binds[name].effective_value for name in binds)
+    columns = tuple(entry[0] for entry in compiled._result_columns)
+    types = tuple(entry[3] for entry in compiled._result_columns)
     names = tuple(name.removeprefix(prefix) for name in binds)
-    return str(compiled), names, processors
+    return _Compiled(str(compiled), names, defaults, processors, columns, types)
 
 
-def _values(
-    rows: Sequence[Mapping[str, Any]],
-    names: tuple[str, ...],
-    processors: tuple[tuple[int, Processor], ...],
-) -> list[Sequence[Any]]:
-    take = operator.itemgetter(*names)
+@functools.lru_cache(maxsize=256)
+def _result_processors(
+    compiled: _Compiled, dialect: Dialect, coltypes: tuple[Any, ...]
+) -> tuple[tuple[int, Processor], ...]:
+    return tuple(
+        (position, processor)
+        for position, (type_, coltype) in enumerate(zip(compiled.types, coltypes, strict=False))
+        if (processor := type_._cached_result_processor(dialect, coltype)) is not None
+    )
+
+
+_MISSING = object()
+
+
+def _values(rows: Sequence[Mapping[str, Any]], compiled: _Compiled) -> list[Sequence[Any]]:
+    names, processors = compiled.names, compiled.processors
+    take = operator.itemgetter(*names) if names else None
     single = len(names) == 1
     converted: dict[tuple[int, Any], Any] = {}  # a batch shares its timestamps: convert each once
     values: list[Sequence[Any]] = []
     for row in rows:
-        try:
-            picked = (take(row),) if single else take(row)
-        except KeyError:  # a row without some column: NULL there
-            picked = tuple(row.get(name) for name in names)
+        if take is None:
+            picked: Sequence[Any] = ()
+        else:
+            try:
+                picked = (take(row),) if single else take(row)
+            except KeyError:  # a row without some bind: its own value (a LIMIT), or NULL
+                picked = tuple(
+                    value if (value := row.get(name, _MISSING)) is not _MISSING else default
+                    for name, default in zip(names, compiled.defaults, strict=True)
+                )
         if processors:
             listed = list(picked)
             for position, processor in processors:

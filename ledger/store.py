@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ledger.codec import GENESIS_HASH, loads
 from ledger.events import RecordedEvent
-from ledger.rows import in_list, in_values, padded
+from ledger.rows import fetch_all, in_list, in_values, padded
 from ledger.schema import events
 
 APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
@@ -95,7 +95,7 @@ async def write_connection(engine: AsyncEngine) -> AsyncConnection:
 
 def take_append_lock(conn: sa.Connection) -> None:
     if conn.dialect.name == "postgresql":
-        conn.execute(_APPEND_LOCK, {"k": APPEND_LOCK_ID})
+        fetch_all(conn, _APPEND_LOCK, {"k": APPEND_LOCK_ID})
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
@@ -113,8 +113,8 @@ def _versions_statement(size: int) -> sa.Select[Any]:
 
 def read_head(conn: sa.Connection) -> tuple[int, str]:
     """The last event's seq and hash (0 and the genesis hash for an empty log)."""
-    row = conn.execute(_HEAD).first()
-    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+    rows = fetch_all(conn, _HEAD)
+    return (rows[0][0], rows[0][1]) if rows else (0, GENESIS_HASH)
 
 
 def read_versions(conn: sa.Connection, streams: Sequence[str]) -> dict[str, int]:
@@ -122,7 +122,7 @@ def read_versions(conn: sa.Connection, streams: Sequence[str]) -> dict[str, int]
     if not streams:
         return {}
     asked = padded(sorted(set(streams)))
-    rows = conn.execute(_versions_statement(len(asked)), in_values("stream", asked)).all()
+    rows = fetch_all(conn, _versions_statement(len(asked)), in_values("stream", asked))
     return {stream: version for stream, version in rows}
 
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
-from ledger.rows import execute_many, in_list, in_values, insert_many, padded
+from ledger.rows import execute_many, fetch_dicts, in_list, in_values, insert_many, padded
 
 Row = dict[str, Any]
 # SQLite binds at most 32766 parameters a statement; stay well under it.
@@ -79,8 +79,8 @@ class RowProjection:
         for start in range(0, len(ordered), _CHUNK):
             chunk = padded(ordered[start : start + _CHUNK])
             query = _load_statement(table, self.key_column, len(chunk))
-            for row in conn.execute(query, in_values("key", chunk)).mappings():
-                found[row[self.key_column]] = dict(row)
+            for row in fetch_dicts(conn, query, in_values("key", chunk)):
+                found[row[self.key_column]] = row
         return found
 
     def _store(

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.events import RecordedEvent
 from ledger.failures import FailureLog
+from ledger.rows import execute_many, execute_sql, fetch_all
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import is_postgres, read_events, read_last_seq, write_transaction
 from projections.base import Projection
@@ -127,26 +128,26 @@ class ProjectionRunner:
             # One round trip: no rows when another runner holds the projector lock. The rows
             # may predate a runner's commit that ended just before the lock was won: then they
             # are behind `before`, and this declines, which is always safe.
-            rows = conn.execute(_LOCKED_CHECKPOINTS, {"k": PROJECTOR_LOCK_ID})
+            rows = fetch_all(conn, _LOCKED_CHECKPOINTS, {"k": PROJECTOR_LOCK_ID})
         else:
-            rows = conn.execute(_CHECKPOINTS)  # the SQLite write lock already excludes runners
+            rows = fetch_all(conn, _CHECKPOINTS)  # the SQLite write lock excludes runners
         positions: dict[str, int] = {name: seq for name, seq in rows}
         if any(positions.get(p.name) != before for p in self.projections):
             return False
         now, seq = datetime.now(UTC), appended[-1].seq
-        moved = [{"b_name": p.name, "b_seq": seq, "b_at": now} for p in self.projections]
+        moved = [{"name": p.name, "seq": seq, "at": now} for p in self.projections]
         # A savepoint by hand: SQLAlchemy's begin_nested() compiles two statements every time.
-        conn.exec_driver_sql("SAVEPOINT inline_fold")
+        execute_sql(conn, "SAVEPOINT inline_fold")
         try:
             for projection in self.projections:
                 projection.apply(conn, projection.table, appended)
-            conn.execute(_MOVE_CHECKPOINT, moved)
+            execute_many(conn, _MOVE_CHECKPOINT, moved, prefix="b_")
         except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
             logger.exception("evt=inline_fold_failed")
-            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT inline_fold")
-            conn.exec_driver_sql("RELEASE SAVEPOINT inline_fold")
+            execute_sql(conn, "ROLLBACK TO SAVEPOINT inline_fold")
+            execute_sql(conn, "RELEASE SAVEPOINT inline_fold")
             return False
-        conn.exec_driver_sql("RELEASE SAVEPOINT inline_fold")
+        execute_sql(conn, "RELEASE SAVEPOINT inline_fold")
         return True
 
     def folded(self, seq: int) -> None:

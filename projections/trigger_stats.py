@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
-from ledger.rows import execute_many, in_list, in_values, insert_many, padded
+from ledger.rows import execute_many, fetch_dicts, in_list, in_values, insert_many, padded
 from ledger.schema import BigInt, metadata
 from projections import histogram
 
@@ -167,10 +167,10 @@ def _load(conn: sa.Connection, target: sa.Table, keys: set[Key]) -> dict[Key, Ro
         days = padded(sorted({d for _, d in chunk}))
         asked = in_values("trigger", triggers) | in_values("day", days)
         query = _load_statement(target, len(triggers), len(days))
-        for row in conn.execute(query, asked).mappings():
+        for row in fetch_dicts(conn, query, asked):
             key = (row["trigger_id"], row["day"])
             if key in keys:
-                found[key] = dict(row)
+                found[key] = row
     return found
 
 
