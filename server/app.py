@@ -30,10 +30,6 @@ from server.state import SERVICES, Services
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-DASHBOARD_CSP = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -61,15 +57,6 @@ async def readyz(request: web.Request) -> web.Response:
     if not is_ready:
         raise ApiError(503, "not_ready", body["reason"])
     return admin.json_response(body)
-
-
-async def _dashboard_headers(request: web.Request, response: web.StreamResponse) -> None:
-    # Revalidated on every load, so an upgraded server never runs yesterday's modules; the page
-    # runs only its own scripts and styles and is never framed (it holds the admin token).
-    if request.path == "/" or request.path.startswith("/static/"):
-        response.headers["Cache-Control"] = "no-cache"
-    if request.path == "/":
-        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
 
 
 async def dashboard(_request: web.Request) -> web.StreamResponse:
@@ -136,7 +123,6 @@ def make_app(settings: Settings, services: Services | None = None) -> web.Applic
     app.router.add_get("/openapi.json", openapi.get_openapi)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", dashboard)
-    app.on_response_prepare.append(_dashboard_headers)
     if STATIC.exists():
         app.router.add_static("/static/", STATIC)
     return app

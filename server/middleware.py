@@ -1,5 +1,5 @@
 """The one middleware around every request: its id, the admin API's gate, the documented error
-shape, and the receiver's outcomes.
+shape, the receiver's outcomes, and the dashboard's caching and content policy.
 
 One layer rather than one per concern: aiohttp runs each layer as a partial and a coroutine of its
 own, a fair share of what a webhook costs. Inside, the order is the layers' order: the request id
@@ -24,6 +24,18 @@ from server.state import SERVICES
 __all__ = ["make_middleware"]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DASHBOARD_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def _dashboard_headers(path: str, response: web.StreamResponse) -> None:
+    # Revalidated on every load, so an upgraded server never runs yesterday's modules; the page
+    # runs only its own scripts and styles and is never framed (it holds the admin token).
+    response.headers["Cache-Control"] = "no-cache"
+    if path == "/":
+        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
 
 
 def _check_admin_token(request: web.Request) -> None:
@@ -55,6 +67,8 @@ def make_middleware(admin_rate_per_s: float, admin_rate_burst: float) -> Middlew
                 response = error_answer(request, exc)
             if path.startswith("/webhooks/"):
                 record_outcome(request, response)
+            elif path == "/" or path.startswith("/static/"):
+                _dashboard_headers(path, response)
             response.headers["X-Request-Id"] = rid
             return response
         finally:

@@ -56,8 +56,10 @@ def _check_rate(request: web.Request, trigger: ActiveTrigger) -> None:
 async def _read_body(request: web.Request, timeout_s: float) -> bytes:
     # aiohttp bounds a body's size, not the time it takes (the listener's deadline covers heads
     # only): a sender trickling its body would hold the connection and its memory for ever.
+    if timeout_s <= 0 or request.content.is_eof():  # all here already (most): no timer to set
+        return await request.read()
     try:
-        async with asyncio.timeout(timeout_s if timeout_s > 0 else None):
+        async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
         raise ApiError(
