@@ -1,0 +1,113 @@
+"""ledger/rows.py runs the hot path's statements on the driver's cursor: what it stores and reads
+must be what SQLAlchemy itself would, and a driver's error must reach callers as SQLAlchemy's
+(the appender tells an idempotency race, an outage and a bug apart by those types)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger.rows import execute_many, execute_sql, fetch_all, fetch_dicts, insert_many
+from ledger.schema import projection_checkpoints as checkpoints
+from projections.trigger_stats import table as stats
+
+MOMENT = datetime(2026, 11, 28, 17, 30, 0, 123456, tzinfo=UTC)
+
+
+async def _sync(engine: AsyncEngine, work: Any) -> Any:
+    async with engine.begin() as conn:
+        return await conn.run_sync(work)
+
+
+async def test_rows_read_back_as_sqlalchemy_reads_them(engine: AsyncEngine) -> None:
+    rows = [
+        {"name": f"p{i}", "seq": 2**40 + i, "updated_at": MOMENT + timedelta(hours=i)}
+        for i in range(3)
+    ]
+    await _sync(engine, lambda conn: insert_many(conn, checkpoints, rows))
+    ordered = sa.select(checkpoints).order_by(checkpoints.c.name)
+
+    def both(conn: sa.Connection) -> tuple[Any, ...]:
+        plain = [tuple(row) for row in conn.execute(ordered).all()]
+        mapped = [dict(row) for row in conn.execute(ordered).mappings()]
+        return plain, mapped, fetch_all(conn, ordered), fetch_dicts(conn, ordered)
+
+    plain, mapped, fetched, dicts = await _sync(engine, both)
+    assert fetched == plain == [(r["name"], r["seq"], r["updated_at"]) for r in rows]
+    assert dicts == mapped == rows
+    assert all(row[2].tzinfo is not None for row in fetched)  # UTCDateTime's own processing
+
+
+async def test_a_statements_own_values_apply_when_not_given(engine: AsyncEngine) -> None:
+    rows = [{"name": f"p{i}", "seq": i, "updated_at": MOMENT} for i in range(5)]
+    await _sync(engine, lambda conn: insert_many(conn, checkpoints, rows))
+    first_two = sa.select(checkpoints.c.name).order_by(checkpoints.c.seq).limit(2)
+    assert await _sync(engine, lambda conn: fetch_all(conn, first_two)) == [("p0",), ("p1",)]
+
+
+async def test_numbers_of_every_kind_come_back_as_stored(engine: AsyncEngine) -> None:
+    # On PostgreSQL a float column's result processor depends on the driver's column type.
+    def work(conn: sa.Connection) -> list[dict[str, Any]]:
+        row = {c.name: 0 for c in stats.c} | {
+            "trigger_id": "t",
+            "day": MOMENT.date(),
+            "latency_sum_ms": 12.5,
+            "latency_histogram": "{}",
+            "last_seq": 7,
+        }
+        insert_many(conn, stats, [row])
+        return fetch_dicts(conn, sa.select(stats))
+
+    [row] = await _sync(engine, work)
+    assert (row["day"], row["latency_sum_ms"], row["last_seq"]) == (MOMENT.date(), 12.5, 7)
+
+
+async def test_updates_by_prefixed_binds(engine: AsyncEngine) -> None:
+    await _sync(
+        engine,
+        lambda conn: insert_many(
+            conn, checkpoints, [{"name": "p", "seq": 1, "updated_at": MOMENT}]
+        ),
+    )
+    move = (
+        checkpoints.update()
+        .where(checkpoints.c.name == sa.bindparam("b_name"))
+        .values(seq=sa.bindparam("b_seq"), updated_at=sa.bindparam("b_at"))
+    )
+    later = MOMENT + timedelta(days=1)
+    await _sync(
+        engine,
+        lambda conn: execute_many(conn, move, [{"name": "p", "seq": 9, "at": later}], prefix="b_"),
+    )
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints)))
+    assert got == [("p", 9, later)]
+
+
+async def test_a_constraint_violation_is_sqlalchemys_integrity_error(engine: AsyncEngine) -> None:
+    row = {"name": "p", "seq": 1, "updated_at": MOMENT}
+    await _sync(engine, lambda conn: insert_many(conn, checkpoints, [row]))
+    with pytest.raises(sa.exc.IntegrityError) as caught:
+        await _sync(engine, lambda conn: insert_many(conn, checkpoints, [row]))
+    assert caught.value.orig is not None and not caught.value.connection_invalidated
+    # and the stored row is untouched
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.seq)))
+    assert got == [(1,)]
+
+
+async def test_bad_sql_is_sqlalchemys_error_and_the_transaction_can_go_on(
+    engine: AsyncEngine,
+) -> None:
+    def work(conn: sa.Connection) -> list[Any]:
+        execute_sql(conn, "SAVEPOINT probe")
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            execute_sql(conn, "SELECT no_such_column FROM projection_checkpoints")
+        assert caught.value.statement.startswith("SELECT no_such_column")
+        execute_sql(conn, "ROLLBACK TO SAVEPOINT probe")
+        execute_sql(conn, "RELEASE SAVEPOINT probe")
+        return fetch_all(conn, sa.select(sa.literal(1)))
+
+    assert await _sync(engine, work) == [(1,)]
