@@ -175,19 +175,24 @@ async def test_each_request_on_a_kept_alive_connection_gets_its_own_deadline(sit
         writer.close()
 
 
+async def _create_trigger_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Trigger `t`, made over this kept-alive connection."""
+    create = orjson.dumps({"id": "t"})
+    writer.write(
+        b"POST /api/triggers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {AUTH['Authorization']}\r\n".encode()
+        + b"Content-Length: %d\r\n\r\n" % len(create)
+        + create
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 201")
+    await reader.readexactly(int(parse_response(head)[1]["content-length"]))
+
+
 async def test_a_slow_body_is_not_cut_off_by_the_header_deadline(site: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", site)
     try:
-        create = orjson.dumps({"id": "t"})
-        writer.write(
-            b"POST /api/triggers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: {AUTH['Authorization']}\r\n".encode()
-            + b"Content-Length: %d\r\n\r\n" % len(create)
-            + create
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 201")
-        await reader.readexactly(int(parse_response(head)[1]["content-length"]))
+        await _create_trigger_on(reader, writer)
         body = b'{"padding": "' + b"x" * 30 + b'"}'
         writer.write(
             b"POST /webhooks/t HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -205,15 +210,7 @@ async def test_a_slow_body_is_not_cut_off_by_the_header_deadline(site: int) -> N
 async def test_a_body_that_stops_arriving_is_408_and_nothing_is_recorded(site: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", site)
     try:
-        create = orjson.dumps({"id": "t"})
-        writer.write(
-            b"POST /api/triggers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: {AUTH['Authorization']}\r\n".encode()
-            + b"Content-Length: %d\r\n\r\n" % len(create)
-            + create
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        await reader.readexactly(int(parse_response(head)[1]["content-length"]))
+        await _create_trigger_on(reader, writer)
         writer.write(
             b"POST /webhooks/t HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100\r\n\r\n" + b'{"partial": '
