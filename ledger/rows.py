@@ -30,6 +30,7 @@ T = TypeVar("T")
 class _Compiled:
     sql: str
     names: tuple[str, ...]  # bind names in the statement's positional order, less the prefix
+    take: Callable[[Mapping[str, Any]], Any] | None  # itemgetter of `names` (None: no binds)
     defaults: tuple[Any, ...]  # each bind's own value (a LIMIT, a literal), when not given
     processors: tuple[tuple[int, Processor], ...]  # bind processors by position
     columns: tuple[str, ...]  # result columns' names (SELECT)
@@ -66,6 +67,23 @@ def fetch_all(
     compiled = _compiled(statement, conn.dialect, "")
     if compiled is None:
         return list(conn.execute(statement, dict(params or {})).all())
+    return _fetch(conn, compiled, params)
+
+
+def fetch_dicts(
+    conn: sa.Connection, statement: sa.Executable, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """`fetch_all`, each row a dict by column name."""
+    compiled = _compiled(statement, conn.dialect, "")
+    if compiled is None:
+        return [dict(row) for row in conn.execute(statement, dict(params or {})).mappings()]
+    names = compiled.columns
+    return [dict(zip(names, row, strict=True)) for row in _fetch(conn, compiled, params)]
+
+
+def _fetch(
+    conn: sa.Connection, compiled: _Compiled, params: Mapping[str, Any] | None
+) -> list[Sequence[Any]]:
     values = _values([params or {}], compiled)[0]
 
     def run(cursor: Any) -> tuple[list[Sequence[Any]], tuple[Any, ...]]:
@@ -84,17 +102,6 @@ def fetch_all(
             listed[position] = processor(listed[position])
         converted.append(tuple(listed))
     return converted
-
-
-def fetch_dicts(
-    conn: sa.Connection, statement: sa.Executable, params: Mapping[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """`fetch_all`, each row a dict by column name."""
-    compiled = _compiled(statement, conn.dialect, "")
-    if compiled is None:
-        return [dict(row) for row in conn.execute(statement, dict(params or {})).mappings()]
-    names = compiled.columns
-    return [dict(zip(names, row, strict=True)) for row in fetch_all(conn, statement, params)]
 
 
 def execute_sql(conn: sa.Connection, sql: str) -> None:
@@ -145,7 +152,8 @@ def _compiled(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Compi
     columns = tuple(entry[0] for entry in compiled._result_columns)
     types = tuple(entry[3] for entry in compiled._result_columns)
     names = tuple(name.removeprefix(prefix) for name in binds)
-    return _Compiled(str(compiled), names, defaults, processors, columns, types)
+    take = operator.itemgetter(*names) if names else None
+    return _Compiled(str(compiled), names, take, defaults, processors, columns, types)
 
 
 @functools.lru_cache(maxsize=256)
@@ -163,8 +171,7 @@ _MISSING = object()
 
 
 def _values(rows: Sequence[Mapping[str, Any]], compiled: _Compiled) -> list[Sequence[Any]]:
-    names, processors = compiled.names, compiled.processors
-    take = operator.itemgetter(*names) if names else None
+    names, take, processors = compiled.names, compiled.take, compiled.processors
     single = len(names) == 1
     converted: dict[tuple[int, Any], Any] = {}  # a batch shares its timestamps: convert each once
     values: list[Sequence[Any]] = []
