@@ -17,6 +17,23 @@ Row = dict[str, Any]
 _CHUNK = 500
 
 
+@dataclass(frozen=True, slots=True)
+class BulkFold:
+    """What a rebuild may fold set-wise, one SQL statement per window of the log, instead of
+    event by event in Python (projections/rebuild.py). The live runner never uses it: `evolve`
+    stays the one definition of the fold, and the property test holds the two equal.
+
+    In each window (seq in (:after, :until]) a rebuild runs `create` (rows made from the covered
+    events that open a stream), then folds every event `covers` leaves out with `apply`, in seq
+    order, then `amend`. So `amend` may only change columns that no other event reads or
+    writes, and `last_seq`/`version` only where its event is the later one.
+    """
+
+    covers: sa.ColumnElement[bool]  # over ledger.schema.events: the events create/amend fold
+    create: Callable[[sa.Table, str], sa.Executable]  # (target table, dialect name)
+    amend: Callable[[sa.Table, str], sa.Executable]
+
+
 class Projection(Protocol):
     # Read-only: frozen dataclasses and plain classes both satisfy it.
     @property
@@ -24,6 +41,9 @@ class Projection(Protocol):
 
     @property
     def table(self) -> sa.Table: ...
+
+    @property
+    def bulk(self) -> BulkFold | None: ...
 
     def shadow_table(self, name: str) -> sa.Table: ...
 
@@ -49,6 +69,7 @@ class RowProjection:
     # before any row of its key can exist, so its row is not looked for. Folds are exactly once
     # (checkpoints), so this holds live and in rebuilds; it spares most of a rebuild's reads.
     keyed_by_stream: bool = False
+    bulk: BulkFold | None = None
 
     def shadow_table(self, name: str) -> sa.Table:
         return self.shadow(name)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.events import RecordedEvent
+from ledger.rows import fetch_all
 from ledger.schema import events
 from ledger.store import (
     has_own_file,
@@ -28,13 +30,14 @@ from ledger.store import (
     write_options,
     write_transaction,
 )
-from projections.base import Projection
+from projections.base import BulkFold, Projection
 from projections.runner import _take_projector_lock, set_checkpoint
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, int], None]  # (seq reached, target seq, events done)
 BATCH = 5000  # events per read and per write transaction: memory stays flat whatever the log
+WINDOW = 50_000  # seqs per write transaction of a bulk fold (projections.base.BulkFold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +62,23 @@ async def _fill(
     table: sa.Table,
     until: int,
     progress: Progress | None,
+    window: int,
 ) -> int:
     if has_own_file(engine):
-        return await asyncio.to_thread(_fill_sqlite, engine, projection, table, until, progress)
+        return await asyncio.to_thread(
+            _fill_sqlite, engine, projection, table, until, progress, window
+        )
     done = 0
+    if projection.bulk is not None:
+        statements = _BulkStatements.of(projection.bulk, table, engine.dialect.name)
+        for after, upto in _windows(until, window):
+            async with write_transaction(engine) as conn:
+                done += await conn.run_sync(
+                    _fold_window, projection, table, statements, after, upto
+                )
+            if progress:
+                progress(upto, until, done)
+        return done
     batches = aiter(iter_events(engine, until=until, batch=BATCH))
     reading = asyncio.ensure_future(anext(batches, None))
     while (batch := await reading) is not None:
@@ -83,6 +99,7 @@ def _fill_sqlite(
     table: sa.Table,
     until: int,
     progress: Progress | None,
+    window: int,
 ) -> int:
     """`_fill` on SQLite, in a thread of its own with plain sqlite3 connections: no hop per
     statement, and the server's loop (an admin API rebuild) never waits for it. A reader thread
@@ -90,6 +107,20 @@ def _fill_sqlite(
     plain = plain_sqlite_engine(engine)
     done = 0
     try:
+        if projection.bulk is not None:
+            statements = _BulkStatements.of(projection.bulk, table, "sqlite")
+            with write_options(plain.connect()) as write_conn:
+                driver = write_conn.connection.driver_connection
+                assert driver is not None
+                for after, upto in _windows(until, window):
+                    # A fill that dies is started again, so only the last window's commit is
+                    # synced; syncing the WAL makes every earlier window durable with it.
+                    driver.execute(f"PRAGMA synchronous={'FULL' if upto == until else 'NORMAL'}")
+                    with write_conn.begin():
+                        done += _fold_window(write_conn, projection, table, statements, after, upto)
+                    if progress:
+                        progress(upto, until, done)
+            return done
         with (
             ThreadPoolExecutor(1, thread_name_prefix="hookledger-rebuild-read") as reader,
             plain.connect() as read_conn,
@@ -106,6 +137,57 @@ def _fill_sqlite(
     finally:
         plain.dispose()
     return done
+
+
+def _windows(until: int, window: int) -> Iterator[tuple[int, int]]:
+    """(after, until) of each window of `window` seqs, the last one ending at `until`."""
+    for after in range(0, until, window):
+        yield after, min(after + window, until)
+
+
+_AFTER: sa.BindParameter[int] = sa.bindparam("after")
+_UNTIL: sa.BindParameter[int] = sa.bindparam("until")
+
+
+@dataclass(frozen=True, slots=True)
+class _BulkStatements:
+    """A bulk fold's statements for one target table and dialect, built once per rebuild."""
+
+    create: sa.Executable
+    rest: sa.Select[Any]  # the window's events the bulk fold leaves to `apply`, a batch at a time
+    amend: sa.Executable
+
+    @classmethod
+    def of(cls, bulk: BulkFold, table: sa.Table, dialect: str) -> _BulkStatements:
+        return cls(
+            create=bulk.create(table, dialect),
+            rest=sa.select(events)
+            .where(events.c.seq > _AFTER, events.c.seq <= _UNTIL, sa.not_(bulk.covers))
+            .order_by(events.c.seq)
+            .limit(BATCH),
+            amend=bulk.amend(table, dialect),
+        )
+
+
+def _fold_window(
+    conn: sa.Connection,
+    projection: Projection,
+    table: sa.Table,
+    statements: _BulkStatements,
+    after: int,
+    until: int,
+) -> int:
+    """One window of a bulk rebuild, in the caller's transaction: the bulk fold's `create`, the
+    other events through `apply` in seq order, then its `amend` (projections.base.BulkFold).
+    Returns how many events the window holds."""
+    window = {"after": after, "until": until}
+    conn.execute(statements.create, window)
+    reached = after
+    while batch := fetch_all(conn, statements.rest, window | {"after": reached}):
+        projection.apply(conn, table, [to_recorded(row) for row in batch])
+        reached = batch[-1][0]
+    conn.execute(statements.amend, window)
+    return until - after  # seq is gap-free (the appender assigns head + 1, …, under its lock)
 
 
 # The raw driver's rows: SQLAlchemy's row processing cost more than decoding the event.
@@ -154,6 +236,7 @@ async def rebuild(
     until_seq: int | None = None,
     into: str | None = None,
     progress: Progress | None = None,
+    window: int = WINDOW,
 ) -> RebuildResult:
     """Rebuild `projection` from the log up to `until_seq` (default: the head).
 
@@ -166,7 +249,7 @@ async def rebuild(
     target = into or f"{projection.name}__rebuild"
     table = projection.shadow_table(target)
     await _recreate(engine, table)
-    done = await _fill(engine, projection, table, until, progress)
+    done = await _fill(engine, projection, table, until, progress, window)
     if into is None:
         await _swap(engine, projection, target, until)
     seconds = time.monotonic() - started

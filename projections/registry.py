@@ -24,6 +24,7 @@ TRIGGER_EXECUTIONS = RowProjection(
     shadow=trigger_executions.shadow_table,
     indexes=trigger_executions.INDEXES,
     keyed_by_stream=True,  # stream execution-<id>
+    bulk=trigger_executions.BULK,
 )
 
 TRIGGER_STATS = trigger_stats.PROJECTION

@@ -20,6 +20,7 @@ from ledger.events import RecordedEvent
 from ledger.rows import execute_many, fetch_dicts, in_list, in_values, insert_many, padded
 from ledger.schema import BigInt, metadata
 from projections import histogram
+from projections.base import BulkFold
 
 NAME = "trigger_stats"
 Row = dict[str, Any]
@@ -204,6 +205,9 @@ class TriggerStatsProjection:
     def __init__(self) -> None:
         self.name = NAME
         self.table = table
+        self.bulk: BulkFold | None = (
+            None  # its folds are additive per (trigger, day): apply is already batched
+        )
 
     def shadow_table(self, name: str) -> sa.Table:
         return shadow_table(name)
