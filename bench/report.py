@@ -10,6 +10,17 @@ from bench.throughput import Point, ServerRun
 # Issue 6: SQLite (synchronous=FULL) and PostgreSQL at c=64, as ratios to the baseline.
 TARGET_CONNECTIONS = 64
 TARGETS = {("sqlite", "new"): 0.5, ("sqlite", "dup"): 0.6, ("postgres", "new"): 0.5}
+
+
+def server_name(kind: str, workers: int) -> str:
+    """`sqlite`, `sqlite-w1` (serve --workers 1), …: the targets apply to each."""
+    return kind if workers == 0 else f"{kind}-w{workers}"
+
+
+def server_kind(name: str) -> str:
+    return name.split("-w", 1)[0]
+
+
 P99_FACTOR = 3.0
 RSS_LIMIT_MB = 200.0
 LAG_LIMIT_S = 2.0
@@ -47,7 +58,7 @@ def table(runs: list[ServerRun]) -> str:
     for run in runs:
         for p in run.points:
             lines.append(
-                f"{p.server:<9} {p.scenario:<8} {p.connections:>3} {p.rps:>8,.0f} "
+                f"{p.server:<11} {p.scenario:<8} {p.connections:>3} {p.rps:>8,.0f} "
                 f"{_num(ratio(runs, p)):>6} {p.p50_ms:>7.2f} {p.p99_ms:>7.2f} "
                 f"{_num(p99_ratio(runs, p)):>6} {p.rss_mb:>6.0f} "
                 f"{_num(p.lag_max_events, '{:,}'):>7} {_num(p.lag_zero_s):>8}"
@@ -73,17 +84,19 @@ def markdown(runs: list[ServerRun]) -> str:
 
 def _target_lines(runs: list[ServerRun], point: Point) -> list[tuple[str, bool]]:
     found = []
-    goal = TARGETS.get((point.server, point.scenario))
+    kind = server_kind(point.server)
+    goal = TARGETS.get((kind, point.scenario))
     r = ratio(runs, point)
     if goal is not None and r is not None:
         found.append(
             (f"{point.server} {point.scenario} c=64: {r:.2f}x baseline (>= {goal})", r >= goal)
         )
     p99 = p99_ratio(runs, point)
-    if point.server == "sqlite" and p99 is not None:
+    if kind == "sqlite" and p99 is not None:
         found.append(
             (
-                f"sqlite {point.scenario} c=64: p99 {p99:.1f}x baseline's (<= {P99_FACTOR})",
+                f"{point.server} {point.scenario} c=64: p99 {p99:.1f}x baseline's "
+                f"(<= {P99_FACTOR})",
                 p99 <= P99_FACTOR,
             )
         )

@@ -32,6 +32,7 @@ from bench.databases import postgres_database, sqlite_url
 from bench.dedup import dedup_suite
 from bench.load import ensure_wrk
 from bench.rebuild import rebuild_suite
+from bench.report import server_name
 from bench.throughput import (
     CONCURRENCY,
     SCENARIOS,
@@ -99,16 +100,22 @@ async def http_suite(
         workdir=workdir,
         warmup_s=1,
     )
-    servers = 2 + bool(args.pg_url)
+    workers = sorted({int(w) for w in args.workers.split(",")})
+    servers = 1 + len(workers) * (1 + bool(args.pg_url))
     progress = _Progress(servers * len(plan.scenarios) * len(plan.concurrency))
     print(
         f"http: {plan.seconds} s per point, load generator {'wrk' if wrk else 'python'}", flush=True
     )
     runs = [await run_baseline(plan, progress)]
-    runs.append(await run_hookledger("sqlite", sqlite_url(workdir / "bench.db"), plan, progress))
+    for count in workers:  # each on a database of its own: every run starts from an empty log
+        name = server_name("sqlite", count)
+        url = sqlite_url(workdir / f"bench-{count}.db")
+        runs.append(await run_hookledger(name, url, plan, progress, count))
     if args.pg_url:
-        async with postgres_database(args.pg_url) as url:
-            runs.append(await run_hookledger("postgres", url, plan, progress))
+        for count in workers:
+            async with postgres_database(args.pg_url) as url:
+                name = server_name("postgres", count)
+                runs.append(await run_hookledger(name, url, plan, progress, count))
     return _http_results(args, runs, stamp, wrk), _all_ok(runs)
 
 
@@ -181,6 +188,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="per HTTP point (at most 10)")
     parser.add_argument(
         "--big-events", type=int, default=1_000_000, help="the large log (dedup, rebuild)"
+    )
+    parser.add_argument(
+        "--workers",
+        default="0,1",
+        help="hookledger serve --workers N, for each N (comma-separated): servers sqlite, "
+        "sqlite-w1, … (and postgres, postgres-w1, …)",
     )
     parser.add_argument(
         "--rebuild-on-pg", action="store_true", help="also fill and rebuild on --pg-url"

@@ -37,12 +37,28 @@ class Server:
         return self.process.pid
 
     def rss(self) -> int:
-        """Resident set size now, in bytes (0 once the process has gone)."""
-        return _status_kb(self.pid, "VmRSS") * 1024
+        """Resident set size now, in bytes, of the server and its workers (0 once gone)."""
+        return sum(_status_kb(pid, "VmRSS") for pid in _tree(self.pid)) * 1024
 
     def peak_rss(self) -> int:
-        """The kernel's high-water mark of the resident set over the process's life, in bytes."""
-        return _status_kb(self.pid, "VmHWM") * 1024
+        """The kernel's high-water marks of the resident sets of the server and its workers
+        (`serve --workers N`), over their lives, summed, in bytes."""
+        return sum(_status_kb(pid, "VmHWM") for pid in _tree(self.pid)) * 1024
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its children (a server's ingest workers)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return [pid]
+    children: list[int] = []
+    for task in tasks:
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return [pid, *children]
 
 
 def _status_kb(pid: int, field_name: str) -> int:
@@ -126,15 +142,19 @@ async def baseline(workdir: Path) -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def hookledger(name: str, database_url: str, workdir: Path) -> AsyncIterator[Server]:
-    """`hookledger serve` as a user starts it: the console script, dispatch off (no destination)."""
+async def hookledger(
+    name: str, database_url: str, workdir: Path, workers: int = 0
+) -> AsyncIterator[Server]:
+    """`hookledger serve` as a user starts it: the console script, dispatch off (no destination),
+    with `workers` ingest workers (`serve --workers N`)."""
     command = [str(Path(sys.executable).parent / "hookledger"), "--database-url", database_url]
     env = {
         "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
         "HOOKLEDGER_SECRET_KEY": SECRET_KEY,
         "HOOKLEDGER_LOG_FORMAT": "json",
     }
-    server = await _spawn(name, [*command, "serve", "--no-dispatch"], workdir, env)
+    serve = [*command, "serve", "--no-dispatch", "--workers", str(workers)]
+    server = await _spawn(name, serve, workdir, env)
     try:
         await _wait_ready(server, "/healthz")
         yield server

@@ -217,9 +217,11 @@ async def run_baseline(plan: Plan, progress: Progress) -> ServerRun:
         return ServerRun("baseline", points, server.peak_rss() / _MB)
 
 
-async def run_hookledger(name: str, database_url: str, plan: Plan, progress: Progress) -> ServerRun:
+async def run_hookledger(
+    name: str, database_url: str, plan: Plan, progress: Progress, workers: int = 0
+) -> ServerRun:
     async with (
-        servers.hookledger(name, database_url, plan.workdir) as server,
+        servers.hookledger(name, database_url, plan.workdir, workers) as server,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
     ):
         admin = _Admin(session, server)

@@ -281,10 +281,14 @@ class Appender:
         self._started = 0.0
         self._behind = False
 
-    async def submit(self, command: Command) -> Any:
+    def enqueue(self, command: Command) -> asyncio.Future[Any]:
+        """Queue `command`; the future is its result once committed (or the error)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(command, future))  # unbounded: never waits
-        return await future
+        return future
+
+    async def submit(self, command: Command) -> Any:
+        return await self.enqueue(command)
 
     async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:
         return await self.submit(AppendEvents(events=events_, expected_version=expected_version))

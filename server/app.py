@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import ApiError
+from server.ingest import LedgerLink, RemoteAppender, RemoteMetrics
 from server.metrics import Metrics
 from server.middleware import make_middleware
 from server.ratelimit import ADMIN_LIMITER, INGEST_LIMITER, RateLimiter
@@ -66,11 +68,26 @@ async def dashboard(_request: web.Request) -> web.StreamResponse:
     return web.FileResponse(index)
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, link: LedgerLink | None = None) -> Services:
+    """This process's services; with `link`, an ingest worker's: no appender, projector or
+    dispatcher of its own, its appends and counts going to the main process (server/ingest.py)."""
     engine = create_engine(settings.database_url)
-    appender = Appender(engine)
     vault = Vault(settings.resolved_secret_key())
     token, _ = settings.resolved_admin_token()
+    if link is not None:
+        settings = replace(settings, projector=False, dispatch=False)
+        remote = RemoteAppender(link)
+        return Services(
+            settings=settings,
+            engine=engine,
+            appender=remote,
+            runner=ProjectionRunner(engine, list(PROJECTIONS.values()), wake=remote.committed),
+            vault=vault,
+            triggers=TriggerCache(engine, vault),
+            admin_token=token,
+            metrics=RemoteMetrics(link),
+        )
+    appender = Appender(engine)
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
     if settings.projector:
         appender.folder = runner

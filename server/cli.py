@@ -9,25 +9,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import getpass
 import logging
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from ledger.appender import Appender
 from ledger.codec import parse_time
 from ledger.migrate import upgrade
 from ledger.store import create_engine, first_seq_at
 from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS
-from server import cli_readers, logs
-from server.app import make_app
+from server import cli_readers, ingest, logs, monitoring
+from server.app import build_services, make_app
 from server.config import Settings
 from server.listener import start_site
 from server.progress import ProgressBar
@@ -52,8 +58,34 @@ async def _serve(args: argparse.Namespace) -> None:
         log_format=args.log_format,
     )
     logs.configure(settings.log_format)
+    if args.ledger_link:
+        await _serve_worker(settings, Path(args.ledger_link))
+        return
     token, is_new = settings.resolved_admin_token()
-    runner = await start_site(make_app(settings), settings, host=settings.host, port=settings.port)
+    services = build_services(settings)
+    assert isinstance(services.appender, Appender)  # the main process: the one writer
+    workers = args.workers if args.workers is not None else settings.workers
+    app = make_app(settings, services)
+    pool: ingest.Workers | None = None
+    if workers == 0:
+        runner: web.AppRunner = await start_site(
+            app, settings, host=settings.host, port=settings.port
+        )
+    else:
+        # The workers answer HTTP, all of it; this process is the ledger's: the one appender
+        # (their appends come over the link), the projector and the dispatcher.
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        # The link's socket in a directory of our own (mode 0700), gone with the process.
+        link_dir = Path(tempfile.mkdtemp(prefix="hookledger-link-"))
+        link = await ingest.serve_link(
+            link_dir / "ledger.sock",
+            services.appender.enqueue,
+            services.metrics,
+            functools.partial(monitoring.metrics_page, services),
+        )
+        pool = ingest.Workers(workers, args.argv, link_dir / "ledger.sock")
+        await pool.start()
     tune_gc()
     url = f"http://{settings.host}:{settings.port}/"
     if is_new:
@@ -72,8 +104,35 @@ async def _serve(args: argparse.Namespace) -> None:
         )
     if settings.private_destinations_allowed:
         print("  destinations on loopback and private networks are allowed", flush=True)
+    if pool is not None:
+        print(f"  {workers} ingest worker(s) share the port (server/ingest.py)", flush=True)
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):  # SIGTERM as SIGINT: the workers stop too
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+    finally:
+        if pool is not None:
+            await pool.stop()
+            link.close()
+            shutil.rmtree(link_dir, ignore_errors=True)
+        await runner.cleanup()
+
+
+async def _serve_worker(settings: Settings, link_path: Path) -> None:
+    """An ingest worker of `serve --workers N` (server/ingest.py): it stops with its link."""
+    link = await ingest.LedgerLink.connect(link_path)
+    services = build_services(settings, link=link)
+    runner = await start_site(
+        make_app(settings, services),
+        settings,
+        host=settings.host,
+        port=settings.port,
+        reuse_port=True,
+    )
+    tune_gc()
+    try:
+        await link.lost.wait()
     finally:
         await runner.cleanup()
 
@@ -231,6 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--no-dispatch", action="store_true", help="do not forward deliveries here")
     serve.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="ingest worker processes beside this one, sharing the port (default: "
+        "HOOKLEDGER_WORKERS, else 0)",
+    )
+    serve.add_argument("--ledger-link", help=argparse.SUPPRESS)  # set for a worker by its main
     db = sub.add_parser("db", help="schema")
     db.add_argument("action", choices=["upgrade"])
     triggers = sub.add_parser("triggers", help="add|list|pause|resume|delete")
@@ -296,6 +363,7 @@ def tune_gc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a worker is started with them
     if args.command != "serve":
         logs.configure("text", logging.WARNING)
     if args.command == "triggers" and args.action != "list" and not args.id:

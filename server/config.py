@@ -41,6 +41,7 @@ class Settings:
     admin_rate_per_s: float = 50.0  # per client address; 0 turns the admin API limit off
     admin_rate_burst: float = 200.0
     ready_max_lag_s: float = 60.0  # /readyz fails when a projection is further behind
+    workers: int = 0  # serve: ingest worker processes beside the main one (server/ingest.py)
     data_dir: Path = field(default_factory=lambda: Path("."))
 
     @classmethod
@@ -67,6 +68,7 @@ class Settings:
             body_timeout_s=float(env.get("HOOKLEDGER_BODY_TIMEOUT_S", "30")),
             admin_rate_per_s=float(env.get("HOOKLEDGER_ADMIN_RATE_PER_S", "50")),
             admin_rate_burst=float(env.get("HOOKLEDGER_ADMIN_RATE_BURST", "200")),
+            workers=int(env.get("HOOKLEDGER_WORKERS", "0")),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
         return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()

@@ -175,7 +175,7 @@ class GuardedAppRunner(web.AppRunner):
 
 
 async def start_site(
-    app: web.Application, settings: Settings, *, host: str, port: int
+    app: web.Application, settings: Settings, *, host: str, port: int, reuse_port: bool = False
 ) -> GuardedAppRunner:
     """Run `app` on host:port the way `hookledger serve` does; the caller cleans the runner up."""
     runner = GuardedAppRunner(
@@ -189,6 +189,7 @@ async def start_site(
         lingering_time=LINGERING_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    # reuse_port: the processes of one `serve --workers N` share the port (server/ingest.py).
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     return runner

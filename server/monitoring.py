@@ -25,6 +25,7 @@ from projections.runner import read_checkpoints
 from projections.trigger_executions import DISPATCHABLE, STATUSES
 from projections.trigger_executions import table as executions
 from server.config import Settings
+from server.ingest import RemoteMetrics
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
 from server.state import FOUND_TRIGGER, SERVICES, Services
@@ -77,7 +78,16 @@ def _projection_names(services: Services) -> list[str]:
 
 @routes.get("/metrics")
 async def get_metrics(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    metrics = request.app[SERVICES].metrics
+    if isinstance(metrics, RemoteMetrics):  # an ingest worker shows the main process's registry
+        body = await metrics.page()
+    else:
+        body = await metrics_page(request.app[SERVICES])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def metrics_page(services: Services) -> bytes:
+    """The Prometheus page: gauges read from the database now, counts as this process kept them."""
     try:
         async with asyncio.timeout(SCRAPE_TIMEOUT_S), services.engine.connect() as conn:
             snapshot: dict[str, Any] = {
@@ -89,7 +99,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     except Exception as exc:  # noqa: BLE001 - a scrape reports the outage instead of failing
         fact(logger, "metrics_database_unreachable", logging.WARNING, cause=repr(exc))
         services.metrics.set_database_down()
-    return web.Response(body=services.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return services.metrics.render()
 
 
 def _sqlite_file(settings: Settings) -> Path | None:

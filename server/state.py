@@ -13,6 +13,7 @@ from projections.runner import ProjectionRunner
 from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
+from server.ingest import RemoteAppender
 from server.metrics import Metrics
 
 
@@ -20,7 +21,7 @@ from server.metrics import Metrics
 class Services:
     settings: Settings
     engine: AsyncEngine
-    appender: Appender
+    appender: Appender | RemoteAppender  # RemoteAppender: an ingest worker (server/ingest.py)
     runner: ProjectionRunner
     vault: Vault
     triggers: TriggerCache

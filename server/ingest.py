@@ -1,0 +1,305 @@
+"""Ingest workers: more processes answering HTTP on the same port, still one writer.
+
+`hookledger serve --workers N` starts N worker processes beside itself (the main process). All
+of them listen on the port with SO_REUSEPORT, so the kernel spreads connections over them, and
+each serves the whole app: reads go to the database directly. A worker has no appender of its
+own: what it appends (deliveries, admin commands) goes over the *ledger link*, a UNIX socket in
+a directory only the server's user can open, to the one appender of the main process, and the
+worker answers when that appender has committed, exactly as in one process. Group commit stays
+one writer per database, and a worker moves what a process spends most of its time on (HTTP,
+parsing, validation) to another core.
+
+The link carries pickled frames (a 4-byte length, then `(kind, id, payload)`): commands and their
+results are the ledger's own dataclasses. Pickle is safe here because only the server's user can
+reach the socket, and that user can write the database file anyway.
+
+A worker whose link is lost (the main process died) stops: it cannot acknowledge anything, and a
+sender whose connection is refused retries. The main process restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import struct
+import sys
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ledger.commands import AppendEvents, Command
+from ledger.errors import LedgerError, StorageUnavailable
+from ledger.events import NewEvent
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("!I")
+APPEND, COUNT, METRICS = "append", "count", "metrics"
+RESTART_DELAY_S = 1.0
+STOP_TIMEOUT_S = 10.0
+
+
+def _frame(message: tuple[Any, ...]) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEAD.pack(len(body)) + body
+
+
+class _Framed(asyncio.Protocol):
+    """Length-prefixed pickled frames both ways; what one loop turn writes goes out in one
+    write (a batch of answers is one syscall, not one each)."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._out: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= _HEAD.size:
+            (size,) = _HEAD.unpack_from(buffer, start)
+            end = start + _HEAD.size + size
+            if len(buffer) < end:
+                break
+            self.message_received(pickle.loads(memoryview(buffer)[start + _HEAD.size : end]))  # noqa: S301 - see module doc
+            start = end
+        del buffer[:start]
+
+    def message_received(self, message: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(_frame(message))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+
+
+# --- the main process's end ----------------------------------------------------------------
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` as the worker can unpickle and answer it: the ledger's own errors as they are (an
+    outage's cause as text), anything else as a RuntimeError that says what it was."""
+    if isinstance(exc, StorageUnavailable):
+        return StorageUnavailable(RuntimeError(f"{type(exc.cause).__name__}: {exc.cause}"))
+    if isinstance(exc, LedgerError):
+        with contextlib.suppress(Exception):
+            pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes
+            return exc
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _LedgerSide(_Framed):
+    def __init__(
+        self,
+        enqueue: Callable[[Command], asyncio.Future[Any]],
+        metrics: Metrics,
+        page: Callable[[], Awaitable[bytes]],
+    ) -> None:
+        super().__init__()
+        self._enqueue = enqueue
+        self._metrics = metrics
+        self._page = page
+
+    def message_received(self, message: tuple[Any, ...]) -> None:
+        kind, ident, payload = message
+        if kind == APPEND:
+            self._enqueue(payload).add_done_callback(lambda done: self._answer(ident, done))
+        elif kind == COUNT:
+            self._metrics.count_webhook(*payload)
+        elif kind == METRICS:
+            asyncio.ensure_future(self._page()).add_done_callback(
+                lambda done: self._answer(ident, done)
+            )
+
+    def _answer(self, ident: int, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            self.send((ident, False, RuntimeError("cancelled")))
+        elif (exc := done.exception()) is not None:
+            self.send((ident, False, _portable(exc)))
+        else:
+            self.send((ident, True, done.result()))
+
+
+async def serve_link(
+    path: Path,
+    enqueue: Callable[[Command], asyncio.Future[Any]],
+    metrics: Metrics,
+    page: Callable[[], Awaitable[bytes]],
+) -> asyncio.AbstractServer:
+    """The main process's end of the link, on a UNIX socket at `path` (mode 0600)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: _LedgerSide(enqueue, metrics, page), str(path))
+    os.chmod(path, 0o600)
+    return server
+
+
+# --- a worker's end ------------------------------------------------------------------------
+
+
+class LedgerLink(_Framed):
+    """A worker's connection to the main process: calls answered by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self.lost = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, path: Path) -> LedgerLink:
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_unix_connection(cls, str(path))
+        return link
+
+    def call(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.lost.is_set():
+            future.set_exception(_gone())
+            return future
+        ident = next(self._ids)
+        self._pending[ident] = future
+        self.send((kind, ident, payload))
+        return future
+
+    def message_received(self, message: tuple[Any, ...]) -> None:
+        ident, ok, payload = message
+        future = self._pending.pop(ident, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(payload)
+        else:
+            future.set_exception(payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(_gone())
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _gone() -> StorageUnavailable:
+    # Nothing was acknowledged: the sender gets a 503 and retries.
+    return StorageUnavailable(ConnectionError("the main hookledger process is gone"))
+
+
+class RemoteAppender:
+    """What a worker has instead of an appender (ledger.appender.Appender's interface)."""
+
+    def __init__(self, link: LedgerLink) -> None:
+        self._link = link
+        self.folder = None
+        self.committed = asyncio.Event()  # never set: a worker runs no projector
+        self.commit_listeners: list[Callable[[int, float], None]] = []  # the main's commits
+
+    async def submit(self, command: Command) -> Any:
+        return await self._link.call(APPEND, command)
+
+    async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:
+        return await self.submit(AppendEvents(events=events_, expected_version=expected_version))
+
+    async def run(self) -> None:
+        await self._link.lost.wait()
+        logger.error("evt=ledger_link_lost the main process is gone; this worker stops")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    async def close(self) -> None:
+        self._link.close()
+
+
+class RemoteMetrics(Metrics):
+    """A worker's metrics: counts go to the main process's registry, and a scrape reads it, so
+    every process answers `/metrics` with the same numbers."""
+
+    def __init__(self, link: LedgerLink) -> None:
+        super().__init__()
+        self._link = link
+
+    def count_webhook(self, trigger_id: str, outcome: str, reason: str = "") -> None:
+        self._link.send((COUNT, 0, (trigger_id, outcome, reason)))
+
+    async def page(self) -> bytes:
+        body: bytes = await self._link.call(METRICS, None)
+        return body
+
+
+# --- the main process's workers ------------------------------------------------------------
+
+
+class Workers:
+    """N worker processes of this `hookledger serve`: started, restarted when one dies, stopped."""
+
+    def __init__(self, count: int, argv: Sequence[str], link_path: Path) -> None:
+        self._count = count
+        self._argv = list(argv)
+        self._link_path = link_path
+        self._processes: list[asyncio.subprocess.Process] = []
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        for number in range(self._count):
+            self._watchers.append(asyncio.create_task(self._keep(number)))
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            *self._argv,
+            "--ledger-link",
+            str(self._link_path),
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+
+    async def _keep(self, number: int) -> None:
+        while not self._stopping:
+            process = await self._spawn()
+            self._processes.append(process)
+            logger.info("evt=worker_started worker=%d pid=%d", number, process.pid)
+            code = await process.wait()
+            self._processes.remove(process)
+            if self._stopping:
+                return
+            logger.error("evt=worker_exited worker=%d pid=%d code=%s", number, process.pid, code)
+            await asyncio.sleep(RESTART_DELAY_S)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for process in self._processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
+        for process in list(self._processes):
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)

@@ -1,0 +1,203 @@
+"""`hookledger serve --workers N`: ingest workers answer HTTP, the main process appends
+(server/ingest.py). Real processes, a real database, real HTTP over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import AUTH
+from processes import ServerProcess, start_server
+
+from ledger.appender import Appender
+from ledger.commands import AppendEvents
+from ledger.errors import StorageUnavailable, StreamVersionConflict
+from ledger.events import NewEvent, TriggerRegistered, trigger_stream
+from ledger.migrate import upgrade
+from ledger.store import create_engine, read_events
+from server.ingest import LedgerLink, RemoteAppender, serve_link
+from server.metrics import Metrics
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(  # noqa: S603, ASYNC221 - ps, briefly
+        ["ps", "-o", "pid=", "--ppid", str(pid)],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (dead, not yet reaped by its parent) is gone for our purpose.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[1].split()[0] != "Z"
+
+
+async def _until(condition: object, within_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.1)
+
+
+async def _deliver(
+    session: aiohttp.ClientSession, server: ServerProcess, key: str
+) -> tuple[int, str]:
+    headers = JSON | {"Idempotency-Key": key}
+    async with session.post(server.url + "/webhooks/t", data='{"a": 1}', headers=headers) as r:
+        return r.status, (await r.json())["event_id"]
+
+
+async def _make_trigger(session: aiohttp.ClientSession, server: ServerProcess) -> None:
+    async with session.post(server.url + "/api/triggers", json={"id": "t"}, headers=AUTH) as r:
+        assert r.status == 201, await r.text()
+
+
+async def test_workers_record_every_delivery_once_and_report_one_registry(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(database_url, tmp_path, "--workers", "2", "--no-dispatch")
+    try:
+        assert len(_children(server.process.pid)) == 2
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=32, force_close=True)
+        ) as session:
+            await _make_trigger(session, server)  # an admin command through a worker
+            await asyncio.sleep(1.2)  # every worker's trigger cache (1 s) sees it
+            # New connections each time (force_close): the kernel spreads them over the workers.
+            answers = await asyncio.gather(
+                *(_deliver(session, server, f"k{i % 40}") for i in range(120))
+            )
+            async with session.get(server.url + "/metrics", headers=AUTH) as r:
+                page = await r.text()
+            async with session.get(server.url + "/api/executions?limit=100", headers=AUTH) as r:
+                executions = (await r.json())["executions"]
+    finally:
+        server.stop()
+    assert sorted(status for status, _ in answers) == [200] * 80 + [202] * 40
+    engine = create_engine(database_url)
+    async with engine.connect() as conn:
+        logged = await read_events(
+            conn, limit=1000, types=["webhook.received", "webhook.duplicate"]
+        )
+    await engine.dispose()
+    ids = {e.id: e.type for e in logged}
+    assert len(logged) == 120
+    for status, event_id in answers:  # each acknowledged delivery is in the log, as answered
+        assert ids[event_id] == ("webhook.received" if status == 202 else "webhook.duplicate")
+    # The counts of every worker land in the main process's registry, which any worker shows.
+    assert (
+        'hookledger_webhooks_received_total{outcome="accepted",reason="",trigger_id="t"} 40.0'
+        in page
+    )
+    assert (
+        'hookledger_webhooks_received_total{outcome="duplicate",reason="",trigger_id="t"} 80.0'
+        in page
+    )
+    assert "hookledger_append_batch_size_count" in page
+    # Projections were folded by the main process's appender, read by a worker.
+    assert len(executions) == 40
+
+
+async def test_a_worker_that_dies_is_restarted_and_the_main_one_stops_them_all(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(database_url, tmp_path, "--workers", "1", "--no-dispatch")
+    try:
+        (first,) = _children(server.process.pid)
+        os.kill(first, signal.SIGKILL)
+        await _until(lambda: [p for p in _children(server.process.pid) if p != first])
+        (second,) = [p for p in _children(server.process.pid) if p != first]
+        async with aiohttp.ClientSession() as session:
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:  # the new worker listens once it is up
+                try:
+                    await _make_trigger(session, server)
+                    break
+                except aiohttp.ClientError:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.1)
+    finally:
+        server.stop()  # SIGTERM: the main process stops its workers, then itself
+    assert server.process.returncode == 0
+    assert not _alive(second)
+
+
+async def test_a_worker_stops_when_the_main_process_is_gone(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = await start_server(database_url, tmp_path, "--workers", "1", "--no-dispatch")
+    try:
+        (worker,) = _children(server.process.pid)
+        async with aiohttp.ClientSession() as session:
+            await _make_trigger(session, server)
+            await asyncio.sleep(1.2)
+            status, event_id = await _deliver(session, server, "before")
+            assert status == 202
+            server.process.kill()  # the main process, the one writer, dies at once
+            server.process.wait(10)
+            # Its worker cannot acknowledge anything any more: it stops, and the port closes.
+            await _until(lambda: not _alive(worker))
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await _deliver(session, server, "after")
+    finally:
+        server.stop()
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+    engine = create_engine(database_url)
+    async with engine.connect() as conn:
+        logged = await read_events(conn, limit=100, types=["webhook.received"])
+    await engine.dispose()
+    assert [e.id for e in logged] == [event_id]
+
+
+async def test_the_link_carries_results_and_the_ledgers_errors(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    appender = Appender(engine)
+    writing = asyncio.create_task(appender.run())
+    path = tmp_path / "ledger.sock"
+
+    async def page() -> bytes:
+        return b"page"
+
+    server = await serve_link(path, appender.enqueue, Metrics(), page)
+    assert path.stat().st_mode & 0o777 == 0o600
+    link = await LedgerLink.connect(path)
+    remote = RemoteAppender(link)
+    try:
+        event = NewEvent.of(trigger_stream("x"), "x", TriggerRegistered(id="x", source="generic"))
+        (appended,) = await remote.append([event], expected_version=0)
+        assert (appended.stream, appended.version) == (trigger_stream("x"), 1)
+        again = NewEvent.of(trigger_stream("x"), "x", TriggerRegistered(id="x", source="generic"))
+        with pytest.raises(StreamVersionConflict):
+            await remote.submit(AppendEvents(events=[again], expected_version=0))
+        assert await link.call("metrics", None) == b"page"
+        server.close()
+        await server.wait_closed()
+        link.close()
+        await _until(link.lost.is_set, 5)
+        # Once the link is lost, a command is refused as an outage: the sender gets a 503.
+        with pytest.raises(StorageUnavailable):
+            await remote.append([event], expected_version=1)
+    finally:
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        await appender.close()
+        await engine.dispose()
