@@ -113,8 +113,23 @@ def _originals_statement(size: int) -> sa.Executable:
     # The type is a literal, so the predicate provably matches the partial index's even in a
     # generic (prepared) plan; likely() tells SQLite's planner it is not the selective term.
     is_received = likely(events.c.type == sa.literal_column(f"'{WebhookReceived.TYPE}'"))
+    # And the version of the original's stream (its execution's), read in the same probe: a
+    # duplicate is appended to that stream. `uq_events_stream_version` answers max() at once.
+    later = events.alias("later")
+    version = (
+        sa.select(sa.func.max(later.c.version))
+        .where(later.c.stream == events.c.stream)
+        .scalar_subquery()
+    )
     selects = [
-        sa.select(events.c.trigger_id, events.c.idempotency_key, events.c.id, events.c.data).where(
+        sa.select(
+            events.c.trigger_id,
+            events.c.idempotency_key,
+            events.c.id,
+            events.c.data,
+            events.c.stream,
+            version,
+        ).where(
             is_received,
             events.c.trigger_id == sa.bindparam(f"trigger_{n}", type_=events.c.trigger_id.type),
             events.c.idempotency_key
@@ -127,25 +142,24 @@ def _originals_statement(size: int) -> sa.Executable:
 
 def _read_originals(
     conn: sa.Connection, keys: set[tuple[str, str]]
-) -> dict[tuple[str, str], Original]:
-    if not keys:
-        return {}
-    originals = {}
+) -> tuple[dict[tuple[str, str], Original], dict[str, int]]:
+    """The original of each key already received, and the version of its stream."""
+    originals, versions = {}, {}
     for statement, params in originals_queries(keys):
-        for trigger_id, key, event_id, data in fetch_all(conn, statement, params):
+        for trigger_id, key, event_id, data, stream, version in fetch_all(conn, statement, params):
             parsed = loads(data)
             originals[(trigger_id, key)] = Original(
                 event_id, parsed["execution_id"], parsed["body_sha256"]
             )
-    return originals
+            versions[stream] = version
+    return originals, versions
 
 
 def _plan_state(conn: sa.Connection, commands: Sequence[Command]) -> PlanState:
     keys = {c.key for c in commands if isinstance(c, RecordDelivery) and c.key}
-    originals = _read_originals(conn, keys)
+    originals, versions = _read_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
-    streams += [f"execution-{o.execution_id}" for o in originals.values()]
-    return PlanState(read_versions(conn, streams), originals)
+    return PlanState(read_versions(conn, streams) | versions, originals)
 
 
 def _rows(

@@ -108,11 +108,22 @@ class RowProjection:
         self, conn: sa.Connection, table: sa.Table, rows: dict[str, Row], existing: dict[str, Row]
     ) -> None:
         inserts = [row for key, row in rows.items() if key not in existing]
-        updates = [row for key, row in rows.items() if key in existing and row != existing[key]]
         if inserts:
             insert_many(conn, table, inserts)
-        if updates:
-            execute_many(conn, _update_statement(table, self.key_column), updates, prefix="b_")
+        # An UPDATE sets only the columns that changed: SQLite rewrites the entries of every
+        # index on a column in SET, changed or not, and a duplicate changes no indexed column.
+        # Rows are grouped by what changed, one executemany each.
+        updates: dict[tuple[str, ...], list[Row]] = {}
+        for key, row in rows.items():
+            before = existing.get(key)
+            if before is None or row == before:
+                continue
+            changed = tuple(name for name, value in row.items() if before.get(name) != value)
+            updates.setdefault(changed, []).append(row)
+        for changed, group in updates.items():
+            statement = _update_statement(table, self.key_column, changed)
+            values = [{name: row[name] for name in (self.key_column, *changed)} for row in group]
+            execute_many(conn, statement, values, prefix="b_")
 
 
 @functools.lru_cache(maxsize=128)
@@ -122,11 +133,9 @@ def _load_statement(table: sa.Table, key_column: str, size: int) -> sa.Select[An
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _update_statement(table: sa.Table, key_column: str) -> sa.Update:
-    values: dict[str, Any] = {
-        c.name: sa.bindparam(f"b_{c.name}") for c in table.c if c.name != key_column
-    }
+@functools.lru_cache(maxsize=256)
+def _update_statement(table: sa.Table, key_column: str, columns: tuple[str, ...]) -> sa.Update:
+    values: dict[str, Any] = {name: sa.bindparam(f"b_{name}") for name in columns}
     return (
         table.update().where(table.c[key_column] == sa.bindparam(f"b_{key_column}")).values(values)
     )
