@@ -136,7 +136,11 @@ class _LedgerSide(_Framed):
         elif (exc := done.exception()) is not None:
             self.send((ident, False, _portable(exc)))
         else:
-            self.send((ident, True, done.result()))
+            try:
+                self.send((ident, True, done.result()))
+            except Exception as error:  # noqa: BLE001 - the worker must get an answer
+                logger.exception("evt=ledger_link_answer_failed")
+                self.send((ident, False, RuntimeError(f"{type(error).__name__}: {error}")))
 
 
 async def serve_link(
@@ -223,9 +227,8 @@ class RemoteAppender:
         return await self.submit(AppendEvents(events=events_, expected_version=expected_version))
 
     async def run(self) -> None:
-        await self._link.lost.wait()
+        await self._link.lost.wait()  # then `hookledger serve` stops this worker (server/cli.py)
         logger.error("evt=ledger_link_lost the main process is gone; this worker stops")
-        os.kill(os.getpid(), signal.SIGINT)
 
     async def close(self) -> None:
         self._link.close()

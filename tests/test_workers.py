@@ -201,3 +201,26 @@ async def test_the_link_carries_results_and_the_ledgers_errors(
         await asyncio.gather(writing, return_exceptions=True)
         await appender.close()
         await engine.dispose()
+
+
+async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+
+    def enqueue(_command: object) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = loop.create_future()
+        future.set_result(lambda: None)  # no pickle for a lambda
+        return future
+
+    async def page() -> bytes:
+        return b""
+
+    server = await serve_link(tmp_path / "l.sock", enqueue, Metrics(), page)  # type: ignore[arg-type]
+    link = await LedgerLink.connect(tmp_path / "l.sock")
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError, match="PicklingError|AttributeError"):
+                await link.call("append", None)
+    finally:
+        link.close()
+        server.close()
+        await server.wait_closed()
