@@ -13,6 +13,7 @@ import functools
 import gc
 import getpass
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -78,14 +79,21 @@ async def _serve(args: argparse.Namespace) -> None:
         await runner.setup()
         # The link's socket in a directory of our own (mode 0700), gone with the process.
         link_dir = Path(tempfile.mkdtemp(prefix="hookledger-link-"))
+        pool = ingest.Workers(workers, args.argv, link_dir / "ledger.sock")
         link = await ingest.serve_link(
             link_dir / "ledger.sock",
             services.appender.enqueue,
             services.metrics,
             functools.partial(monitoring.metrics_page, services),
+            pool.ready,
         )
-        pool = ingest.Workers(workers, args.argv, link_dir / "ledger.sock")
-        await pool.start()
+        try:
+            await pool.start()
+        except ingest.WorkerFailed as exc:
+            link.close()
+            shutil.rmtree(link_dir, ignore_errors=True)
+            await runner.cleanup()
+            raise SystemExit(f"error: {exc}; its output is above") from None
     tune_gc()
     url = f"http://{settings.host}:{settings.port}/"
     if is_new:
@@ -130,6 +138,7 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
         port=settings.port,
         reuse_port=True,
     )
+    link.send((ingest.READY, 0, os.getpid()))  # the main process waits for every worker's
     tune_gc()
     try:
         await link.lost.wait()

@@ -41,8 +41,9 @@ from server.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("!I")
-APPEND, COUNT, METRICS = "append", "count", "metrics"
+APPEND, COUNT, METRICS, READY = "append", "count", "metrics", "ready"
 RESTART_DELAY_S = 1.0
+START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
 
@@ -113,11 +114,13 @@ class _LedgerSide(_Framed):
         enqueue: Callable[[Command], asyncio.Future[Any]],
         metrics: Metrics,
         page: Callable[[], Awaitable[bytes]],
+        ready: Callable[[int], None],
     ) -> None:
         super().__init__()
         self._enqueue = enqueue
         self._metrics = metrics
         self._page = page
+        self._ready = ready
 
     def message_received(self, message: tuple[Any, ...]) -> None:
         kind, ident, payload = message
@@ -129,6 +132,8 @@ class _LedgerSide(_Framed):
             asyncio.ensure_future(self._page()).add_done_callback(
                 lambda done: self._answer(ident, done)
             )
+        elif kind == READY:  # the worker listens on the port now
+            self._ready(payload)
 
     def _answer(self, ident: int, done: asyncio.Future[Any]) -> None:
         if done.cancelled():
@@ -148,10 +153,14 @@ async def serve_link(
     enqueue: Callable[[Command], asyncio.Future[Any]],
     metrics: Metrics,
     page: Callable[[], Awaitable[bytes]],
+    ready: Callable[[int], None] = lambda _pid: None,
 ) -> asyncio.AbstractServer:
-    """The main process's end of the link, on a UNIX socket at `path` (mode 0600)."""
+    """The main process's end of the link, on a UNIX socket at `path` (mode 0600); `ready` is
+    called with a worker's pid once it listens on the port."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(lambda: _LedgerSide(enqueue, metrics, page), str(path))
+    server = await loop.create_unix_server(
+        lambda: _LedgerSide(enqueue, metrics, page, ready), str(path)
+    )
     os.chmod(path, 0o600)
     return server
 
@@ -253,6 +262,10 @@ class RemoteMetrics(Metrics):
 # --- the main process's workers ------------------------------------------------------------
 
 
+class WorkerFailed(Exception):
+    """A worker exited before it listened (the port is taken, say): `serve` stops and says so."""
+
+
 class Workers:
     """N worker processes of this `hookledger serve`: started, restarted when one dies, stopped."""
 
@@ -263,10 +276,31 @@ class Workers:
         self._processes: list[asyncio.subprocess.Process] = []
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._listening: set[int] = set()  # pids of the workers that said READY
+        self._started = False
+        self._failed: int | None = None  # exit code of a worker that died while starting
+
+    def ready(self, pid: int) -> None:
+        self._listening.add(pid)
 
     async def start(self) -> None:
+        """Start the workers; return once every one listens. WorkerFailed when one exits first
+        or none is up within START_TIMEOUT_S: then nothing is left running."""
         for number in range(self._count):
             self._watchers.append(asyncio.create_task(self._keep(number)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while len(self._listening) < self._count:
+            if self._failed is not None or loop.time() > deadline:
+                await self.stop()
+                code = self._failed
+                raise WorkerFailed(
+                    f"an ingest worker exited with code {code} before it listened"
+                    if code is not None
+                    else f"the ingest workers did not listen within {START_TIMEOUT_S:g} s"
+                )
+            await asyncio.sleep(0.05)
+        self._started = True
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -286,7 +320,11 @@ class Workers:
             logger.info("evt=worker_started worker=%d pid=%d", number, process.pid)
             code = await process.wait()
             self._processes.remove(process)
+            self._listening.discard(process.pid)
             if self._stopping:
+                return
+            if not self._started:
+                self._failed = code
                 return
             logger.error("evt=worker_exited worker=%d pid=%d code=%s", number, process.pid, code)
             await asyncio.sleep(RESTART_DELAY_S)

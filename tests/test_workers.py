@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -224,3 +226,29 @@ async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_p
         link.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_serve_stops_with_an_error_when_a_worker_cannot_listen(
+    database_url: str, tmp_path: Path
+) -> None:
+    taken = socket.socket()  # a listener without SO_REUSEPORT: the workers cannot share it
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    environment = os.environ | {
+        "HOOKLEDGER_DATABASE_URL": database_url,
+        "HOOKLEDGER_ADMIN_TOKEN": "t",
+        "HOOKLEDGER_SECRET_KEY": "k",
+    }
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "serve", "--workers", "1", "--port", str(port),
+            cwd=tmp_path, env=environment,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            output, _ = await process.communicate()
+    finally:
+        taken.close()
+    assert process.returncode == 1
+    assert b"error: an ingest worker exited with code 1 before it listened" in output
