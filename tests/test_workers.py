@@ -56,9 +56,10 @@ async def _until(condition: object, within_s: float = 20.0) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _serving(server: ServerProcess) -> ServerProcess:
-    """`server` once its main process has seen every worker listen (it says so in its output);
-    /healthz may answer from a worker a moment before."""
+async def _serve(database_url: str, workdir: Path, workers: int) -> ServerProcess:
+    """`serve --workers N`, once its main process has seen every worker listen (it says so in
+    its output); /healthz may answer from a worker a moment before."""
+    server = await start_server(database_url, workdir, "--workers", str(workers), "--no-dispatch")
     await _until(lambda: b"share the port" in server.log.read_bytes())
     return server
 
@@ -79,9 +80,7 @@ async def _make_trigger(session: aiohttp.ClientSession, server: ServerProcess) -
 async def test_workers_record_every_delivery_once_and_report_one_registry(
     database_url: str, tmp_path: Path
 ) -> None:
-    server = await _serving(
-        await start_server(database_url, tmp_path, "--workers", "2", "--no-dispatch")
-    )
+    server = await _serve(database_url, tmp_path, 2)
     try:
         assert len(_children(server.process.pid)) == 2
         async with aiohttp.ClientSession(
@@ -127,9 +126,7 @@ async def test_workers_record_every_delivery_once_and_report_one_registry(
 async def test_a_worker_that_dies_is_restarted_and_the_main_one_stops_them_all(
     database_url: str, tmp_path: Path
 ) -> None:
-    server = await _serving(
-        await start_server(database_url, tmp_path, "--workers", "1", "--no-dispatch")
-    )
+    server = await _serve(database_url, tmp_path, 1)
     try:
         (first,) = _children(server.process.pid)
         os.kill(first, signal.SIGKILL)
@@ -153,9 +150,7 @@ async def test_a_worker_that_dies_is_restarted_and_the_main_one_stops_them_all(
 async def test_a_worker_stops_when_the_main_process_is_gone(
     database_url: str, tmp_path: Path
 ) -> None:
-    server = await _serving(
-        await start_server(database_url, tmp_path, "--workers", "1", "--no-dispatch")
-    )
+    server = await _serve(database_url, tmp_path, 1)
     try:
         (worker,) = _children(server.process.pid)
         async with aiohttp.ClientSession() as session:
