@@ -87,6 +87,7 @@ async def _serve(args: argparse.Namespace) -> None:
             functools.partial(monitoring.metrics_page, services),
             pool.ready,
         )
+        services.appender.commit_listeners.append(link.committed)  # the workers' live feeds
         try:
             await pool.start()
         except ingest.WorkerFailed as exc:

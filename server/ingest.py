@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("!I")
 APPEND, COUNT, METRICS, READY = "append", "count", "metrics", "ready"
+COMMITTED = 0  # the id of a notice from the main process: its appender committed a batch
 RESTART_DELAY_S = 1.0
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -115,12 +116,21 @@ class _LedgerSide(_Framed):
         metrics: Metrics,
         page: Callable[[], Awaitable[bytes]],
         ready: Callable[[int], None],
+        sides: set[_LedgerSide],
     ) -> None:
         super().__init__()
         self._enqueue = enqueue
         self._metrics = metrics
         self._page = page
         self._ready = ready
+        self._sides = sides
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sides.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sides.discard(self)
 
     def message_received(self, message: tuple[Any, ...]) -> None:
         kind, ident, payload = message
@@ -148,21 +158,41 @@ class _LedgerSide(_Framed):
                 self.send((ident, False, RuntimeError(f"{type(error).__name__}: {error}")))
 
 
+class LinkServer:
+    """The main process's end of the link, on a UNIX socket (mode 0600)."""
+
+    def __init__(self, server: asyncio.AbstractServer, sides: set[_LedgerSide]) -> None:
+        self._server = server
+        self._sides = sides
+
+    def committed(self, _batch_size: int = 0, _seconds: float = 0.0) -> None:
+        """An appender commit listener: tell every worker, whose live feeds wake on it."""
+        for side in self._sides:
+            side.send((COMMITTED, True, None))
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+
 async def serve_link(
     path: Path,
     enqueue: Callable[[Command], asyncio.Future[Any]],
     metrics: Metrics,
     page: Callable[[], Awaitable[bytes]],
     ready: Callable[[int], None] = lambda _pid: None,
-) -> asyncio.AbstractServer:
-    """The main process's end of the link, on a UNIX socket at `path` (mode 0600); `ready` is
-    called with a worker's pid once it listens on the port."""
+) -> LinkServer:
+    """The main process's end of the link at `path`; `ready` is called with a worker's pid once
+    it listens on the port. Add `LinkServer.committed` to the appender's commit listeners."""
     loop = asyncio.get_running_loop()
+    sides: set[_LedgerSide] = set()
     server = await loop.create_unix_server(
-        lambda: _LedgerSide(enqueue, metrics, page, ready), str(path)
+        lambda: _LedgerSide(enqueue, metrics, page, ready, sides), str(path)
     )
     os.chmod(path, 0o600)
-    return server
+    return LinkServer(server, sides)
 
 
 # --- a worker's end ------------------------------------------------------------------------
@@ -176,6 +206,7 @@ class LedgerLink(_Framed):
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.lost = asyncio.Event()
+        self.committed: list[Callable[[int, float], None]] = []  # called on each COMMITTED
 
     @classmethod
     async def connect(cls, path: Path) -> LedgerLink:
@@ -195,6 +226,10 @@ class LedgerLink(_Framed):
 
     def message_received(self, message: tuple[Any, ...]) -> None:
         ident, ok, payload = message
+        if ident == COMMITTED:
+            for listener in self.committed:
+                listener(0, 0.0)
+            return
         future = self._pending.pop(ident, None)
         if future is None or future.done():
             return
@@ -227,7 +262,8 @@ class RemoteAppender:
         self._link = link
         self.folder = None
         self.committed = asyncio.Event()  # never set: a worker runs no projector
-        self.commit_listeners: list[Callable[[int, float], None]] = []  # the main's commits
+        # Called when the main process's appender commits a batch (its sizes are not known here).
+        self.commit_listeners: list[Callable[[int, float], None]] = link.committed
 
     async def submit(self, command: Command) -> Any:
         return await self._link.call(APPEND, command)
@@ -253,6 +289,9 @@ class RemoteMetrics(Metrics):
 
     def count_webhook(self, trigger_id: str, outcome: str, reason: str = "") -> None:
         self._link.send((COUNT, 0, (trigger_id, outcome, reason)))
+
+    def observe_append(self, batch_size: int, seconds: float) -> None:
+        """Nothing: the main process's appender observes its own batches."""
 
     async def page(self) -> bytes:
         body: bytes = await self._link.call(METRICS, None)

@@ -188,13 +188,18 @@ async def test_the_link_carries_results_and_the_ledgers_errors(
         return b"page"
 
     server = await serve_link(path, appender.enqueue, Metrics(), page)
+    appender.commit_listeners.append(server.committed)
     assert path.stat().st_mode & 0o777 == 0o600
     link = await LedgerLink.connect(path)
     remote = RemoteAppender(link)
+    commits = asyncio.Event()  # a worker's live feeds listen here
+    remote.commit_listeners.append(lambda *_: commits.set())
     try:
         event = NewEvent.of(trigger_stream("x"), "x", TriggerRegistered(id="x", source="generic"))
         (appended,) = await remote.append([event], expected_version=0)
         assert (appended.stream, appended.version) == (trigger_stream("x"), 1)
+        async with asyncio.timeout(5):  # the main process's commit reached the worker
+            await commits.wait()
         again = NewEvent.of(trigger_stream("x"), "x", TriggerRegistered(id="x", source="generic"))
         with pytest.raises(StreamVersionConflict):
             await remote.submit(AppendEvents(events=[again], expected_version=0))
