@@ -68,15 +68,17 @@ class _Framed(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        start = 0
+        start, messages = 0, []
         while len(buffer) - start >= _HEAD.size:
             (size,) = _HEAD.unpack_from(buffer, start)
             end = start + _HEAD.size + size
             if len(buffer) < end:
                 break
-            self.message_received(pickle.loads(memoryview(buffer)[start + _HEAD.size : end]))  # noqa: S301 - see module doc
+            messages.append(pickle.loads(memoryview(buffer)[start + _HEAD.size : end]))  # noqa: S301 - see module doc
             start = end
-        del buffer[:start]
+        del buffer[:start]  # before any message is handled: none is ever handled twice
+        for message in messages:
+            self.message_received(message)
 
     def message_received(self, message: tuple[Any, ...]) -> None:
         raise NotImplementedError
