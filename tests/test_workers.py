@@ -291,3 +291,38 @@ async def test_a_live_feed_served_by_a_worker_wakes_on_the_main_process_commits(
     # Woken by the commit, a feed sees an event within milliseconds; by its own poll alone,
     # anywhere within 0.5 s (a median under 0.1 s would then be a 2 % chance).
     assert sorted(waits)[4] < 0.1, waits
+
+
+async def test_an_outage_crosses_the_link_as_an_outage_and_any_other_error_as_one(
+    tmp_path: Path,
+) -> None:
+    """What the worker answers: 503 + Retry-After for StorageUnavailable, 500 for the rest."""
+    import sqlalchemy as sa
+
+    loop = asyncio.get_running_loop()
+    failures: list[BaseException] = [
+        # A driver error's cause holds a connection and a traceback: it does not pickle as is.
+        StorageUnavailable(sa.exc.OperationalError("SELECT 1", {}, ConnectionResetError("gone"))),
+        sa.exc.IntegrityError("INSERT", {}, ValueError("not the idempotency index")),
+    ]
+
+    def enqueue(_command: object) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = loop.create_future()
+        future.set_exception(failures.pop(0))
+        return future
+
+    async def page() -> bytes:
+        return b""
+
+    server = await serve_link(tmp_path / "l.sock", enqueue, Metrics(), page)  # type: ignore[arg-type]
+    link = await LedgerLink.connect(tmp_path / "l.sock")
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(StorageUnavailable, match="OperationalError"):
+                await link.call("append", None)
+            with pytest.raises(RuntimeError, match="IntegrityError"):
+                await link.call("append", None)
+    finally:
+        link.close()
+        server.close()
+        await server.wait_closed()
