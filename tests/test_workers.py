@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -218,6 +220,26 @@ async def test_the_link_carries_results_and_the_ledgers_errors(
         await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def _link(
+    path: Path, enqueue: Callable[[object], asyncio.Future[object]]
+) -> AsyncIterator[LedgerLink]:
+    """A worker's link to a main process whose appender is `enqueue`."""
+
+    async def page() -> bytes:
+        return b""
+
+    server = await serve_link(path, enqueue, Metrics(), page)  # type: ignore[arg-type]
+    link = await LedgerLink.connect(path)
+    try:
+        async with asyncio.timeout(5):
+            yield link
+    finally:
+        link.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
 
@@ -226,19 +248,9 @@ async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_p
         future.set_result(lambda: None)  # no pickle for a lambda
         return future
 
-    async def page() -> bytes:
-        return b""
-
-    server = await serve_link(tmp_path / "l.sock", enqueue, Metrics(), page)  # type: ignore[arg-type]
-    link = await LedgerLink.connect(tmp_path / "l.sock")
-    try:
-        async with asyncio.timeout(5):
-            with pytest.raises(RuntimeError, match="PicklingError|AttributeError"):
-                await link.call("append", None)
-    finally:
-        link.close()
-        server.close()
-        await server.wait_closed()
+    async with _link(tmp_path / "l.sock", enqueue) as link:
+        with pytest.raises(RuntimeError, match="PicklingError|AttributeError"):
+            await link.call("append", None)
 
 
 async def test_serve_stops_with_an_error_when_a_worker_cannot_listen(
@@ -311,18 +323,8 @@ async def test_an_outage_crosses_the_link_as_an_outage_and_any_other_error_as_on
         future.set_exception(failures.pop(0))
         return future
 
-    async def page() -> bytes:
-        return b""
-
-    server = await serve_link(tmp_path / "l.sock", enqueue, Metrics(), page)  # type: ignore[arg-type]
-    link = await LedgerLink.connect(tmp_path / "l.sock")
-    try:
-        async with asyncio.timeout(5):
-            with pytest.raises(StorageUnavailable, match="OperationalError"):
-                await link.call("append", None)
-            with pytest.raises(RuntimeError, match="IntegrityError"):
-                await link.call("append", None)
-    finally:
-        link.close()
-        server.close()
-        await server.wait_closed()
+    async with _link(tmp_path / "l.sock", enqueue) as link:
+        with pytest.raises(StorageUnavailable, match="OperationalError"):
+            await link.call("append", None)
+        with pytest.raises(RuntimeError, match="IntegrityError"):
+            await link.call("append", None)
