@@ -14,10 +14,8 @@ import gc
 import getpass
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -67,65 +65,49 @@ async def _serve(args: argparse.Namespace) -> None:
     assert isinstance(services.appender, Appender)  # the main process: the one writer
     workers = args.workers if args.workers is not None else settings.workers
     app = make_app(settings, services)
-    pool: ingest.Workers | None = None
-    if workers == 0:
-        runner: web.AppRunner = await start_site(
-            app, settings, host=settings.host, port=settings.port
-        )
-    else:
-        # The workers answer HTTP, all of it; this process is the ledger's: the one appender
-        # (their appends come over the link), the projector and the dispatcher.
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        # The link's socket in a directory of our own (mode 0700), gone with the process.
-        link_dir = Path(tempfile.mkdtemp(prefix="hookledger-link-"))
-        pool = ingest.Workers(workers, args.argv, link_dir / "ledger.sock")
-        link = await ingest.serve_link(
-            link_dir / "ledger.sock",
-            services.appender.enqueue,
-            services.metrics,
-            functools.partial(monitoring.metrics_page, services),
-            pool.ready,
-        )
-        services.appender.commit_listeners.append(link.committed)  # the workers' live feeds
-        try:
-            await pool.start()
-        except ingest.WorkerFailed as exc:
-            link.close()
-            shutil.rmtree(link_dir, ignore_errors=True)
-            await runner.cleanup()
-            raise SystemExit(f"error: {exc}; its output is above") from None
-    tune_gc()
-    url = f"http://{settings.host}:{settings.port}/"
-    if is_new:
-        # Shown once, as a notebook server does; later starts point at the file instead.
-        print(
-            f"hookledger listening on {url}\n"
-            f"  dashboard: {url}#token={token}\n"
-            f"  admin token: {token}",
-            flush=True,
-        )
-    else:
-        print(
-            f"hookledger listening on {url} (admin token in "
-            f"{settings.data_dir / 'hookledger.token'} or HOOKLEDGER_ADMIN_TOKEN)",
-            flush=True,
-        )
-    if settings.private_destinations_allowed:
-        print("  destinations on loopback and private networks are allowed", flush=True)
-    if pool is not None:
-        print(f"  {workers} ingest worker(s) share the port (server/ingest.py)", flush=True)
-    stop = asyncio.Event()
-    with contextlib.suppress(NotImplementedError):  # SIGTERM as SIGINT: the workers stop too
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        if workers == 0:
+            runner: web.AppRunner = await start_site(
+                app, settings, host=settings.host, port=settings.port
+            )
+        else:
+            # The workers answer HTTP, all of it; this process is the ledger's: the one
+            # appender (their appends come over the link), the projector and the dispatcher.
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        if workers > 0:  # stopped before the runner's cleanup: their appends still commit
+            pages = functools.partial(monitoring.metrics_page, services)
+            try:
+                await stack.enter_async_context(
+                    ingest.running(workers, args.argv, services.appender, services.metrics, pages)
+                )
+            except ingest.WorkerFailed as exc:
+                raise SystemExit(f"error: {exc}; its output is above") from None
+        tune_gc()
+        url = f"http://{settings.host}:{settings.port}/"
+        if is_new:
+            # Shown once, as a notebook server does; later starts point at the file instead.
+            print(
+                f"hookledger listening on {url}\n"
+                f"  dashboard: {url}#token={token}\n"
+                f"  admin token: {token}",
+                flush=True,
+            )
+        else:
+            print(
+                f"hookledger listening on {url} (admin token in "
+                f"{settings.data_dir / 'hookledger.token'} or HOOKLEDGER_ADMIN_TOKEN)",
+                flush=True,
+            )
+        if settings.private_destinations_allowed:
+            print("  destinations on loopback and private networks are allowed", flush=True)
+        if workers > 0:
+            print(f"  {workers} ingest worker(s) share the port (server/ingest.py)", flush=True)
+        stop = asyncio.Event()
+        with contextlib.suppress(NotImplementedError):  # SIGTERM as SIGINT: workers stop too
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
-    finally:
-        if pool is not None:
-            await pool.stop()
-            link.close()
-            shutil.rmtree(link_dir, ignore_errors=True)
-        await runner.cleanup()
 
 
 async def _serve_worker(settings: Settings, link_path: Path) -> None:

@@ -25,14 +25,17 @@ import itertools
 import logging
 import os
 import pickle
+import shutil
 import signal
 import struct
 import sys
+import tempfile
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ledger.appender import Appender
 from ledger.commands import AppendEvents, Command
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent
@@ -385,3 +388,28 @@ class Workers:
         for watcher in self._watchers:
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    count: int,
+    argv: Sequence[str],
+    appender: Appender,
+    metrics: Metrics,
+    page: Callable[[], Awaitable[bytes]],
+) -> AsyncIterator[None]:
+    """`count` workers of this `hookledger serve` (started with `argv`), linked to `appender`,
+    from when every one listens (WorkerFailed otherwise) to their stop."""
+    # The link's socket in a directory of our own (mode 0700), gone with the workers.
+    link_dir = Path(tempfile.mkdtemp(prefix="hookledger-link-"))
+    pool = Workers(count, argv, link_dir / "ledger.sock")
+    link = await serve_link(link_dir / "ledger.sock", appender.enqueue, metrics, page, pool.ready)
+    appender.commit_listeners.append(link.committed)  # the workers' live feeds wake on it
+    try:
+        await pool.start()
+        yield
+    finally:
+        await pool.stop()
+        appender.commit_listeners.remove(link.committed)
+        link.close()
+        shutil.rmtree(link_dir, ignore_errors=True)
