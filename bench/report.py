@@ -10,6 +10,9 @@ from bench.throughput import Point, ServerRun
 # Issue 6: SQLite (synchronous=FULL) and PostgreSQL at c=64, as ratios to the baseline.
 TARGET_CONNECTIONS = 64
 TARGETS = {("sqlite", "new"): 0.5, ("sqlite", "dup"): 0.6, ("postgres", "new"): 0.5}
+P99_FACTOR = 3.0
+RSS_LIMIT_MB = 200.0
+LAG_LIMIT_S = 2.0
 
 
 def server_name(kind: str, workers: int) -> str:
@@ -19,11 +22,6 @@ def server_name(kind: str, workers: int) -> str:
 
 def server_kind(name: str) -> str:
     return name.split("-w", 1)[0]
-
-
-P99_FACTOR = 3.0
-RSS_LIMIT_MB = 200.0
-LAG_LIMIT_S = 2.0
 
 
 def _baseline(runs: list[ServerRun], point: Point) -> Point | None:

@@ -11,10 +11,15 @@ import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
 from ledger.rows import execute_many, fetch_dicts, in_list, in_values, insert_many, padded
+from ledger.schema import events
 
 Row = dict[str, Any]
 # SQLite binds at most 32766 parameters a statement; stay well under it.
 _CHUNK = 500
+
+
+# The window of the log a bulk fold's statements run on: seq in (:after, :until].
+IN_WINDOW = sa.and_(events.c.seq > sa.bindparam("after"), events.c.seq <= sa.bindparam("until"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +28,7 @@ class BulkFold:
     event by event in Python (projections/rebuild.py). The live runner never uses it: `evolve`
     stays the one definition of the fold, and the property test holds the two equal.
 
-    In each window (seq in (:after, :until]) a rebuild runs `create` (rows made from the covered
+    In each window (`IN_WINDOW`) a rebuild runs `create` (rows made from the covered
     events that open a stream), then folds every event `covers` leaves out with `apply`, in seq
     order, then `amend`. So `amend` may only change columns that no other event reads or
     writes, and `last_seq`/`version` only where its event is the later one.
@@ -116,10 +121,11 @@ class RowProjection:
         updates: dict[tuple[str, ...], list[Row]] = {}
         for key, row in rows.items():
             before = existing.get(key)
-            if before is None or row == before:
+            if before is None:
                 continue
             changed = tuple(name for name, value in row.items() if before.get(name) != value)
-            updates.setdefault(changed, []).append(row)
+            if changed:
+                updates.setdefault(changed, []).append(row)
         for changed, group in updates.items():
             statement = _update_statement(table, self.key_column, changed)
             values = [{name: row[name] for name in (self.key_column, *changed)} for row in group]

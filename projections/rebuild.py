@@ -30,7 +30,7 @@ from ledger.store import (
     write_options,
     write_transaction,
 )
-from projections.base import BulkFold, Projection
+from projections.base import IN_WINDOW, BulkFold, Projection
 from projections.runner import _take_projector_lock, set_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -145,10 +145,6 @@ def _windows(until: int, window: int) -> Iterator[tuple[int, int]]:
         yield after, min(after + window, until)
 
 
-_AFTER: sa.BindParameter[int] = sa.bindparam("after")
-_UNTIL: sa.BindParameter[int] = sa.bindparam("until")
-
-
 @dataclass(frozen=True, slots=True)
 class _BulkStatements:
     """A bulk fold's statements for one target table and dialect, built once per rebuild."""
@@ -162,7 +158,7 @@ class _BulkStatements:
         return cls(
             create=bulk.create(table, dialect),
             rest=sa.select(events)
-            .where(events.c.seq > _AFTER, events.c.seq <= _UNTIL, sa.not_(bulk.covers))
+            .where(IN_WINDOW, sa.not_(bulk.covers))
             .order_by(events.c.seq)
             .limit(BATCH),
             amend=bulk.amend(table, dialect),

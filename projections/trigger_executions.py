@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql
 from ledger.codec import parse_time
 from ledger.events import RecordedEvent
 from ledger.schema import BigInt, UTCDateTime, events, metadata
-from projections.base import BulkFold
+from projections.base import IN_WINDOW, BulkFold
 
 NAME = "trigger_executions"
 Row = dict[str, Any]
@@ -172,7 +172,6 @@ def execution_id_of(event: RecordedEvent) -> str | None:
 # SQL, what `_received` and the `webhook.duplicate` case of `_change` say: keep them together.
 _e = events
 _IN_EXECUTIONS = sa.func.substr(_e.c.stream, 1, len("execution-")) == "execution-"
-_WINDOW = sa.and_(_e.c.seq > sa.bindparam("after"), _e.c.seq <= sa.bindparam("until"))
 _OPENS = sa.and_(_e.c.type == "webhook.received", _e.c.version == 1, _IN_EXECUTIONS)
 _DUPLICATE = sa.and_(_e.c.type == "webhook.duplicate", _IN_EXECUTIONS)
 
@@ -198,7 +197,7 @@ def _bulk_create(target: sa.Table, dialect: str) -> sa.Executable:
             _e.c.seq,
             _e.c.version,
         )
-        .where(_WINDOW, _OPENS)
+        .where(IN_WINDOW, _OPENS)
         .subquery("opened")
     )
     o = opened.c
@@ -233,7 +232,7 @@ def _bulk_amend(target: sa.Table, dialect: str) -> sa.Executable:
             # elsewhere it is looked up by seq below.
             *([_e.c.recorded_at] if dialect == "sqlite" else []),
         )
-        .where(_WINDOW, _DUPLICATE)
+        .where(IN_WINDOW, _DUPLICATE)
         .group_by(_e.c.stream)
         .subquery("duplicates")
     )
