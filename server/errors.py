@@ -5,7 +5,7 @@ ledger.errors.*                        mapped by `error_answer` (see _LEDGER_ERR
 anything else                          500 internal_error, logged with its cause
 
 `error_answer` is called by the request middleware (server.middleware) for whatever a handler
-raised.
+raised; `documented` is the same mapping for the listener's fast lane (server/fastlane.py).
 """
 
 from __future__ import annotations
@@ -46,10 +46,14 @@ class ApiError(Exception):
         return f"{self.status} {self.code}: {self.message}"
 
 
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = error_body(code, message)
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
@@ -80,36 +84,46 @@ def _from_http(exc: web.HTTPException) -> web.Response:
 def error_answer(request: web.Request, exc: Exception) -> web.Response:
     """The documented answer to what a handler raised. An HTTPException below 400 (a redirect,
     say) is an answer, not an error: it is raised again for aiohttp to send."""
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return _from_http(exc)
+    error = documented(exc, request.path)
+    response = error_response(error.status, error.code, error.message, error.headers)
+    if error.close:
+        response.force_close()
+    return response
+
+
+def documented(exc: Exception, path: str) -> ApiError:
+    """The documented error for `exc` (any exception but aiohttp's own HTTPException), logged
+    when it is an outage or an internal error."""
     if isinstance(exc, ApiError):
-        response = error_response(exc.status, exc.code, exc.message, exc.headers)
-        if exc.close:
-            response.force_close()
-        return response
+        return exc
     if isinstance(exc, ledger_errors.StorageUnavailable):
         return _unavailable(exc.cause)
     if isinstance(exc, ledger_errors.LedgerError):
         for kind, (status, code) in _LEDGER_ERRORS.items():
             if isinstance(exc, kind):
-                return error_response(status, code, str(exc))
-        return _internal(request, exc)
-    if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            raise exc
-        return _from_http(exc)
+                return ApiError(status, code, str(exc))
+        return _internal(path, exc)
     if is_unavailable(exc):
         # A read that cannot reach the database (the trigger lookup, say) is a 503 too:
         # the sender retries, and nothing was acknowledged.
         return _unavailable(exc)
-    return _internal(request, exc)
+    return _internal(path, exc)
 
 
-def _internal(request: web.Request, exc: Exception) -> web.Response:
-    logger.error("evt=internal_error path=%s", request.path, exc_info=exc)
-    return error_response(500, "internal_error", "an internal error occurred; it has been logged")
+def _internal(path: str, exc: Exception) -> ApiError:
+    logger.error("evt=internal_error path=%s", path, exc_info=exc)
+    return ApiError(500, "internal_error", "an internal error occurred; it has been logged")
 
 
-def _unavailable(cause: BaseException) -> web.Response:
+def _unavailable(cause: BaseException) -> ApiError:
     fact(logger, "storage_unavailable", logging.WARNING, cause=repr(cause))
-    return error_response(
-        503, "storage_unavailable", "the database is unavailable; retry later", {"Retry-After": "5"}
+    return ApiError(
+        503,
+        "storage_unavailable",
+        "the database is unavailable; retry later",
+        headers={"Retry-After": "5"},
     )

@@ -1,4 +1,5 @@
-"""The HTTP listener `hookledger serve` runs: aiohttp's server with a header deadline, and the
+"""The HTTP listener `hookledger serve` runs: the fast lane for webhook POSTs (server/fastlane.py)
+in front of aiohttp's server, which gets every other request; a header deadline on both; and the
 protocol's own errors (bad request line, too many or too long headers) in the API's error shape.
 
 aiohttp bounds a request head's size, not the time it takes: a client trickling a byte a second
@@ -13,7 +14,6 @@ import asyncio
 import logging
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -21,22 +21,14 @@ from aiohttp.web_request import BaseRequest
 
 from server.config import Settings
 from server.errors import error_response
+from server.fastlane import HEAD_TIMEOUT_RESPONSE, LINGERING_S, FastLane
 from server.logs import fact
+from server.ratelimit import INGEST_LIMITER
+from server.state import SERVICES
 
-__all__ = ["LINGERING_S", "GuardedAppRunner", "start_site"]
-
-LINGERING_S = 2.0
+__all__ = ["LINGERING_S", "GuardedAppRunner", "make_runner", "start_site"]
 
 logger = logging.getLogger(__name__)
-
-# Written straight to the socket: no request object exists when the head never completed.
-_TIMEOUT_BODY = orjson.dumps(
-    {"error": {"code": "request_timeout", "message": "the request head took too long"}}
-)
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TIMEOUT_BODY)
-) + _TIMEOUT_BODY
 
 
 def _protocol_error(exc: BaseException | None) -> tuple[int, str, str]:
@@ -142,7 +134,7 @@ class GuardedRequestHandler(RequestHandler):
             return
         if self._head_begun and self.transport is not None:
             fact(logger, "header_timeout", timeout_s=self._header_timeout_s)
-            self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.write(HEAD_TIMEOUT_RESPONSE)
         self.force_close()
 
 
@@ -156,29 +148,45 @@ class _GuardedServer(web.Server):
             **plain._kwargs,
         )
         self._header_timeout_s = header_timeout_s
+        self.lane: FastLane | None = None  # set by the runner: new connections start in it
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> RequestHandler:  # or the fast lane's: any protocol will do
+        if self.lane is not None:
+            return self.lane()  # type: ignore[return-value]
+        return self.handler()
+
+    def handler(self) -> RequestHandler:
+        """A new aiohttp connection (the fast lane's hand-over makes them too)."""
         return GuardedRequestHandler(
             self, loop=self._loop, header_timeout_s=self._header_timeout_s, **self._kwargs
         )
 
 
 class GuardedAppRunner(web.AppRunner):
-    """An AppRunner whose connections use GuardedRequestHandler."""
+    """An AppRunner whose connections start in the fast lane and go on in GuardedRequestHandler."""
 
     def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._lane: FastLane | None = None
 
     async def _make_server(self) -> web.Server:
-        return _GuardedServer(await super()._make_server(), self._header_timeout_s)
+        server = _GuardedServer(await super()._make_server(), self._header_timeout_s)
+        app = self.app
+        self._lane = server.lane = FastLane(
+            app[SERVICES], app[INGEST_LIMITER], server.handler, self._header_timeout_s
+        )
+        return server
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self._lane is not None:  # its answers owed are given before the app's cleanup
+            await self._lane.stop(self._shutdown_timeout)
 
 
-async def start_site(
-    app: web.Application, settings: Settings, *, host: str, port: int, reuse_port: bool = False
-) -> GuardedAppRunner:
-    """Run `app` on host:port the way `hookledger serve` does; the caller cleans the runner up."""
-    runner = GuardedAppRunner(
+def make_runner(app: web.Application, settings: Settings) -> GuardedAppRunner:
+    """The runner of `hookledger serve`'s listener (the tests serve the app with it too)."""
+    return GuardedAppRunner(
         app,
         header_timeout_s=settings.header_timeout_s,
         access_log=None,
@@ -188,6 +196,13 @@ async def start_site(
         # closes. Its default, 10 s, would hold a trickler that long again.
         lingering_time=LINGERING_S,
     )
+
+
+async def start_site(
+    app: web.Application, settings: Settings, *, host: str, port: int, reuse_port: bool = False
+) -> GuardedAppRunner:
+    """Run `app` on host:port the way `hookledger serve` does; the caller cleans the runner up."""
+    runner = make_runner(app, settings)
     await runner.setup()
     # reuse_port: the processes of one `serve --workers N` share the port (server/ingest.py).
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)

@@ -28,7 +28,8 @@ from server.config import Settings
 from server.ingest import RemoteMetrics
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
-from server.state import FOUND_TRIGGER, SERVICES, Services
+from server.receiver import Receipt, count_answer
+from server.state import RECEIPT, SERVICES, Services
 
 logger = logging.getLogger(__name__)
 
@@ -147,18 +148,15 @@ def _error_code(response: web.StreamResponse) -> str:
 
 
 def record_outcome(request: web.Request, response: web.StreamResponse) -> None:
-    """Count an answer of the receiver, and log a rejection with its reason. Called with the
-    answer the sender gets, after any error became one."""
-    metrics = request.app[SERVICES].metrics
-    found = request.get(FOUND_TRIGGER, "")
+    """Count an answer to a request on the receiver's route (server.receiver.count_answer)."""
+    receipt = request.get(RECEIPT) or Receipt()  # none: refused before the receiver ran (405)
     if response.status < 400:
-        is_duplicate = response.headers.get("Idempotent-Replayed") == "true"
-        metrics.count_webhook(found, "duplicate" if is_duplicate else "accepted")
-        return
-    code = _error_code(response)
-    metrics.count_webhook(found, "rejected", code)
+        replayed = response.headers.get("Idempotent-Replayed") == "true"
+        code = "duplicate" if replayed else ""
+    else:
+        code = _error_code(response)
     trigger_id = request.match_info.get("trigger_id", "")
-    fact(logger, "webhook_rejected", trigger_id=trigger_id, status=response.status, reason=code)
+    count_answer(request.app[SERVICES].metrics, receipt, trigger_id, response.status, code)
 
 
 def setup(app: web.Application) -> None:

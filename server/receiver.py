@@ -2,6 +2,10 @@
 
 Size, content type and signature are checked on the raw bytes before anything is parsed; the
 answer goes out only after the delivery is committed to the log.
+
+`receive` is the receiver, whichever lane carries the request: aiohttp's route
+(`receive_webhook`, below) or the listener's fast lane (server/fastlane.py), which hands it the
+head it parsed and a way to read the body. Both count and log their answers with `count_answer`.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
@@ -21,9 +27,11 @@ from ledger.keys import extract_key
 from ledger.signatures import redact_headers, verify_signature
 from server.catalog import ActiveTrigger
 from server.errors import ApiError
+from server.ingest import RemoteMetrics
 from server.logs import fact, request_id
-from server.ratelimit import INGEST_LIMITER, rate_limited
-from server.state import FOUND_TRIGGER, SERVICES, Services
+from server.metrics import Metrics
+from server.ratelimit import INGEST_LIMITER, RateLimiter, rate_limited
+from server.state import RECEIPT, SERVICES, Services
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +42,31 @@ def _initial_status(trigger: ActiveTrigger, body: Body) -> str:
     return "pending" if trigger.has_destination else "recorded"
 
 
-def _check_size(request: web.Request, limit: int) -> None:
+def _check_size(content_length: int | None, limit: int) -> None:
     # A declared length is refused before anything is read; a chunked or compressed body is cut
     # off by aiohttp at client_max_size (after decompression), so memory stays bounded.
-    length = request.content_length
-    if length is not None and length > limit:
+    if content_length is not None and content_length > limit:
         raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
 
 
-def _check_rate(request: web.Request, trigger: ActiveTrigger) -> None:
+def _check_rate(limiter: RateLimiter, trigger: ActiveTrigger) -> None:
     # After the signature: only authentic deliveries spend tokens, so nobody without the secret
     # can get a trigger's real sender refused.
     limit = trigger.rate_limit
     if limit is not None:
-        limiter = request.app[INGEST_LIMITER]
         wait = limiter.wait_s(trigger.id, limit["per_s"], limit["burst"])
         if wait > 0:
             raise rate_limited(wait, f"trigger {trigger.id!r}")
+
+
+def body_timeout(timeout_s: float) -> ApiError:
+    """The answer to a body that did not arrive in time (the connection is closed after it)."""
+    return ApiError(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {timeout_s:g} s",
+        close=True,
+    )
 
 
 async def _read_body(request: web.Request, timeout_s: float) -> bytes:
@@ -62,12 +78,7 @@ async def _read_body(request: web.Request, timeout_s: float) -> bytes:
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
-        raise ApiError(
-            408,
-            "request_timeout",
-            f"the request body did not arrive within {timeout_s:g} s",
-            close=True,
-        ) from None
+        raise body_timeout(timeout_s) from None
 
 
 async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
@@ -78,13 +89,18 @@ async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
 
 
 def _command(
-    trigger: ActiveTrigger, request: web.Request, raw: bytes, body: Body, key: str | None
+    trigger: ActiveTrigger,
+    head: Head,
+    headers: dict[str, str],
+    raw: bytes,
+    body: Body,
+    key: str | None,
 ) -> RecordDelivery:
     received = WebhookReceived(
         execution_id=uuid7(),
-        headers=redact_headers(request.headers.items()),
+        headers=redact_headers(head.items),
         body=body.text,
-        content_type=request.headers.get("Content-Type", ""),
+        content_type=headers.get("content-type", ""),
         body_sha256=hashlib.sha256(raw).hexdigest(),
         initial_status=_initial_status(trigger, body),
         body_encoding=body.encoding,
@@ -93,7 +109,7 @@ def _command(
     return RecordDelivery(trigger_id=trigger.id, idempotency_key=key, received=received, meta=meta)
 
 
-def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> web.Response:
+def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> Answer:
     if not outcome.is_duplicate:
         # DEBUG: a new delivery is in the log itself; only a duplicate's line is a fact to keep.
         fact(
@@ -109,7 +125,7 @@ def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> web.R
             "execution_id": outcome.execution_id,
             "duplicate": False,
         }
-        return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+        return Answer(202, orjson.dumps(body))
     fact(
         logger,
         "idempotent_replay",
@@ -125,32 +141,96 @@ def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> web.R
         "execution_id": outcome.execution_id,
         "duplicate": True,
     }
-    return web.Response(
-        status=200,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={"Idempotent-Replayed": "true"},
-    )
+    return Answer(200, orjson.dumps(body), {"Idempotent-Replayed": "true"})
 
 
-async def receive_webhook(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    trigger = await _find_trigger(services, request.match_info["trigger_id"])
-    request[FOUND_TRIGGER] = trigger.id
-    _check_size(request, services.settings.max_body_bytes)
-    kind = content_kind(request.content_type)
+@dataclass(slots=True)
+class Head:
+    """What the receiver needs of a request's head, from whichever lane parsed it."""
+
+    trigger_id: str  # from the path
+    content_length: int | None
+    media_type: str  # the Content-Type's media type, lower-case, without parameters
+    items: Iterable[tuple[str, str]]  # the headers as received, names in any case
+
+
+@dataclass(slots=True)
+class Receipt:
+    """One request through the receiver: the trigger once it is found (metrics label only
+    triggers that exist: an id taken from the URL is unbounded, so a 404, or a 503 while the
+    lookup could not run, has none)."""
+
+    found: str = ""
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    body: bytes  # JSON
+    headers: dict[str, str] | None = None
+
+
+async def receive(
+    services: Services,
+    limiter: RateLimiter,
+    head: Head,
+    read_body: Callable[[], Awaitable[bytes]],
+    receipt: Receipt,
+) -> Answer:
+    """Receive one delivery: check it, append it, answer it once committed. Raises what the
+    documented error answers are made of (ApiError, the ledger's errors)."""
+    trigger = await _find_trigger(services, head.trigger_id)
+    receipt.found = trigger.id
+    _check_size(head.content_length, services.settings.max_body_bytes)
+    kind = content_kind(head.media_type)
     if kind is None:
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"{request.content_type!r} is not accepted: send JSON, a form or text/plain",
+            f"{head.media_type!r} is not accepted: send JSON, a form or text/plain",
         )
-    raw = await _read_body(request, services.settings.body_timeout_s)
-    headers = {name.lower(): value for name, value in request.headers.items()}
+    raw = await read_body()
+    headers = {name.lower(): value for name, value in head.items}
     if trigger.requires_signature:
         verify_signature(trigger.source, trigger.secrets, headers, raw)
-    _check_rate(request, trigger)
+    _check_rate(limiter, trigger)
     body = decode_body(kind, raw)
     key = extract_key(trigger.source, trigger.idempotency_key_path, headers, body.parsed)
-    outcome = await services.appender.submit(_command(trigger, request, raw, body, key))
+    outcome = await services.appender.submit(_command(trigger, head, headers, raw, body, key))
     return _answer(trigger.id, key, outcome)
+
+
+def count_answer(
+    metrics: Metrics | RemoteMetrics, receipt: Receipt, trigger_id: str, status: int, code: str
+) -> None:
+    """Count an answer of the receiver, and log a rejection with its reason (`code`: the error
+    code of a rejection; "duplicate" for a 200). Called with the answer the sender gets, after
+    any error became one."""
+    if status < 400:
+        metrics.count_webhook(receipt.found, "duplicate" if code == "duplicate" else "accepted")
+        return
+    metrics.count_webhook(receipt.found, "rejected", code)
+    fact(logger, "webhook_rejected", trigger_id=trigger_id, status=status, reason=code)
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    """The receiver on aiohttp's route; the middleware turns what it raises into the answer and
+    counts it (server.monitoring.record_outcome)."""
+    services = request.app[SERVICES]
+    receipt = request[RECEIPT] = Receipt()
+    head = Head(
+        trigger_id=request.match_info["trigger_id"],
+        content_length=request.content_length,
+        media_type=request.content_type,
+        items=request.headers.items(),
+    )
+    timeout_s = services.settings.body_timeout_s
+    answer = await receive(
+        services, request.app[INGEST_LIMITER], head, lambda: _read_body(request, timeout_s), receipt
+    )
+    return web.Response(
+        status=answer.status,
+        body=answer.body,
+        content_type="application/json",
+        headers=answer.headers,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,6 +32,6 @@ class Services:
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
-# Set by the receiver once the trigger is found: metrics label only triggers that exist (an id
-# taken from the URL is unbounded: a 404, or a 503 while the lookup could not run, has none).
-FOUND_TRIGGER: web.RequestKey[str] = web.RequestKey("found_trigger", str)
+# The receiver's record of a request on aiohttp's route (server.receiver.Receipt), for the
+# middleware to count its answer with.
+RECEIPT: web.RequestKey[Any] = web.RequestKey("receipt", object)

@@ -16,7 +16,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import TCPConnector, web
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,6 +25,8 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine
 from server.app import make_app
 from server.config import Settings
+from server.listener import make_runner
+from server.state import SERVICES
 
 PG_URL = os.environ.get("HOOKLEDGER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("HOOKLEDGER_REQUIRE_POSTGRES") == "1"
@@ -107,9 +110,44 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+class ListenerServer(TestServer):
+    """The app served as `hookledger serve` serves it (server/listener.py): each connection
+    starts in the fast lane, which answers webhook POSTs and hands anything else to aiohttp."""
+
+    def __init__(self, app: web.Application, settings: Settings) -> None:
+        super().__init__(app)
+        self._settings = settings
+
+    async def _make_runner(self, **_kwargs: Any) -> web.BaseRunner:
+        return make_runner(self.app, self._settings)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A module marked `lanes` runs its tests on both ways to the receiver: the listener's fast
+    # lane (what serve runs) and aiohttp's route (a connection the fast lane handed over).
+    if "lane" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker("lanes") is not None
+        metafunc.parametrize("lane", LANES if marked else LANES[:1])
+
+
+LANES = ["listener", "aiohttp"]
+
+
+async def serve_app(aiohttp_client: MakeClient, app: web.Application, lane: str) -> TestClient:  # type: ignore[type-arg]
+    """A client of `app`. On the listener, every request gets a connection of its own, so that
+    each takes the lane its own kind takes (a webhook POST the fast lane); on aiohttp's, the app
+    is served by aiohttp alone."""
+    if lane == "aiohttp":
+        return await aiohttp_client(app)
+    settings = app[SERVICES].settings
+    return await aiohttp_client(
+        ListenerServer(app, settings), connector=TCPConnector(force_close=True)
+    )
+
+
 @pytest.fixture
-async def client(aiohttp_client: MakeClient, settings: Settings) -> TestClient:  # type: ignore[type-arg]
-    return await aiohttp_client(make_app(settings))
+async def client(aiohttp_client: MakeClient, settings: Settings, lane: str) -> TestClient:  # type: ignore[type-arg]
+    return await serve_app(aiohttp_client, make_app(settings), lane)
 
 
 # A dispatching server and a real destination (tests/destinations.py), for the dispatch and
@@ -123,9 +161,9 @@ def dispatching(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def app(aiohttp_client: MakeClient, dispatching: Settings) -> TestClient:  # type: ignore[type-arg]
+async def app(aiohttp_client: MakeClient, dispatching: Settings, lane: str) -> TestClient:  # type: ignore[type-arg]
     """A dispatching server."""
-    return await aiohttp_client(make_app(dispatching))
+    return await serve_app(aiohttp_client, make_app(dispatching), lane)
 
 
 @pytest.fixture

@@ -17,6 +17,9 @@ from conftest import AUTH, create_trigger
 from ledger.store import create_engine, read_events
 from server.config import Settings
 
+# Every test here runs on both ways to the receiver: the listener's fast lane and aiohttp's route.
+pytestmark = pytest.mark.lanes
+
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
