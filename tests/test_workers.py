@@ -19,9 +19,9 @@ from conftest import AUTH
 from processes import ServerProcess, start_server
 
 from ledger.appender import Appender
-from ledger.commands import AppendEvents
+from ledger.commands import AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import StorageUnavailable, StreamVersionConflict
-from ledger.events import NewEvent, TriggerRegistered, trigger_stream
+from ledger.events import NewEvent, TriggerRegistered, WebhookReceived, trigger_stream
 from ledger.migrate import upgrade
 from ledger.store import create_engine, read_events
 from server.ingest import LedgerLink, RemoteAppender, serve_link
@@ -251,6 +251,45 @@ async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_p
     async with _link(tmp_path / "l.sock", enqueue) as link:
         with pytest.raises(RuntimeError, match="PicklingError|AttributeError"):
             await link.call("append", None)
+
+
+async def test_a_delivery_and_its_outcome_cross_the_link_whole(tmp_path: Path) -> None:
+    # They cross as tuples of their fields (server/ingest.py `_Fields`): every field, none
+    # at its default, arrives as it was sent.
+    loop = asyncio.get_running_loop()
+    outcome = DeliveryOutcome(
+        event_id="e-2",
+        execution_id="x-1",
+        is_duplicate=True,
+        original_event_id="e-1",
+        seq=42,
+        body_matches=False,
+    )
+    got: list[object] = []
+
+    def enqueue(command: object) -> asyncio.Future[object]:
+        got.append(command)
+        future: asyncio.Future[object] = loop.create_future()
+        future.set_result(outcome)
+        return future
+
+    delivery = RecordDelivery(
+        trigger_id="t",
+        idempotency_key="k-1",
+        meta={"request_id": "r", "source": "github"},
+        received=WebhookReceived(
+            execution_id="x-1",
+            headers={"x-github-event": "push"},
+            body="aGk=",
+            content_type="application/octet-stream",
+            body_sha256="ab" * 32,
+            initial_status="filtered",
+            body_encoding="base64",
+        ),
+    )
+    async with _link(tmp_path / "l.sock", enqueue) as link:
+        assert await RemoteAppender(link).submit(delivery) == outcome
+    assert got == [delivery]
 
 
 async def test_serve_stops_with_an_error_when_a_worker_cannot_listen(
