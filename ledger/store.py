@@ -30,6 +30,7 @@ from ledger.schema import events
 
 APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
 WRITE_OPTION = "hookledger_write"
+BUSY_TIMEOUT_MS = 30_000  # how long a SQLite connection waits for another process's write lock
 
 
 def normalise_url(url: str) -> str:
@@ -72,7 +73,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged delivery survives power loss
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -309,6 +310,12 @@ def write_options(conn: sa.Connection) -> sa.Connection:
     return conn.execution_options(**{WRITE_OPTION: True})
 
 
+def _busy_timeout(conn: sa.Connection, ms: int) -> None:
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(f"PRAGMA busy_timeout={ms:d}")
+
+
 class SqliteWriter:
     """The write transactions of one SQLite database in this process, on one plain connection.
 
@@ -316,8 +323,8 @@ class SqliteWriter:
     append batch with the projections folded in), and each hop hands the GIL back and forth.
     Here the statements of a transaction run on the event loop's own thread, as plain sqlite3
     calls (microseconds each: SQLite is in-process); only what may wait goes to a thread while
-    the loop serves other requests: BEGIN IMMEDIATE (another process may hold the write lock)
-    and COMMIT (its fsync). The process's write lock is held from BEGIN to the end of COMMIT,
+    the loop serves other requests: COMMIT (its fsync), and BEGIN IMMEDIATE when another process
+    holds the write lock (tried on the loop first, where it cannot wait: `_begin`). The process's write lock is held from BEGIN to the end of COMMIT,
     so the async engine's writers (the runner, rebuilds) queue behind it as before.
     """
 
@@ -330,18 +337,38 @@ class SqliteWriter:
     async def run(self, work: Callable[[sa.Connection], T]) -> T:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
         async with _process_write_lock(self._async_engine):
-            conn = self._connection()
             try:
-                # BEGIN IMMEDIATE may wait for another process's writer (SQLite's busy
-                # handler): in the thread, like COMMIT, so the loop never does. In between,
-                # holding the write lock, statements only run (WAL readers never block them).
-                transaction = await self._in_thread(conn.begin)
+                conn, transaction = await self._begin()
                 result = work(conn)
-                await self._in_thread(transaction.commit)
+                # The COMMIT (its fsync) in the thread: only the driver's call, which lets go of
+                # the GIL throughout; SQLAlchemy's own bookkeeping after it, on the loop (its
+                # commit of the driver connection is then a no-op: no transaction is open).
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                await self._in_thread(driver.commit)
+                transaction.commit()
             except BaseException:
                 self._discard()
                 raise
             return result
+
+    async def _begin(self) -> tuple[sa.Connection, sa.RootTransaction]:
+        # BEGIN IMMEDIATE on the loop, on a connection whose busy timeout is 0: it takes the
+        # write lock at once, or fails at once when another process's writer holds it (this
+        # process's writers queue on the asyncio lock). Only then does it wait, in the thread
+        # (SQLite's busy handler), on a fresh connection, as COMMIT does: the loop never waits.
+        conn = self._connection()
+        try:
+            return conn, conn.begin()
+        except sa.exc.OperationalError as exc:
+            if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
+                raise
+        self._discard()
+        conn = self._connection()
+        _busy_timeout(conn, BUSY_TIMEOUT_MS)
+        transaction = await self._in_thread(conn.begin)
+        _busy_timeout(conn, 0)
+        return conn, transaction
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
         running = asyncio.get_running_loop().run_in_executor(self._thread, call)
@@ -354,6 +381,7 @@ class SqliteWriter:
     def _connection(self) -> sa.Connection:
         if self._conn is None:
             self._conn = write_options(self._engine.connect())
+            _busy_timeout(self._conn, 0)  # see _begin
         return self._conn
 
     def _discard(self) -> None:

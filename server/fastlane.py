@@ -38,6 +38,7 @@ import httptools
 import orjson
 from aiohttp.helpers import parse_content_type
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.tcp_helpers import tcp_nodelay
 
 from server.errors import documented, error_body
@@ -72,6 +73,8 @@ MAX_QUEUED = 16  # pipelined requests waiting for their answer before reading pa
 _PATH = re.compile(rb"/webhooks/([A-Za-z0-9_~-][A-Za-z0-9._~-]*)(?:\?[^#]*)?")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as server.middleware takes a given id
 _HANDED_OVER = frozenset([b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"])
+# Headers aiohttp refuses to see twice (400): such a request is aiohttp's to refuse.
+_SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _SERVER = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
 _JSON = b"Content-Type: application/json\r\n"
@@ -112,6 +115,28 @@ def _answer_bytes(
         parts.append(b"Connection: close\r\n")
     parts += [b"\r\n", body]
     return b"".join(parts)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")  # as aiohttp decodes header names and values
+
+
+def _plain_headers(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes] | None:
+    """Each header's first value by lower-case name, when the head is plain enough for the lane;
+    None when it is aiohttp's: a name or value over its limit, a body encoded or to be continued
+    (Expect), an upgrade, a singleton header repeated (aiohttp's 400), no Host (HTTP/1.1's 400)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if len(name) > MAX_LINE or len(value) > MAX_LINE:
+            return None
+        lower = name.lower()
+        if lower in _HANDED_OVER:
+            return None
+        if lower not in found:
+            found[lower] = value
+        elif lower in _SINGLETONS:
+            return None
+    return found if b"host" in found else None
 
 
 class _Handover(Exception):  # noqa: N818 - a signal to stop the parser, not an error
@@ -243,7 +268,8 @@ class Connection(asyncio.Protocol):
         self._handing_over = False
         self._closing = False  # closing after the answer under way
         self._discarding = False  # answered and closing: what still comes is dropped
-        self._paused = False
+        self._paused = False  # reading
+        self._writing_paused = False  # the sender does not read its answers
         # The head deadline (loop time; None while no head is due), and the timer that looks at
         # it, moved lazily as in server/listener.py's GuardedRequestHandler.
         self._head_due: float | None = None
@@ -291,10 +317,13 @@ class Connection(asyncio.Protocol):
             self._hand_over()  # aiohttp answers a head this long (431)
 
     def pause_writing(self) -> None:  # the sender does not read its answers: stop reading
+        self._writing_paused = True
         self._pause()
 
     def resume_writing(self) -> None:
-        self._resume()
+        self._writing_paused = False
+        if len(self._queue) < MAX_QUEUED:
+            self._resume()
 
     # --- llhttp's callbacks -----------------------------------------------------------------------
 
@@ -340,6 +369,8 @@ class Connection(asyncio.Protocol):
         if end < 4 or bytes(stream[end - request.head.content_length : end]) != request.body:
             raise _Misframed
         del stream[:end]
+        if self.task is None and not self._queue and not self._closing:
+            self._arm_head_deadline()  # it was answered before its body was all in
 
     # --- the lane ---------------------------------------------------------------------------------
 
@@ -357,38 +388,24 @@ class Connection(asyncio.Protocol):
         match = _PATH.fullmatch(self._url)
         if match is None:
             return None
-        length: int | None = None
-        content_type: str | None = None
-        rid: str | None = None
-        items: list[tuple[str, str]] = []
-        for raw_name, raw_value in self._headers:
-            if len(raw_name) > MAX_LINE or len(raw_value) > MAX_LINE:
-                return None
-            lower = raw_name.lower()
-            if lower in _HANDED_OVER:
-                return None
-            name = raw_name.decode("utf-8", "surrogateescape")
-            value = raw_value.decode("utf-8", "surrogateescape")
-            if lower == b"content-length":
-                if length is not None or not raw_value.isdigit():
-                    return None
-                length = int(raw_value)
-            elif lower == b"content-type":
-                content_type = value
-            elif lower == b"x-request-id":
-                rid = value
-            items.append((name, value))
-        if length is None or length > self._lane.services.settings.max_body_bytes:
+        found = _plain_headers(self._headers)
+        if found is None:
             return None
-        media_type = parse_content_type(content_type)[0] if content_type is not None else None
+        length = found.get(b"content-length", b"")
+        if not length.isdigit() or int(length) > self._lane.services.settings.max_body_bytes:
+            return None
+        items = [(_text(name), _text(value)) for name, value in self._headers]
+        content_type = found.get(b"content-type")
+        rid = found.get(b"x-request-id")
+        media_type = parse_content_type(_text(content_type))[0] if content_type else None
         head = Head(
             trigger_id=match[1].decode(),
-            content_length=length,
+            content_length=int(length),
             media_type=media_type or "application/octet-stream",
             items=items,
         )
         path = self._url.partition(b"?")[0].decode()
-        return _Request(head, path, rid, parser.should_keep_alive())
+        return _Request(head, path, None if rid is None else _text(rid), parser.should_keep_alive())
 
     async def _serve(self) -> None:
         """Answer the queued requests in order, one at a time."""
@@ -415,8 +432,10 @@ class Connection(asyncio.Protocol):
             self._switch()
         elif self._closing:
             self.abort()
-        else:  # the next head is due (bytes of it may be here: then it has begun)
+        elif self._request is None:  # the next head is due (its bytes may have begun to come)
             self._arm_head_deadline()
+        # else the body of a request answered early (a 404 from its head) is still arriving:
+        # the next head is due once it is in (on_message_complete).
 
     def _close_after(self, request: _Request) -> None:
         transport = self._transport
@@ -447,6 +466,8 @@ class Connection(asyncio.Protocol):
         handler = self._lane.aiohttp_protocol()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._writing_paused:
+            handler.pause_writing()  # aiohttp resumes reading when its writes may go on
         if self._paused:
             transport.resume_reading()
         pending, self._stream = bytes(self._stream), bytearray()
@@ -460,7 +481,12 @@ class Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume(self) -> None:
-        if self._paused and not self._handing_over and self._transport is not None:
+        if (
+            self._paused
+            and not self._writing_paused
+            and not self._handing_over
+            and self._transport is not None
+        ):
             self._paused = False
             self._transport.resume_reading()
 
