@@ -24,6 +24,7 @@ from ledger.errors import StreamVersionConflict
 from ledger.events import NewEvent
 from ledger.migrate import current_revision, head_revision, upgrade
 from ledger.store import (
+    LOOP_COMMIT_S,
     SqliteWriter,
     create_engine,
     read_events,
@@ -328,3 +329,23 @@ async def test_a_cancelled_append_holds_the_write_lock_until_its_commit_ends(
     await writer.run(_append_one("after"))  # nothing of the cancelled one stands in the way
     async with engine.connect() as conn:
         assert [e.idempotency_key for e in await read_events(conn)] == ["after"]
+
+
+async def test_the_writer_commits_in_its_thread_while_commits_are_slow(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # Fast commits run on the loop; slow ones (a moving average above LOOP_COMMIT_S) in the
+    # writer's thread, where the loop runs on meanwhile. Both commit, and each is timed.
+    engine, writer, _ = sqlite_writer
+    loop_ran = asyncio.Event()
+    asyncio.get_running_loop().call_soon(loop_ran.set)
+    await writer.run(_append_one("on the loop"))
+    assert not loop_ran.is_set()  # nothing was awaited: it all ran on the loop
+    assert 0 < writer._commit_s < LOOP_COMMIT_S
+    writer._commit_s = 10.0  # as after a disk that took seconds to sync
+    await writer.run(_append_one("in the thread"))
+    assert loop_ran.is_set()  # the commit was awaited: the loop ran while it synced
+    assert writer._commit_s < 10.0  # this commit's own time moved the average down
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn)]
+    assert keys == ["on the loop", "in the thread"]
