@@ -287,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="ingest worker processes beside this one, sharing the port (default: "
-        "HOOKLEDGER_WORKERS, else 0)",
+        "HOOKLEDGER_WORKERS, else 1 with two or more cores, 0 with one)",
     )
     serve.add_argument("--ledger-link", help=argparse.SUPPRESS)  # set for a worker by its main
     db = sub.add_parser("db", help="schema")

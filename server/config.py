@@ -68,7 +68,7 @@ class Settings:
             body_timeout_s=float(env.get("HOOKLEDGER_BODY_TIMEOUT_S", "30")),
             admin_rate_per_s=float(env.get("HOOKLEDGER_ADMIN_RATE_PER_S", "50")),
             admin_rate_burst=float(env.get("HOOKLEDGER_ADMIN_RATE_BURST", "200")),
-            workers=int(env.get("HOOKLEDGER_WORKERS", "0")),
+            workers=int(env.get("HOOKLEDGER_WORKERS", default_workers())),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
         return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()
@@ -110,3 +110,11 @@ class Settings:
         with os.fdopen(fd, "w") as handle:
             handle.write(token + "\n")
         return token, True
+
+
+def default_workers() -> int:
+    """`serve`'s ingest workers when HOOKLEDGER_WORKERS is unset: one where there is a second
+    core (HTTP in the worker, the one writer in the main process: each on a core of its own),
+    none on a single core. One worker keeps a single process answering HTTP, so per-process state
+    (rate-limit buckets, the trigger cache) stays exact (docs/decisions.md)."""
+    return 1 if (os.cpu_count() or 1) >= 2 else 0

@@ -78,7 +78,12 @@ async def _wait_ready(server: ServerProcess, wait_s: float = 30.0) -> None:
                 raise RuntimeError(f"server exited: {server.log.read_text()[-2000:]}")
             try:
                 async with session.get(server.url + "/healthz") as response:
-                    if response.status == 200:
+                    # Up, and said so: with ingest workers the port answers before the main
+                    # process, which prints its line once every worker listens.
+                    if (
+                        response.status == 200
+                        and b"hookledger listening on" in server.log.read_bytes()
+                    ):
                         return
             except aiohttp.ClientError:
                 pass

@@ -24,6 +24,7 @@ from ledger.errors import StorageUnavailable, StreamVersionConflict
 from ledger.events import NewEvent, TriggerRegistered, WebhookReceived, trigger_stream
 from ledger.migrate import upgrade
 from ledger.store import create_engine, read_events
+from server.config import Settings
 from server.ingest import LedgerLink, RemoteAppender, serve_link
 from server.metrics import Metrics
 
@@ -367,3 +368,18 @@ async def test_an_outage_crosses_the_link_as_an_outage_and_any_other_error_as_on
             await link.call("append", None)
         with pytest.raises(RuntimeError, match="IntegrityError"):
             await link.call("append", None)
+
+
+def test_serve_runs_one_worker_where_there_is_a_second_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HOOKLEDGER_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert Settings.from_env().workers == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert Settings.from_env().workers == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: as one
+    assert Settings.from_env().workers == 0
+    monkeypatch.setenv("HOOKLEDGER_WORKERS", "0")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert Settings.from_env().workers == 0
