@@ -47,7 +47,7 @@ from server.ratelimit import RateLimiter
 from server.receiver import Head, Receipt, body_timeout, count_answer, receive
 from server.state import Services
 
-__all__ = ["HEAD_TIMEOUT_RESPONSE", "LINGERING_S", "FastLane"]
+__all__ = ["HEAD_TIMEOUT_RESPONSE", "LINGERING_S", "Deadline", "FastLane"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,42 @@ class _Handover(Exception):  # noqa: N818 - a signal to stop the parser, not an 
 class _Misframed(Exception):  # noqa: N818
     """A request's bytes are not where its head and Content-Length put them (cannot happen:
     llhttp framed it by the same rules)."""
+
+
+class Deadline:
+    """A deadline moved often and cheaply (one per request head): one timer, moved lazily —
+    when it fires before the deadline, it is set again for it. `on_due` runs once it is over."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_due: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_due = on_due
+        self.due: float | None = None  # loop time; None: disarmed
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, timeout_s: float) -> None:
+        due = self.due = self._loop.time() + timeout_s
+        if self._timer is None:
+            self._timer = self._loop.call_at(due, self._fire, due)
+
+    def disarm(self) -> None:
+        self.due = None
+
+    def cancel(self) -> None:
+        self.due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self, set_for: float) -> None:
+        self._timer = None
+        due = self.due
+        if due is None:
+            return
+        if due > set_for:  # moved since this timer was set
+            self._timer = self._loop.call_at(due, self._fire, due)
+            return
+        self.due = None
+        self._on_due()
 
 
 class _Request:
@@ -270,10 +306,7 @@ class Connection(asyncio.Protocol):
         self._discarding = False  # answered and closing: what still comes is dropped
         self._paused = False  # reading
         self._writing_paused = False  # the sender does not read its answers
-        # The head deadline (loop time; None while no head is due), and the timer that looks at
-        # it, moved lazily as in server/listener.py's GuardedRequestHandler.
-        self._head_due: float | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head = Deadline(self._loop, self._on_head_deadline)  # disarmed: no head is due
         self._head_begun = False
 
     # --- asyncio -------------------------------------------------------------------------------
@@ -287,10 +320,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lane.connections.discard(self)
         self._transport = None
-        self._head_due = None
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head.cancel()
         if self._request is not None:
             self._request.fail(ConnectionResetError("the connection was lost"))
         if self.task is not None:
@@ -302,7 +332,7 @@ class Connection(asyncio.Protocol):
         self._stream += data
         if self._handing_over:
             return  # read pauses; what came meanwhile goes to aiohttp with the rest
-        if self._head_due is not None:
+        if self._head.due is not None:
             self._head_begun = True
         try:
             self._parser.feed_data(data)
@@ -343,7 +373,7 @@ class Connection(asyncio.Protocol):
         request = self._webhook()
         if request is None:
             raise _Handover
-        self._head_due = None
+        self._head.disarm()
         self._request = request
         self._queue.append(request)
         if self.task is None:
@@ -451,7 +481,7 @@ class Connection(asyncio.Protocol):
         """This request is aiohttp's: hand it the connection once the answers before are out."""
         self._handing_over = True
         self._pause()
-        self._head_due = None
+        self._head.disarm()
         if self.task is None:
             self._switch()
 
@@ -460,9 +490,7 @@ class Connection(asyncio.Protocol):
         if transport is None:
             return
         self._lane.connections.discard(self)
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head.cancel()
         handler = self._lane.aiohttp_protocol()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -506,19 +534,9 @@ class Connection(asyncio.Protocol):
         if timeout_s <= 0 or self._transport is None:
             return
         self._head_begun = bool(self._stream)
-        due = self._head_due = self._loop.time() + timeout_s
-        if self._head_timer is None:
-            self._head_timer = self._loop.call_at(due, self._on_head_timer, due)
+        self._head.arm(timeout_s)
 
-    def _on_head_timer(self, set_for: float) -> None:
-        self._head_timer = None
-        due = self._head_due
-        if due is None:
-            return
-        if due > set_for:  # re-armed since this timer was set
-            self._head_timer = self._loop.call_at(due, self._on_head_timer, due)
-            return
-        self._head_due = None
+    def _on_head_deadline(self) -> None:
         if self._transport is None:
             return
         if self._head_begun:

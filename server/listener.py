@@ -21,7 +21,7 @@ from aiohttp.web_request import BaseRequest
 
 from server.config import Settings
 from server.errors import error_response
-from server.fastlane import HEAD_TIMEOUT_RESPONSE, LINGERING_S, FastLane
+from server.fastlane import HEAD_TIMEOUT_RESPONSE, LINGERING_S, Deadline, FastLane
 from server.logs import fact
 from server.ratelimit import INGEST_LIMITER
 from server.state import SERVICES
@@ -46,11 +46,8 @@ class GuardedRequestHandler(RequestHandler):
     def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout_s = header_timeout_s
-        # When the next head is due (loop time; None while a request is being served), and the
-        # timer that looks at it. The timer is moved lazily, not replaced for every request:
-        # when it fires before the deadline, it is set again for the deadline.
-        self._head_due: float | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        # When the next head is due (disarmed while a request is being served).
+        self._head = Deadline(self._loop, self._on_header_deadline)
         self._head_begun = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,18 +55,15 @@ class GuardedRequestHandler(RequestHandler):
         self._arm_header_deadline()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm_header_deadline()
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
-            self._disarm_header_deadline()
-        elif self._head_due is not None and data:
+            self._head.disarm()
+        elif self._head.due is not None and data:
             self._head_begun = True
 
     async def finish_response(
@@ -108,25 +102,9 @@ class GuardedRequestHandler(RequestHandler):
         if self._header_timeout_s <= 0:
             return
         self._head_begun = False
-        due = self._head_due = self._loop.time() + self._header_timeout_s
-        if self._head_timer is None:
-            self._head_timer = self._loop.call_at(due, self._on_head_timer, due)
-
-    def _disarm_header_deadline(self) -> None:
-        self._head_due = None
-
-    def _on_head_timer(self, set_for: float) -> None:
-        self._head_timer = None
-        due = self._head_due
-        if due is None:
-            return
-        if due > set_for:  # re-armed since this timer was set
-            self._head_timer = self._loop.call_at(due, self._on_head_timer, due)
-            return
-        self._on_header_deadline()
+        self._head.arm(self._header_timeout_s)
 
     def _on_header_deadline(self) -> None:
-        self._head_due = None
         is_waiting_for_head = self._waiter is not None and not self._waiter.done()
         if not is_waiting_for_head:
             # Still busy with the previous request (e.g. draining its body): look again later.
