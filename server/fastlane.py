@@ -42,7 +42,7 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.tcp_helpers import tcp_nodelay
 
 from server.errors import documented, error_body
-from server.logs import fact, new_request_id, request_id
+from server.logs import fact, request_id, request_id_for
 from server.ratelimit import RateLimiter
 from server.receiver import Head, Receipt, body_timeout, count_answer, receive
 from server.state import Services
@@ -71,7 +71,6 @@ MAX_HEAD_BYTES = 2 * MAX_LINE + 64  # unfinished and this long: aiohttp's (it an
 MAX_QUEUED = 16  # pipelined requests waiting for their answer before reading pauses
 
 _PATH = re.compile(rb"/webhooks/([A-Za-z0-9_~-][A-Za-z0-9._~-]*)(?:\?[^#]*)?")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as server.middleware takes a given id
 _HANDED_OVER = frozenset([b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"])
 # Headers aiohttp refuses to see twice (400): such a request is aiohttp's to refuse.
 _SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
@@ -247,8 +246,7 @@ class FastLane:
 
     async def answer(self, request: _Request) -> tuple[bytes, bool]:
         """The answer's bytes, and whether to close the connection after it."""
-        given = request.request_id
-        rid = given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
+        rid = request_id_for(request.request_id)
         token = request_id.set(rid)
         receipt = Receipt()
         services = self.services

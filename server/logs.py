@@ -34,6 +34,15 @@ _JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x7F}
 _UNSAFE_ASCII = re.compile(r"[\x00-\x1f\x7f]")
 
 
+_GIVEN_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id_for(given: str | None) -> str:
+    """The id of a request: the one its sender gave (X-Request-Id), when it is a plain token of at
+    most 64 characters, else a new one."""
+    return given if given and _GIVEN_REQUEST_ID.fullmatch(given) else new_request_id()
+
+
 def new_request_id() -> str:
     """16 hex characters. A request id names a request in the logs; it guards nothing, so it
     needs no system randomness (a syscall per request)."""

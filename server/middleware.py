@@ -10,20 +10,18 @@ the outcome counted on the answer the sender gets, after any error became one.
 from __future__ import annotations
 
 import hmac
-import re
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from server.errors import ApiError, Handler, error_answer
-from server.logs import new_request_id, request_id
+from server.logs import request_id, request_id_for
 from server.monitoring import record_outcome
 from server.ratelimit import limit_admin
 from server.state import SERVICES
 
 __all__ = ["make_middleware"]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DASHBOARD_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -53,8 +51,7 @@ def make_middleware(admin_rate_per_s: float, admin_rate_burst: float) -> Middlew
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("X-Request-Id", "")
-        rid = given if given and _REQUEST_ID.match(given) else new_request_id()
+        rid = request_id_for(request.headers.get("X-Request-Id"))
         token = request_id.set(rid)
         try:
             path = request.path
