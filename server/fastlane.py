@@ -44,7 +44,7 @@ from aiohttp.tcp_helpers import tcp_nodelay
 from server.errors import documented, error_body
 from server.logs import fact, request_id, request_id_for
 from server.ratelimit import RateLimiter
-from server.receiver import Head, Receipt, body_timeout, count_answer, receive
+from server.receiver import Head, Receipt, count_answer, receive, within_body_timeout
 from server.state import Services
 
 __all__ = ["HEAD_TIMEOUT_RESPONSE", "LINGERING_S", "Deadline", "FastLane"]
@@ -195,31 +195,24 @@ class _Request:
         self.keep_alive = keep_alive
         self.parts: list[bytes] = []
         self.body: bytes | None = None  # once complete
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bytes] | None = None
 
     def complete(self) -> None:
         self.body = b"".join(self.parts)
         self.parts = []
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+            self._waiter.set_result(self.body)
 
     def fail(self, exc: BaseException) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
 
     async def read(self, timeout_s: float) -> bytes:
-        if self.body is None:  # the body is still arriving: wait for it, as long as allowed
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                if timeout_s > 0:
-                    async with asyncio.timeout(timeout_s):
-                        await self._waiter
-                else:
-                    await self._waiter
-            except TimeoutError:
-                raise body_timeout(timeout_s) from None
-        assert self.body is not None
-        return self.body
+        if self.body is not None:
+            return self.body
+        # Still arriving: `complete` gives it to the waiter, if it comes in time.
+        self._waiter = asyncio.get_running_loop().create_future()
+        return await within_body_timeout(self._waiter, timeout_s)
 
 
 class FastLane:

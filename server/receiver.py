@@ -59,26 +59,29 @@ def _check_rate(limiter: RateLimiter, trigger: ActiveTrigger) -> None:
             raise rate_limited(wait, f"trigger {trigger.id!r}")
 
 
-def body_timeout(timeout_s: float) -> ApiError:
-    """The answer to a body that did not arrive in time (the connection is closed after it)."""
-    return ApiError(
-        408,
-        "request_timeout",
-        f"the request body did not arrive within {timeout_s:g} s",
-        close=True,
-    )
+async def within_body_timeout(reading: Awaitable[bytes], timeout_s: float) -> bytes:
+    """The body `reading` gives, if it arrives within `timeout_s` (0: no limit); else the 408
+    answer, after which the connection is closed. aiohttp bounds a body's size, not the time it
+    takes (the listener's deadline covers heads only): a sender trickling its body would hold
+    the connection and its memory for ever."""
+    if timeout_s <= 0:
+        return await reading
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await reading
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+            close=True,
+        ) from None
 
 
 async def _read_body(request: web.Request, timeout_s: float) -> bytes:
-    # aiohttp bounds a body's size, not the time it takes (the listener's deadline covers heads
-    # only): a sender trickling its body would hold the connection and its memory for ever.
-    if timeout_s <= 0 or request.content.is_eof():  # all here already (most): no timer to set
+    if request.content.is_eof():  # all here already (most): no timer to set
         return await request.read()
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except TimeoutError:
-        raise body_timeout(timeout_s) from None
+    return await within_body_timeout(request.read(), timeout_s)
 
 
 async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
