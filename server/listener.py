@@ -146,20 +146,20 @@ class GuardedAppRunner(web.AppRunner):
     def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
-        self._lane: FastLane | None = None
 
     async def _make_server(self) -> web.Server:
         server = _GuardedServer(await super()._make_server(), self._header_timeout_s)
         app = self.app
-        self._lane = server.lane = FastLane(
+        server.lane = FastLane(
             app[SERVICES], app[INGEST_LIMITER], server.handler, self._header_timeout_s
         )
         return server
 
     async def shutdown(self) -> None:
         await super().shutdown()
-        if self._lane is not None:  # its answers owed are given before the app's cleanup
-            await self._lane.stop(self._shutdown_timeout)
+        server = self.server
+        if isinstance(server, _GuardedServer) and server.lane is not None:
+            await server.lane.stop(self._shutdown_timeout)  # its answers before the app's cleanup
 
 
 def make_runner(app: web.Application, settings: Settings) -> GuardedAppRunner:
