@@ -15,7 +15,6 @@ import { kv } from './timeline.js';
 export function replayPanel(ctx, execution, trigger, refresh) {
   const { app, signal } = ctx;
   let row = execution;
-  let requested = false;
   const button = h('button', { type: 'button', class: 'primary', testid: 'replay-button', on: { click: () => ask() } }, 'Replay…');
   const note = h('span', { class: 'muted', testid: 'replay-unavailable' });
   const message = h('p', { class: 'replay-message', role: 'status', 'aria-live': 'polite', testid: 'replay-message' });
@@ -50,7 +49,7 @@ export function replayPanel(ctx, execution, trigger, refresh) {
     button.disabled = true;
     try {
       const result = await app.api.post(`/api/executions/${enc(row.execution_id)}/replay`, {}, { signal });
-      requested = true;
+      message.dataset.kind = 'progress'; // from now on the line follows the replay's status
       update({ ...row, status: result.status ?? 'pending' });
       toast('Replay requested.', 'success');
     } catch (error) {
@@ -73,10 +72,11 @@ export function replayPanel(ctx, execution, trigger, refresh) {
     }
   }
 
-  /** Called with every fresh copy of the row (live updates). */
+  /** Called with every fresh copy of the row (live updates). The line follows the status only
+   * while it shows a replay's progress: a late update never hides a refusal or the wait's end. */
   function update(next) {
     row = next;
-    if (requested) setMessage('Replay requested. Status now: ', 'progress', statusBadge(row.status, 'replay-progress-status'));
+    if (message.dataset.kind === 'progress') setMessage('Replay requested. Status now: ', 'progress', statusBadge(row.status, 'replay-progress-status'));
     render();
   }
 
