@@ -13,6 +13,8 @@ TARGETS = {("sqlite", "new"): 0.5, ("sqlite", "dup"): 0.6, ("postgres", "new"): 
 P99_FACTOR = 3.0
 RSS_LIMIT_MB = 200.0
 LAG_LIMIT_S = 2.0
+# Servers measured beside hookledger for reference (bench/baseline.py, bench/floor.py).
+REFERENCES = ("baseline", "floor")
 
 
 def server_name(kind: str, workers: int) -> str:
@@ -127,7 +129,7 @@ def targets(runs: list[ServerRun]) -> list[tuple[str, bool]]:
             if point.connections == TARGET_CONNECTIONS:
                 found += _target_lines(runs, point)
             found += [line for line in _lag_lines(point) if not line[1]]
-        if run.name != "baseline":
+        if run.name not in REFERENCES:
             found.append(
                 (
                     f"{run.name}: peak RSS {run.peak_rss_mb:.0f} MB (<= {RSS_LIMIT_MB:.0f})",

@@ -41,6 +41,7 @@ from bench.throughput import (
     ServerRun,
     as_json,
     run_baseline,
+    run_floor,
     run_hookledger,
 )
 
@@ -101,12 +102,12 @@ async def http_suite(
         warmup_s=1,
     )
     workers = sorted({int(w) for w in args.workers.split(",")})
-    servers = 1 + len(workers) * (1 + bool(args.pg_url))
+    servers = 2 + len(workers) * (1 + bool(args.pg_url))
     progress = _Progress(servers * len(plan.scenarios) * len(plan.concurrency))
     print(
         f"http: {plan.seconds} s per point, load generator {'wrk' if wrk else 'python'}", flush=True
     )
-    runs = [await run_baseline(plan, progress)]
+    runs = [await run_baseline(plan, progress), await run_floor(plan, progress)]
     for count in workers:  # each on a database of its own: every run starts from an empty log
         name = server_name("sqlite", count)
         url = sqlite_url(workdir / f"bench-{count}.db")

@@ -142,6 +142,21 @@ async def baseline(workdir: Path) -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
+async def floor(workdir: Path) -> AsyncIterator[Server]:
+    """bench/floor.py on a fresh SQLite file: the baseline plus a durable, deduplicated write."""
+    database = workdir / "floor.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "bench.floor", "--database", str(database)]
+    server = await _spawn("floor", command, workdir, {})
+    try:
+        await _wait_ready(server, "/")
+        yield server
+    finally:
+        await _stop(server)
+
+
+@contextlib.asynccontextmanager
 async def hookledger(
     name: str, database_url: str, workdir: Path, workers: int = 0
 ) -> AsyncIterator[Server]:

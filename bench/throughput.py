@@ -217,6 +217,13 @@ async def run_baseline(plan: Plan, progress: Progress) -> ServerRun:
         return ServerRun("baseline", points, server.peak_rss() / _MB)
 
 
+async def run_floor(plan: Plan, progress: Progress) -> ServerRun:
+    """The floor (bench/floor.py): a reference, judged by no target and checked by no check."""
+    async with servers.floor(plan.workdir) as server:
+        points = await _measure(_Measure(plan, server, None), progress)
+        return ServerRun("floor", points, server.peak_rss() / _MB)
+
+
 async def run_hookledger(
     name: str, database_url: str, plan: Plan, progress: Progress, workers: int = 0
 ) -> ServerRun:
