@@ -407,6 +407,13 @@ class SqliteWriter:
         if self._conn is None:
             self._conn = write_options(self._engine.connect())
             _busy_timeout(self._conn, 0)  # see _begin
+            driver = self._conn.connection.driver_connection
+            assert driver is not None
+            # The inline fold's savepoint keeps the pages it changes in a sub-journal. In a file
+            # (the default), that was a temporary file created, written and unlinked in most
+            # append transactions; in memory it is a few pages, bounded by one batch's fold.
+            # Only this connection: elsewhere a large sort may still spill to disk.
+            driver.execute("PRAGMA temp_store=MEMORY")
         return self._conn
 
     def _discard(self) -> None:

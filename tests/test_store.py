@@ -349,3 +349,26 @@ async def test_the_writer_commits_in_its_thread_while_commits_are_slow(
     async with engine.connect() as conn:
         keys = [e.idempotency_key for e in await read_events(conn)]
     assert keys == ["on the loop", "in the thread"]
+
+
+async def test_the_writer_keeps_a_savepoints_journal_in_memory(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # The inline fold's savepoint journals the pages it changes; on the writer's connection that
+    # journal is in memory (no temporary file per transaction), and a rollback to it still undoes
+    # exactly what followed it.
+    engine, writer, _ = sqlite_writer
+
+    def work(conn: sa.Connection) -> None:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        assert driver.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+        append_batch(conn, [delivery("kept")])
+        driver.execute("SAVEPOINT fold")
+        append_batch(conn, [delivery("undone")])
+        driver.execute("ROLLBACK TO SAVEPOINT fold")
+        driver.execute("RELEASE SAVEPOINT fold")
+
+    await writer.run(work)
+    async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
