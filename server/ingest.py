@@ -22,6 +22,7 @@ sender whose connection is refused retries. The main process restarts a worker t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -182,8 +183,9 @@ class _LedgerSide(_Framed):
             )
         elif kind == APPEND:
             self._enqueue(payload).add_done_callback(lambda done: self._answer(ident, done))
-        elif kind == COUNT:
-            self._metrics.count_webhook(*payload)
+        elif kind == COUNT:  # [(trigger_id, outcome, reason, times), …]
+            for counted in payload:
+                self._metrics.count_webhook(*counted)
         elif kind == METRICS:
             asyncio.ensure_future(self._page()).add_done_callback(
                 lambda done: self._answer(ident, done)
@@ -331,19 +333,35 @@ class RemoteAppender:
 
 class RemoteMetrics(Metrics):
     """A worker's metrics: counts go to the main process's registry, and a scrape reads it, so
-    every process answers `/metrics` with the same numbers."""
+    every process answers `/metrics` with the same numbers.
+
+    The counts of one loop iteration travel as one frame, at its end: a frame per answer cost
+    the main process, the busier of the two, an unpickling and a dispatch per request. A scrape
+    sends the counts made so far before its own call, so it sees every answer counted before it.
+    """
 
     def __init__(self, link: LedgerLink) -> None:
         super().__init__()
         self._link = link
+        self._counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
-    def count_webhook(self, trigger_id: str, outcome: str, reason: str = "") -> None:
-        self._link.send((COUNT, 0, (trigger_id, outcome, reason)))
+    def count_webhook(
+        self, trigger_id: str, outcome: str, reason: str = "", times: int = 1
+    ) -> None:
+        if not self._counts:
+            asyncio.get_running_loop().call_soon(self._send_counts)
+        self._counts[(trigger_id, outcome, reason)] += times
+
+    def _send_counts(self) -> None:
+        counts, self._counts = self._counts, collections.Counter()
+        if counts:  # (none left when a scrape took them first)
+            self._link.send((COUNT, 0, [(*key, times) for key, times in counts.items()]))
 
     def observe_append(self, batch_size: int, seconds: float) -> None:
         """Nothing: the main process's appender observes its own batches."""
 
     async def page(self) -> bytes:
+        self._send_counts()  # this iteration's counts first: the scrape sees them
         body: bytes = await self._link.call(METRICS, None)
         return body
 

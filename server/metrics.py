@@ -82,13 +82,15 @@ class Metrics:
             "hookledger_database_up", "1 when the last scrape could read the database.", registry=r
         )
 
-    def count_webhook(self, trigger_id: str, outcome: str, reason: str = "") -> None:
-        """One answered delivery: `accepted`, `duplicate` or `rejected` (with its reason)."""
+    def count_webhook(
+        self, trigger_id: str, outcome: str, reason: str = "", times: int = 1
+    ) -> None:
+        """`times` answered deliveries: `accepted`, `duplicate` or `rejected` (with its reason)."""
         key = (trigger_id, outcome, reason)
         child = self._webhook_children.get(key)
         if child is None:
             child = self._webhook_children[key] = self._webhooks.labels(*key)
-        child.inc()
+        child.inc(times)
 
     def observe_attempt(self, trigger_id: str, outcome: str, seconds: float) -> None:
         """One dispatch attempt: outcome `succeeded`, `failed_transient` or `failed_permanent`."""

@@ -25,7 +25,7 @@ from ledger.events import NewEvent, TriggerRegistered, WebhookReceived, trigger_
 from ledger.migrate import upgrade
 from ledger.store import create_engine, read_events
 from server.config import Settings
-from server.ingest import LedgerLink, RemoteAppender, serve_link
+from server.ingest import LedgerLink, RemoteAppender, RemoteMetrics, serve_link
 from server.metrics import Metrics
 
 JSON = {"Content-Type": "application/json"}
@@ -383,3 +383,53 @@ def test_serve_runs_one_worker_where_there_is_a_second_core(
     monkeypatch.setenv("HOOKLEDGER_WORKERS", "0")
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert Settings.from_env().workers == 0
+
+
+class _RecordingLink(LedgerLink):
+    """A worker's link that notes the kind of every frame it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[object] = []
+
+    def send(self, message: tuple[object, ...]) -> None:
+        self.kinds.append(message[0])
+        super().send(message)
+
+
+async def test_a_workers_counts_reach_the_main_registry_once_an_iteration_before_a_scrape(
+    tmp_path: Path,
+) -> None:
+    # A worker's counts of one loop iteration cross the link as one frame; a scrape sends those
+    # not yet sent ahead of its call: it sees every answer counted before it, each once.
+    main_metrics = Metrics()
+
+    def enqueue(_command: object) -> asyncio.Future[object]:
+        raise AssertionError("no command crosses in this test")
+
+    async def page() -> bytes:
+        return main_metrics.render()
+
+    path = tmp_path / "link.sock"
+    server = await serve_link(path, enqueue, main_metrics, page)  # type: ignore[arg-type]
+    link = await _RecordingLink.connect(path)
+    assert isinstance(link, _RecordingLink)
+    metrics = RemoteMetrics(link)
+    try:
+        for _ in range(5):
+            metrics.count_webhook("t", "accepted")
+        metrics.count_webhook("t", "rejected", "bad_json")
+        metrics.count_webhook("t", "rejected", "bad_json")
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0)  # the iteration ends: its counts go, as one frame
+            assert link.kinds == ["count"]
+            metrics.count_webhook("t", "duplicate")
+            text = (await metrics.page()).decode()
+    finally:
+        link.close()
+        server.close()
+    assert link.kinds == ["count", "count", "metrics"]
+    counted = 'hookledger_webhooks_received_total{outcome="%s",reason="%s",trigger_id="t"} %s'
+    assert counted % ("accepted", "", "5.0") in text
+    assert counted % ("rejected", "bad_json", "2.0") in text
+    assert counted % ("duplicate", "", "1.0") in text
