@@ -264,8 +264,9 @@ class Folder(Protocol):
     def fold_appended(
         self, conn: sa.Connection, before: int, appended: list[RecordedEvent]
     ) -> bool:
-        """In the append's transaction, touching nothing but `conn`: True when it folded them
-        (False: the projections were not at `before`, the head before them; left to the runner)."""
+        """In the append's transaction, touching nothing but `conn`, as its last work before the
+        COMMIT: True when it folded them (False: the projections were not at `before`, the head
+        before them; left to the runner)."""
         ...
 
     def folded(self, seq: int) -> None:
