@@ -103,8 +103,12 @@ async def write_connection(engine: AsyncEngine) -> AsyncConnection:
 
 
 def take_append_lock(conn: sa.Connection) -> None:
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "postgresql" and not conn.info.get(_LOCKED_AT_BEGIN):
         fetch_all(conn, _APPEND_LOCK, {"k": APPEND_LOCK_ID})
+
+
+# Set on a connection while its transaction holds the append lock since its BEGIN (HeldConnection).
+_LOCKED_AT_BEGIN = "hookledger_append_locked"
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
@@ -265,12 +269,16 @@ def has_own_file(engine: AsyncEngine) -> bool:
 
 
 class HeldConnection:
-    """The write transactions of a network database on one connection this writer keeps.
+    """The write transactions of PostgreSQL on one connection this writer keeps.
 
     A connection from the pool costs two round trips a transaction (the pre-ping on checkout,
-    the reset on return): on PostgreSQL an append batch is ~15 round trips, each resumed only
-    when the loop gets to it, so those two were an eighth of a batch. After any failure (the
-    database went away, a cancellation) the connection is dropped and the next one is new.
+    the reset on return): on PostgreSQL an append batch is ~12 round trips, each resumed only
+    when the loop gets to it, so those two were an eighth of a batch. And its transactions are
+    begun here, not by the driver: `BEGIN; SELECT pg_advisory_xact_lock(…)` goes as one simple
+    query, one round trip where the driver's BEGIN and the lock were two (the connection is in
+    autocommit for the driver, so it sends no BEGIN of its own; `take_append_lock` knows the
+    lock is held). After any failure (the database went away, a cancellation) the connection is
+    invalidated, which ends its transaction and lock on the server, and the next one is new.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -278,15 +286,17 @@ class HeldConnection:
         self._conn: AsyncConnection | None = None
 
     async def run(self, work: Callable[[sa.Connection], T]) -> T:
-        """`work(conn)` in one write transaction, committed on return."""
+        """`work(conn)` in one write transaction holding the append lock, committed on return."""
         if self._conn is None:
-            self._conn = await write_connection(self._engine)
+            conn = await self._engine.connect()
+            self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         conn = self._conn
         try:
-            async with conn.begin():
-                return await conn.run_sync(work)
+            return await conn.run_sync(_locked_transaction, work)
         except BaseException:
             self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()  # closed for real: the server rolls back and unlocks
             await _close_quietly(conn)
             raise
 
@@ -294,6 +304,40 @@ class HeldConnection:
         conn, self._conn = self._conn, None
         if conn is not None:
             await _close_quietly(conn)
+
+
+_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d})"
+
+
+def _locked_transaction(conn: sa.Connection, work: Callable[[sa.Connection], T]) -> T:
+    """`work(conn)` between our own BEGIN (with the append lock) and COMMIT, in the greenlet
+    of `AsyncConnection.run_sync`: the driver's calls are awaited as the adapter awaits its own."""
+    from sqlalchemy.util import await_only  # noqa: PLC0415 - the async adapter's bridge
+
+    driver = conn.connection.driver_connection  # asyncpg's connection
+    assert driver is not None
+
+    def run(sql: str) -> str:
+        try:
+            status: str = await_only(driver.execute(sql))
+        except Exception as exc:
+            # asyncpg's own error (the adapter translates only its cursor's): the database
+            # cannot take this write now, as SQLAlchemy would say it (is_unavailable: a 503).
+            raise sa.exc.OperationalError(sql, None, exc) from exc
+        return status
+
+    run(_BEGIN_LOCKED)
+    conn.info[_LOCKED_AT_BEGIN] = True
+    try:
+        result = work(conn)
+    finally:
+        conn.info.pop(_LOCKED_AT_BEGIN, None)
+    # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
+    # error: nothing of it may be acknowledged then.
+    status = run("COMMIT")
+    if status != "COMMIT":
+        raise sa.exc.OperationalError("COMMIT", None, RuntimeError(f"the commit was a {status}"))
+    return result
 
 
 async def _close_quietly(conn: AsyncConnection) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import create_pg_database, drop_pg_database
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -371,4 +372,80 @@ async def test_the_writer_keeps_a_savepoints_journal_in_memory(
 
     await writer.run(work)
     async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
+
+
+# --- PostgreSQL: the appender's held connection begins its own transactions, lock included ---
+
+
+@pytest.fixture
+async def pg_engine() -> AsyncIterator[AsyncEngine]:
+    """A migrated database of its own on PostgreSQL only (SQLite's writer is SqliteWriter)."""
+    url = await create_pg_database()
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+        await drop_pg_database(url)
+
+
+async def _locks_held(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"
+        result = await conn.execute(sa.text(query), {"k": store.APPEND_LOCK_ID})
+        return int(result.scalar_one())
+
+
+async def test_a_held_transaction_holds_the_append_lock_from_its_begin_to_its_commit(
+    pg_engine: AsyncEngine,
+) -> None:
+    held = store.HeldConnection(pg_engine)
+    seen: list[int] = []
+
+    def work(conn: sa.Connection) -> list[Any]:
+        # Another session sees the lock taken (with BEGIN, before any statement of the append).
+        from sqlalchemy.util import await_only
+
+        seen.append(await_only(_locks_held(pg_engine)))
+        return append_batch(conn, [make_delivery("one")]).results
+
+    try:
+        (outcome,) = await held.run(work)
+    finally:
+        await held.close()
+    assert seen == [1]
+    assert await _locks_held(pg_engine) == 0
+    async with pg_engine.connect() as conn:
+        assert [e.id for e in await read_events(conn)] == [outcome.event_id]
+
+
+async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
+    pg_engine: AsyncEngine,
+) -> None:
+    held = store.HeldConnection(pg_engine)
+
+    def fails_after_writing(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery("lost")])
+        raise RuntimeError("a bug after the insert")
+
+    def swallows_an_error(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery("also lost")])
+        # A statement fails and its error is swallowed: the transaction is aborted, and
+        # PostgreSQL would answer the COMMIT with a ROLLBACK (and no error).
+        with contextlib.suppress(sa.exc.DBAPIError):
+            store.fetch_all(conn, sa.text("SELECT 1 / 0"))
+
+    try:
+        with pytest.raises(RuntimeError):
+            await held.run(fails_after_writing)
+        assert await _locks_held(pg_engine) == 0  # its connection went, and its lock with it
+        with pytest.raises(sa.exc.OperationalError, match="ROLLBACK"):
+            await held.run(swallows_an_error)  # never acknowledged as committed
+        await held.run(lambda conn: append_batch(conn, [make_delivery("kept")]))
+    finally:
+        await held.close()
+    assert await _locks_held(pg_engine) == 0
+    async with pg_engine.connect() as conn:
         assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
