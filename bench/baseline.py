@@ -36,10 +36,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8900)
     args = parser.parse_args()
+    run(make_app(), args.host, args.port)
+
+
+def run(app: web.Application, host: str, port: int) -> None:
+    """Serve `app` as every reference server of the bench runs: uvloop, no access log."""
     web.run_app(
-        make_app(),
-        host=args.host,
-        port=args.port,
+        app,
+        host=host,
+        port=port,
         access_log=None,
         print=None,
         backlog=1024,

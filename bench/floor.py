@@ -23,8 +23,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
-import uvloop
 from aiohttp import web
+
+from bench import baseline
 
 
 @dataclass(slots=True)
@@ -142,15 +143,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8901)
     parser.add_argument("--database", default="floor.db")
     args = parser.parse_args()
-    web.run_app(
-        make_app(args.database),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-        backlog=1024,
-        loop=uvloop.new_event_loop(),
-    )
+    baseline.run(make_app(args.database), args.host, args.port)
 
 
 if __name__ == "__main__":
