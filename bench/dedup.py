@@ -18,7 +18,7 @@ from bench import servers
 from bench.checks import Acknowledged, check_log
 from bench.fill import SMOKE_EVENTS, sqlite_log
 from bench.load import TRIGGER_ID, Load, ensure_wrk, run_load
-from bench.throughput import _Admin, _seed
+from bench.throughput import Admin, seed
 from ledger.store import create_engine, read_last_seq, write_transaction
 from projections.registry import PROJECTIONS
 from projections.runner import set_checkpoint
@@ -50,10 +50,10 @@ async def _measure(
         servers.hookledger(f"dedup-{label}", url, workdir) as server,
         aiohttp.ClientSession() as session,
     ):
-        admin = _Admin(session, server)
+        admin = Admin(session, server)
         await admin.create_trigger()
         # Waits out the receiver's "no such trigger" cache; dup-1 is in the log: a duplicate.
-        seeded_new, seeded_dup = await _seed(admin, 1)
+        seeded_new, seeded_dup = await seed(admin, 1)
         load = Load("dup", CONNECTIONS, seconds, f"dedup-{label}", keys)
         result = await run_load(wrk, server.url, load, workdir / f"dedup-{label}.json")
     engine = create_engine(url)

@@ -38,15 +38,15 @@ class Server:
 
     def rss(self) -> int:
         """Resident set size now, in bytes, of the server and its workers (0 once gone)."""
-        return sum(_status_kb(pid, "VmRSS") for pid in _tree(self.pid)) * 1024
+        return sum(_status_kb(pid, "VmRSS") for pid in tree(self.pid)) * 1024
 
     def peak_rss(self) -> int:
         """The kernel's high-water marks of the resident sets of the server and its workers
         (`serve --workers N`), over their lives, summed, in bytes."""
-        return sum(_status_kb(pid, "VmHWM") for pid in _tree(self.pid)) * 1024
+        return sum(_status_kb(pid, "VmHWM") for pid in tree(self.pid)) * 1024
 
 
-def _tree(pid: int) -> list[int]:
+def tree(pid: int) -> list[int]:
     """`pid` and its children (a server's ingest workers)."""
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
@@ -103,7 +103,9 @@ async def _wait_ready(server: Server, path: str, within_s: float = 60.0) -> None
     raise TimeoutError(f"{server.name} did not answer within {within_s} s; see {server.log}")
 
 
-async def _spawn(name: str, args: list[str], workdir: Path, env: dict[str, str]) -> Server:
+async def _spawn(
+    name: str, args: list[str], workdir: Path, env: dict[str, str], root: Path = ROOT
+) -> Server:
     port = free_port()
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
@@ -112,7 +114,7 @@ async def _spawn(name: str, args: list[str], workdir: Path, env: dict[str, str])
             "--port",
             str(port),
             cwd=workdir,
-            env=os.environ | {"PYTHONPATH": str(ROOT)} | env,
+            env=os.environ | {"PYTHONPATH": str(root)} | env,
             stdout=out,
             stderr=out,
             stdin=asyncio.subprocess.DEVNULL,
@@ -158,10 +160,11 @@ async def floor(workdir: Path) -> AsyncIterator[Server]:
 
 @contextlib.asynccontextmanager
 async def hookledger(
-    name: str, database_url: str, workdir: Path, workers: int = 0
+    name: str, database_url: str, workdir: Path, workers: int = 0, root: Path = ROOT
 ) -> AsyncIterator[Server]:
     """`hookledger serve` as a user starts it: the console script, dispatch off (no destination),
-    with `workers` ingest workers (`serve --workers N`)."""
+    with `workers` ingest workers (`serve --workers N`); the code of the checkout at `root`
+    (`bench.probe --against`: another commit's, for an A/B)."""
     command = [str(Path(sys.executable).parent / "hookledger"), "--database-url", database_url]
     env = {
         "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -169,7 +172,7 @@ async def hookledger(
         "HOOKLEDGER_LOG_FORMAT": "json",
     }
     serve = [*command, "serve", "--no-dispatch", "--workers", str(workers)]
-    server = await _spawn(name, serve, workdir, env)
+    server = await _spawn(name, serve, workdir, env, root)
     try:
         await _wait_ready(server, "/healthz")
         yield server

@@ -66,7 +66,7 @@ Progress = Callable[[str, Point | None], None]
 _MB = 1024 * 1024
 
 
-class _Admin:
+class Admin:
     """The admin API of one hookledger server."""
 
     def __init__(self, session: aiohttp.ClientSession, server: servers.Server) -> None:
@@ -100,7 +100,7 @@ class _Admin:
         return response.status, str(body.get("event_id", ""))
 
 
-async def _seed(admin: _Admin, count: int) -> tuple[list[str], list[str]]:
+async def seed(admin: Admin, count: int) -> tuple[list[str], list[str]]:
     """Send dup-1 .. dup-N once, so the duplicate scenarios find every key already received.
 
     Returns the event ids answered 202 and 200, for the checks."""
@@ -119,7 +119,7 @@ async def _seed(admin: _Admin, count: int) -> tuple[list[str], list[str]]:
 
 
 @contextlib.asynccontextmanager
-async def _watch(server: servers.Server, admin: _Admin | None) -> AsyncIterator[list[int]]:
+async def _watch(server: servers.Server, admin: Admin | None) -> AsyncIterator[list[int]]:
     """Sample RSS (and the projector's lag, when there is one) while the body runs."""
     lags: list[int] = []
 
@@ -139,7 +139,7 @@ async def _watch(server: servers.Server, admin: _Admin | None) -> AsyncIterator[
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _time_to_zero(admin: _Admin) -> float | None:
+async def _time_to_zero(admin: Admin) -> float | None:
     started = time.monotonic()
     while time.monotonic() - started < LAG_ZERO_TIMEOUT_S:
         if await admin.lag() == 0:
@@ -169,7 +169,7 @@ def _point(server: servers.Server, load: Load, result: LoadResult) -> Point:
 class _Measure:
     """Runs the plan's loads against one server and keeps what the load generators were told."""
 
-    def __init__(self, plan: Plan, server: servers.Server, admin: _Admin | None) -> None:
+    def __init__(self, plan: Plan, server: servers.Server, admin: Admin | None) -> None:
         self.plan, self.server, self.admin = plan, server, admin
         self.new_ids: list[str] = []
         self.dup_ids: list[str] = []
@@ -231,10 +231,10 @@ async def run_hookledger(
         servers.hookledger(name, database_url, plan.workdir, workers) as server,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
     ):
-        admin = _Admin(session, server)
+        admin = Admin(session, server)
         await admin.create_trigger()
         measure = _Measure(plan, server, admin)
-        seeded_new, seeded_dup = await _seed(admin, DUP_KEYS)
+        seeded_new, seeded_dup = await seed(admin, DUP_KEYS)
         measure.new_ids += seeded_new
         measure.dup_ids += seeded_dup
         points = await _measure(measure, progress)

@@ -40,3 +40,37 @@ def test_bench_smoke_runs_and_its_correctness_checks_pass() -> None:
             row = re.search(rf"^{server}\s+{scenario}\s+16\s+([\d,]+)", output, re.MULTILINE)
             answered = int(row.group(1).replace(",", "")) if row else 0
             assert answered > 0, (server, scenario, output[-4000:])
+
+
+def _bench(*args: str) -> str:
+    result = subprocess.run(  # noqa: S603 - our own bench modules
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.mark.slow
+def test_the_writer_benchmark_measures_each_batch_size() -> None:
+    pytest.importorskip("psutil", reason="the bench extra is not installed (make test installs it)")
+    output = _bench("bench.writer", "--batches", "1,8", "--deliveries", "40")
+    rows = re.findall(r"^batch +(\d+): +([\d,]+) deliveries, CPU +([\d.]+) us", output, re.M)
+    assert [int(batch) for batch, _, _ in rows] == [1, 8], output
+    assert all(int(count.replace(",", "")) >= 40 and float(cpu) > 0 for _, count, cpu in rows)
+
+
+@pytest.mark.slow
+def test_the_probe_measures_a_point_and_the_cpu_of_each_process() -> None:
+    pytest.importorskip("psutil", reason="the bench extra is not installed (make test installs it)")
+    output = _bench(
+        "bench.probe", "sqlite", "--workers", "1", "--seconds", "1", "--connections", "4"
+    )
+    found = re.search(r"^this: +([\d,]+) req/s .* CPU ([\d.]+) \+ ([\d.]+) ms", output, re.M)
+    assert found, output  # the main process and its worker, each with its own CPU a request
+    assert int(found.group(1).replace(",", "")) > 0

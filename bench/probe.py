@@ -1,0 +1,153 @@
+"""One load point against one server, with the CPU each of its processes spent a request.
+
+For A/B comparisons of a change: req/s moves by 10–20 % from one minute to the next on a shared
+machine, the CPU a request much less, and alternating runs of the two codes (`--against` another
+checkout, `--pairs N`) expose both to the same moments.
+
+    python -m bench.probe sqlite --workers 1               # hookledger serve, a fresh SQLite file
+    python -m bench.probe postgres --pg-url postgresql://postgres@127.0.0.1:5432/test
+    python -m bench.probe baseline                          # or floor
+    git worktree add /tmp/before HEAD~1
+    python -m bench.probe sqlite --against /tmp/before --pairs 3
+
+"PostgreSQL's CPU" is that of the processes of the user `postgres` (not of every process whose
+command line names it: hookledger's own do, through its database URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from bench import servers
+from bench.databases import postgres_database, sqlite_url
+from bench.load import Load, ensure_wrk, run_load
+from bench.throughput import Admin, seed
+
+KINDS = ("baseline", "floor", "sqlite", "postgres")
+DUP_KEYS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Probed:
+    code: str  # which checkout served it
+    rps: float
+    p99_ms: float
+    cpu_ms: list[float]  # a request, each process of the server (the main one first)
+    database_cpu_ms: float | None  # PostgreSQL's processes, a request
+
+    def line(self) -> str:
+        cpu = " + ".join(f"{ms:.3f}" for ms in self.cpu_ms)
+        text = f"{self.code}: {self.rps:8,.0f} req/s  p99 {self.p99_ms:6.2f} ms  CPU {cpu} ms"
+        if self.database_cpu_ms is not None:
+            text += f", PostgreSQL's {self.database_cpu_ms:.3f} ms"
+        return text + " a request"
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def _postgres_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "postgres"]
+
+
+@contextlib.asynccontextmanager
+async def _server(
+    args: argparse.Namespace, root: Path, workdir: Path
+) -> AsyncIterator[servers.Server]:
+    if args.kind == "baseline":
+        async with servers.baseline(workdir) as server:
+            yield server
+    elif args.kind == "floor":
+        async with servers.floor(workdir) as server:
+            yield server
+    elif args.kind == "sqlite":
+        url = sqlite_url(workdir / "probe.db")
+        async with servers.hookledger("sqlite", url, workdir, args.workers, root) as server:
+            yield server
+    else:
+        async with (
+            postgres_database(args.pg_url, "probe") as url,
+            servers.hookledger("postgres", url, workdir, args.workers, root) as server,
+        ):
+            yield server
+
+
+async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str) -> Probed:
+    """Start the server, give hookledger its trigger and the duplicates' keys, warm up, then one
+    measured point."""
+    with tempfile.TemporaryDirectory(prefix="hookledger-probe-") as tmp:
+        workdir = Path(tmp)
+        async with _server(args, root, workdir) as server:
+            if args.kind in ("sqlite", "postgres"):
+                async with aiohttp.ClientSession() as session:
+                    admin = Admin(session, server)
+                    await admin.create_trigger()
+                    await seed(admin, DUP_KEYS)
+            stamp = time.time_ns()
+            warmup = Load(args.scenario, args.connections, 1, f"warm{stamp}", DUP_KEYS)
+            await run_load(wrk, server.url, warmup, workdir / "warmup.json")
+            pids = servers.tree(server.pid)
+            database = _postgres_pids() if args.kind == "postgres" else []
+            before = {pid: _cpu_s(pid) for pid in pids + database}
+            load = Load(args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS)
+            result = await run_load(wrk, server.url, load, workdir / "probe.json")
+            spent = {pid: _cpu_s(pid) - before[pid] for pid in before}
+    requests = max(result.requests, 1)
+    return Probed(
+        code,
+        result.rps,
+        result.p99_ms,
+        [spent[pid] / requests * 1e3 for pid in pids],
+        sum(spent[pid] for pid in database) / requests * 1e3 if database else None,
+    )
+
+
+async def _main(args: argparse.Namespace) -> None:
+    wrk = ensure_wrk()
+    codes = [("this", servers.ROOT)]
+    if args.against:
+        codes.append((f"against {args.against}", Path(args.against).resolve()))
+    print(
+        f"probe: {args.kind}, {args.scenario}, c={args.connections}, {args.seconds} s"
+        + (f", --workers {args.workers}" if args.kind in ("sqlite", "postgres") else ""),
+        flush=True,
+    )
+    for _pair in range(args.pairs):
+        for code, root in reversed(codes):  # the other code first, then this one
+            print((await probe(args, wrk, root, code)).line(), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--workers", type=int, default=0, help="hookledger serve --workers N")
+    parser.add_argument("--pg-url", default=os.environ.get("PG_URL"), help="for postgres")
+    parser.add_argument("--scenario", choices=("new", "dup", "mix"), default="new")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--against", help="another checkout (a git worktree) to alternate with")
+    parser.add_argument("--pairs", type=int, default=1, help="runs of each code, alternating")
+    args = parser.parse_args()
+    if args.kind == "postgres" and not args.pg_url:
+        parser.error("postgres needs --pg-url (or PG_URL)")
+    asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The writer alone: the appender with the projections folded in, fed batches of deliveries as the
+receiver makes them, without HTTP. CPU (and wall time) a delivery by batch size; on PostgreSQL,
+PostgreSQL's own CPU a delivery too (its processes, counted by their user).
+
+    python -m bench.writer                                  # a fresh SQLite file
+    python -m bench.writer --pg-url postgresql://postgres@127.0.0.1:5432/test
+    python -m bench.writer --batches 32 --deliveries 20000 --duplicates
+
+For a change smaller than the machine's noise, count instructions instead (user space; SQLite's
+and the kernel's waits are not in it): run it twice under `valgrind --tool=cachegrind
+--cache-sim=no` with different `--deliveries` and one batch size; the difference of the two
+"I refs" over the difference of deliveries repeats to about ±1 % (bench/README.md, session 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import resource
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from bench.databases import postgres_database, sqlite_url
+from bench.load import PAYLOAD, TRIGGER_ID
+from ledger.appender import Appender
+from ledger.commands import RecordDelivery
+from ledger.events import WebhookReceived, uuid7
+from ledger.migrate import upgrade
+from ledger.store import create_engine
+from projections.registry import PROJECTIONS
+from projections.runner import ProjectionRunner
+
+# What wrk sends with bench/lua/deliveries.lua, as the receiver keeps it.
+HEADERS = {
+    "host": "127.0.0.1:8080",
+    "content-type": "application/json",
+    "content-length": str(PAYLOAD.stat().st_size),
+    "idempotency-key": "k",
+}
+DUPLICATE_KEYS = 256
+
+
+def delivery(key: str, body: str) -> RecordDelivery:
+    """A delivery as `server.receiver` makes one."""
+    received = WebhookReceived(
+        execution_id=uuid7(),
+        headers=HEADERS,
+        body=body,
+        content_type="application/json",
+        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
+        initial_status="pending",
+    )
+    meta = {"request_id": "0123456789abcdef", "source": "generic"}
+    return RecordDelivery(trigger_id=TRIGGER_ID, idempotency_key=key, received=received, meta=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    batch: int
+    deliveries: int
+    cpu_us: float  # this process's CPU a delivery
+    wall_us: float
+    database_cpu_us: float | None  # PostgreSQL's processes' CPU a delivery
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _postgres_cpu_s() -> float:
+    total = 0.0
+    for process in psutil.process_iter(["username", "cpu_times"]):
+        times = process.info["cpu_times"]
+        if process.info["username"] == "postgres" and times is not None:
+            total += times.user + times.system
+    return total
+
+
+async def measure(
+    url: str, batches: list[int], deliveries: int, *, duplicates: bool = False
+) -> list[Measured]:
+    """For each batch size, `deliveries` deliveries appended `batch` at a time (at least 20
+    batches), after 256 deliveries that warm the appender and give duplicates their keys."""
+    engine = create_engine(url)
+    await upgrade(engine)
+    appender = Appender(engine)
+    runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
+    appender.folder = runner
+    writing = asyncio.create_task(appender.run())
+    body = PAYLOAD.read_text()
+    on_postgres = url.startswith("postgresql")
+    results = []
+    try:
+        for n in range(DUPLICATE_KEYS):
+            await appender.submit(delivery(f"dup-{n}", body))
+        await runner.catch_up()  # checkpoints at the head: from here on, folds are inline
+        sent = 0
+        for batch in batches:
+            rounds = max(20, deliveries // batch)
+            cpu, wall = _cpu_s(), time.perf_counter()
+            database = _postgres_cpu_s() if on_postgres else 0.0
+            for _ in range(rounds):
+                keys = []
+                for _ in range(batch):
+                    sent += 1
+                    keys.append(f"dup-{sent % DUPLICATE_KEYS}" if duplicates else f"w-{sent}")
+                await asyncio.gather(*(appender.enqueue(delivery(k, body)) for k in keys))
+            count = rounds * batch
+            results.append(
+                Measured(
+                    batch,
+                    count,
+                    (_cpu_s() - cpu) / count * 1e6,
+                    (time.perf_counter() - wall) / count * 1e6,
+                    (_postgres_cpu_s() - database) / count * 1e6 if on_postgres else None,
+                )
+            )
+    finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        await appender.close()
+        await engine.dispose()
+    return results
+
+
+@contextlib.asynccontextmanager
+async def _database(pg_url: str | None) -> AsyncIterator[str]:
+    if pg_url:
+        async with postgres_database(pg_url, "writer") as url:
+            yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="hookledger-writer-") as tmp:
+        yield sqlite_url(Path(tmp) / "writer.db")
+
+
+def line(result: Measured) -> str:
+    text = (
+        f"batch {result.batch:4d}: {result.deliveries:7,d} deliveries, "
+        f"CPU {result.cpu_us:6.1f} us a delivery, wall {result.wall_us:6.1f} us"
+    )
+    if result.database_cpu_us is not None:
+        text += f", PostgreSQL's CPU {result.database_cpu_us:6.1f} us"
+    return text
+
+
+async def _main(args: argparse.Namespace, out: Callable[[str], None]) -> None:
+    batches = [int(b) for b in args.batches.split(",")]
+    async with _database(args.pg_url) as url:
+        scenario = "duplicates" if args.duplicates else "new deliveries"
+        out(f"writer: {scenario}, {url.split(':', 1)[0]}")
+        for result in await measure(url, batches, args.deliveries, duplicates=args.duplicates):
+            out(line(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pg-url", help="a PostgreSQL server (a fresh database, dropped after)")
+    parser.add_argument("--batches", default="1,8,32,64,128", help="batch sizes, comma-separated")
+    parser.add_argument("--deliveries", type=int, default=4000, help="deliveries a batch size")
+    parser.add_argument("--duplicates", action="store_true", help="repeat keys seen before")
+    args = parser.parse_args()
+    asyncio.run(_main(args, lambda text: print(text, flush=True)))
+
+
+if __name__ == "__main__":
+    main()
