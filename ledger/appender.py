@@ -29,8 +29,6 @@ from ledger.events import NewEvent, RecordedEvent, WebhookReceived
 from ledger.rows import fetch_all, insert_many, padded
 from ledger.schema import IDEMPOTENCY_INDEX, events
 from ledger.store import (
-    HeldConnection,
-    SqliteWriter,
     has_own_file,
     read_head,
     read_versions,
@@ -38,6 +36,7 @@ from ledger.store import (
     to_recorded,
     write_transaction,
 )
+from ledger.writers import HeldConnection, SqliteWriter
 
 logger = logging.getLogger(__name__)
 

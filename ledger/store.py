@@ -9,16 +9,12 @@ that follows `seq` never passes an event that becomes visible later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import sqlite3
-import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -33,12 +29,6 @@ from ledger.schema import events
 APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
 WRITE_OPTION = "hookledger_write"
 BUSY_TIMEOUT_MS = 30_000  # how long a SQLite connection waits for another process's write lock
-# SqliteWriter commits on the loop while its commits take less than this (a moving average).
-# From a thread, the loop gets the commit's end only once that thread has the GIL back, which
-# the loop's thread, busy with requests, hands over every switch interval (5 ms): a commit that
-# syncs faster costs the loop less than the hop (measured with workers: +25-40 % requests/s).
-# A slower disk gets the thread, so the loop does not stall on it.
-LOOP_COMMIT_S = 0.005
 
 
 def normalise_url(url: str) -> str:
@@ -103,12 +93,13 @@ async def write_connection(engine: AsyncEngine) -> AsyncConnection:
 
 
 def take_append_lock(conn: sa.Connection) -> None:
-    if conn.dialect.name == "postgresql" and not conn.info.get(_LOCKED_AT_BEGIN):
+    if conn.dialect.name == "postgresql" and not conn.info.get(LOCKED_AT_BEGIN):
         fetch_all(conn, _APPEND_LOCK, {"k": APPEND_LOCK_ID})
 
 
-# Set on a connection while its transaction holds the append lock since its BEGIN (HeldConnection).
-_LOCKED_AT_BEGIN = "hookledger_append_locked"
+# Set on a connection while its transaction holds the append lock since its BEGIN
+# (ledger.writers.HeldConnection).
+LOCKED_AT_BEGIN = "hookledger_append_locked"
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
@@ -228,7 +219,7 @@ async def first_seq_at(conn: AsyncConnection, moment: datetime) -> int:
 _write_locks: weakref.WeakKeyDictionary[Engine, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
-def _process_write_lock(engine: AsyncEngine) -> asyncio.Lock:
+def process_write_lock(engine: AsyncEngine) -> asyncio.Lock:
     # SQLite has one writer: inside a process, writers queue on an asyncio lock instead of
     # spinning in SQLite's busy handler, whose sleeps would show up as latency spikes.
     lock = _write_locks.get(engine.sync_engine)
@@ -240,7 +231,7 @@ def _process_write_lock(engine: AsyncEngine) -> asyncio.Lock:
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A transaction that may write (SQLite: BEGIN IMMEDIATE, one writer at a time per process)."""
-    lock = _process_write_lock(engine) if engine.dialect.name == "sqlite" else None
+    lock = process_write_lock(engine) if engine.dialect.name == "sqlite" else None
     if lock is not None:
         await lock.acquire()
     try:
@@ -255,9 +246,6 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
             lock.release()
 
 
-T = TypeVar("T")
-
-
 def has_own_file(engine: AsyncEngine) -> bool:
     """An SQLite database in a file (a second connection, the writer's, sees the same data)."""
     url = engine.url
@@ -266,84 +254,6 @@ def has_own_file(engine: AsyncEngine) -> bool:
         and url.database not in (None, "", ":memory:")
         and "mode=memory" not in str(url)
     )
-
-
-class HeldConnection:
-    """The write transactions of PostgreSQL on one connection this writer keeps.
-
-    A connection from the pool costs two round trips a transaction (the pre-ping on checkout,
-    the reset on return): on PostgreSQL an append batch is ~12 round trips, each resumed only
-    when the loop gets to it, so those two were an eighth of a batch. And its transactions are
-    begun here, not by the driver: `BEGIN; SELECT pg_advisory_xact_lock(…)` goes as one simple
-    query, one round trip where the driver's BEGIN and the lock were two (the connection is in
-    autocommit for the driver, so it sends no BEGIN of its own; `take_append_lock` knows the
-    lock is held). After any failure (the database went away, a cancellation) the connection is
-    invalidated, which ends its transaction and lock on the server, and the next one is new.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._conn: AsyncConnection | None = None
-
-    async def run(self, work: Callable[[sa.Connection], T]) -> T:
-        """`work(conn)` in one write transaction holding the append lock, committed on return."""
-        if self._conn is None:
-            conn = await self._engine.connect()
-            self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn = self._conn
-        try:
-            return await conn.run_sync(_locked_transaction, work)
-        except BaseException:
-            self._conn = None
-            with contextlib.suppress(Exception):
-                await conn.invalidate()  # closed for real: the server rolls back and unlocks
-            await _close_quietly(conn)
-            raise
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await _close_quietly(conn)
-
-
-_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d})"
-
-
-def _locked_transaction(conn: sa.Connection, work: Callable[[sa.Connection], T]) -> T:
-    """`work(conn)` between our own BEGIN (with the append lock) and COMMIT, in the greenlet
-    of `AsyncConnection.run_sync`: the driver's calls are awaited as the adapter awaits its own."""
-    from sqlalchemy.util import await_only  # noqa: PLC0415 - the async adapter's bridge
-
-    driver = conn.connection.driver_connection  # asyncpg's connection
-    assert driver is not None
-
-    def run(sql: str) -> str:
-        try:
-            status: str = await_only(driver.execute(sql))
-        except Exception as exc:
-            # asyncpg's own error (the adapter translates only its cursor's): the database
-            # cannot take this write now, as SQLAlchemy would say it (is_unavailable: a 503).
-            raise sa.exc.OperationalError(sql, None, exc) from exc
-        return status
-
-    run(_BEGIN_LOCKED)
-    conn.info[_LOCKED_AT_BEGIN] = True
-    try:
-        result = work(conn)
-    finally:
-        conn.info.pop(_LOCKED_AT_BEGIN, None)
-    # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
-    # error: nothing of it may be acknowledged then.
-    status = run("COMMIT")
-    if status != "COMMIT":
-        raise sa.exc.OperationalError("COMMIT", None, RuntimeError(f"the commit was a {status}"))
-    return result
-
-
-async def _close_quietly(conn: AsyncConnection) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(5):  # a database that went away must not hold a shutdown
-            await conn.close()
 
 
 def plain_sqlite_engine(engine: AsyncEngine) -> Engine:
@@ -360,117 +270,3 @@ def plain_sqlite_engine(engine: AsyncEngine) -> Engine:
 def write_options(conn: sa.Connection) -> sa.Connection:
     """`conn`, its transactions taking the write lock (SQLite: BEGIN IMMEDIATE)."""
     return conn.execution_options(**{WRITE_OPTION: True})
-
-
-def _busy_timeout(conn: sa.Connection, ms: int) -> None:
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.execute(f"PRAGMA busy_timeout={ms:d}")
-
-
-def _timed(call: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
-
-
-class SqliteWriter:
-    """The write transactions of one SQLite database in this process, on one plain connection.
-
-    Through the asyncio driver every statement is a round trip to the driver's thread (~24 per
-    append batch with the projections folded in), and each hop hands the GIL back and forth.
-    Here the statements of a transaction run on the event loop's own thread, as plain sqlite3
-    calls (microseconds each: SQLite is in-process); what may wait goes to a thread while the
-    loop serves other requests: BEGIN IMMEDIATE when another process holds the write lock
-    (`_begin`), and COMMIT when the disk is slow to sync (`_commit`). The process's write lock
-    is held from BEGIN to the end of COMMIT, so the async engine's writers (the runner,
-    rebuilds) queue behind it as before.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._async_engine = engine
-        self._engine = plain_sqlite_engine(engine)
-        self._conn: sa.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hookledger-commit")
-        self._commit_s = 0.0  # how long a commit takes (a moving average)
-
-    async def run(self, work: Callable[[sa.Connection], T]) -> T:
-        """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
-        async with _process_write_lock(self._async_engine):
-            try:
-                conn, transaction = await self._begin()
-                result = work(conn)
-                driver = conn.connection.driver_connection
-                assert driver is not None
-                await self._commit(driver)
-                # SQLAlchemy's bookkeeping; its commit of the driver's connection is a no-op now
-                # (no transaction is open).
-                transaction.commit()
-            except BaseException:
-                self._discard()
-                raise
-            return result
-
-    async def _begin(self) -> tuple[sa.Connection, sa.RootTransaction]:
-        # BEGIN IMMEDIATE on the loop, on a connection whose busy timeout is 0: it takes the
-        # write lock at once, or fails at once when another process's writer holds it (this
-        # process's writers queue on the asyncio lock). Only then does it wait, in the thread
-        # (SQLite's busy handler), on a fresh connection: the loop never waits for a lock.
-        conn = self._connection()
-        try:
-            return conn, conn.begin()
-        except sa.exc.OperationalError as exc:
-            if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
-                raise
-        self._discard()
-        conn = self._connection()
-        _busy_timeout(conn, BUSY_TIMEOUT_MS)
-        transaction = await self._in_thread(conn.begin)
-        _busy_timeout(conn, 0)
-        return conn, transaction
-
-    async def _commit(self, driver: sqlite3.Connection) -> None:
-        # The COMMIT and its fsync: on the loop while they are fast (LOOP_COMMIT_S), else in the
-        # thread, where the driver lets go of the GIL throughout. Either way it is timed, so a
-        # disk that becomes slow (or fast again) moves it.
-        if self._commit_s < LOOP_COMMIT_S:
-            took = _timed(driver.commit)
-        else:
-            took = await self._in_thread(functools.partial(_timed, driver.commit))
-        self._commit_s += (took - self._commit_s) / 8
-
-    async def _in_thread(self, call: Callable[[], T]) -> T:
-        running = asyncio.get_running_loop().run_in_executor(self._thread, call)
-        try:
-            return await asyncio.shield(running)
-        except asyncio.CancelledError:
-            await asyncio.wait([running])  # keep the write lock until the call has ended
-            raise
-
-    def _connection(self) -> sa.Connection:
-        if self._conn is None:
-            self._conn = write_options(self._engine.connect())
-            _busy_timeout(self._conn, 0)  # see _begin
-            driver = self._conn.connection.driver_connection
-            assert driver is not None
-            # The inline fold's savepoint keeps the pages it changes in a sub-journal. In a file
-            # (the default), that was a temporary file created, written and unlinked in most
-            # append transactions; in memory it is a few pages, bounded by one batch's fold.
-            # Only this connection: elsewhere a large sort may still spill to disk.
-            driver.execute("PRAGMA temp_store=MEMORY")
-        return self._conn
-
-    def _discard(self) -> None:
-        # After any failure (or a cancellation) start afresh: closing the connection rolls back
-        # whatever it still holds, and the next transaction opens a new one.
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._engine.dispose()

@@ -1,0 +1,219 @@
+"""The appender's write transactions (ledger/writers.py): SQLite's writer on the event loop, with
+BEGIN IMMEDIATE and slow COMMITs in a thread; PostgreSQL's held connection, which begins its own
+transactions with the append lock. Real SQLite files, the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import create_pg_database, drop_pg_database
+from factories import delivery as make_delivery
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger import store
+from ledger.appender import append_batch
+from ledger.migrate import upgrade
+from ledger.store import create_engine, read_events
+from ledger.writers import LOOP_COMMIT_S, HeldConnection, SqliteWriter
+
+# --- the SQLite writer: statements on the loop, BEGIN IMMEDIATE and COMMIT in a thread ---------
+
+
+@pytest.fixture
+async def sqlite_writer(tmp_path: Path) -> AsyncIterator[tuple[AsyncEngine, SqliteWriter, Path]]:
+    path = tmp_path / "writer.db"
+    engine = create_engine(f"sqlite:///{path}")
+    await upgrade(engine)
+    writer = SqliteWriter(engine)
+    yield engine, writer, path
+    writer.close()
+    await engine.dispose()
+
+
+def _append_one(key: str) -> Callable[[sa.Connection], list[Any]]:
+    return lambda conn: append_batch(conn, [make_delivery(key)]).results
+
+
+async def test_the_writer_keeps_nothing_of_a_failed_transaction(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    engine, writer, _ = sqlite_writer
+
+    def fails_after_writing(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery("lost")])
+        raise RuntimeError("a bug after the insert")
+
+    with pytest.raises(RuntimeError):
+        await writer.run(fails_after_writing)
+    await writer.run(_append_one("kept"))  # the writer goes on, on a fresh connection
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn)]
+    assert keys == ["kept"]
+
+
+async def test_the_loop_runs_on_while_another_process_holds_the_write_lock(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    engine, writer, path = sqlite_writer
+    other = sqlite3.connect(path, isolation_level=None)  # another process's writer, in effect
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        appending = asyncio.create_task(writer.run(_append_one("waited")))
+        ticks = 0
+        for _ in range(10):  # BEGIN IMMEDIATE waits in the writer's thread, not on the loop
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert ticks == 10 and not appending.done()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    async with asyncio.timeout(10):
+        await appending
+    async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["waited"]
+
+
+async def test_a_cancelled_append_holds_the_write_lock_until_its_commit_ends(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    engine, writer, path = sqlite_writer
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    appending = asyncio.create_task(writer.run(_append_one("cancelled")))
+    await asyncio.sleep(0.05)  # waiting in BEGIN IMMEDIATE
+    appending.cancel()
+    await asyncio.sleep(0.05)
+    assert not appending.done()  # it waits for its thread before giving the lock back
+    other.execute("ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await appending
+    await writer.run(_append_one("after"))  # nothing of the cancelled one stands in the way
+    async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["after"]
+
+
+async def test_the_writer_commits_in_its_thread_while_commits_are_slow(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # Fast commits run on the loop; slow ones (a moving average above LOOP_COMMIT_S) in the
+    # writer's thread, where the loop runs on meanwhile. Both commit, and each is timed.
+    engine, writer, _ = sqlite_writer
+    loop_ran = asyncio.Event()
+    asyncio.get_running_loop().call_soon(loop_ran.set)
+    await writer.run(_append_one("on the loop"))
+    assert not loop_ran.is_set()  # nothing was awaited: it all ran on the loop
+    assert 0 < writer._commit_s < LOOP_COMMIT_S
+    writer._commit_s = 10.0  # as after a disk that took seconds to sync
+    await writer.run(_append_one("in the thread"))
+    assert loop_ran.is_set()  # the commit was awaited: the loop ran while it synced
+    assert writer._commit_s < 10.0  # this commit's own time moved the average down
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn)]
+    assert keys == ["on the loop", "in the thread"]
+
+
+async def test_the_writer_keeps_a_savepoints_journal_in_memory(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # The inline fold's savepoint journals the pages it changes; on the writer's connection that
+    # journal is in memory (no temporary file per transaction), and a rollback to it still undoes
+    # exactly what followed it.
+    engine, writer, _ = sqlite_writer
+
+    def work(conn: sa.Connection) -> None:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        assert driver.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+        append_batch(conn, [make_delivery("kept")])
+        driver.execute("SAVEPOINT fold")
+        append_batch(conn, [make_delivery("undone")])
+        driver.execute("ROLLBACK TO SAVEPOINT fold")
+        driver.execute("RELEASE SAVEPOINT fold")
+
+    await writer.run(work)
+    async with engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
+
+
+# --- PostgreSQL: the appender's held connection begins its own transactions, lock included ---
+
+
+@pytest.fixture
+async def pg_engine() -> AsyncIterator[AsyncEngine]:
+    """A migrated database of its own on PostgreSQL only (SQLite's writer is SqliteWriter)."""
+    url = await create_pg_database()
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+        await drop_pg_database(url)
+
+
+async def _locks_held(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"
+        result = await conn.execute(sa.text(query), {"k": store.APPEND_LOCK_ID})
+        return int(result.scalar_one())
+
+
+async def test_a_held_transaction_holds_the_append_lock_from_its_begin_to_its_commit(
+    pg_engine: AsyncEngine,
+) -> None:
+    held = HeldConnection(pg_engine)
+    seen: list[int] = []
+
+    def work(conn: sa.Connection) -> list[Any]:
+        # Another session sees the lock taken (with BEGIN, before any statement of the append).
+        from sqlalchemy.util import await_only
+
+        seen.append(await_only(_locks_held(pg_engine)))
+        return append_batch(conn, [make_delivery("one")]).results
+
+    try:
+        (outcome,) = await held.run(work)
+    finally:
+        await held.close()
+    assert seen == [1]
+    assert await _locks_held(pg_engine) == 0
+    async with pg_engine.connect() as conn:
+        assert [e.id for e in await read_events(conn)] == [outcome.event_id]
+
+
+async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
+    pg_engine: AsyncEngine,
+) -> None:
+    held = HeldConnection(pg_engine)
+
+    def fails_after_writing(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery("lost")])
+        raise RuntimeError("a bug after the insert")
+
+    def swallows_an_error(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery("also lost")])
+        # A statement fails and its error is swallowed: the transaction is aborted, and
+        # PostgreSQL would answer the COMMIT with a ROLLBACK (and no error).
+        with contextlib.suppress(sa.exc.DBAPIError):
+            store.fetch_all(conn, sa.text("SELECT 1 / 0"))
+
+    try:
+        with pytest.raises(RuntimeError):
+            await held.run(fails_after_writing)
+        assert await _locks_held(pg_engine) == 0  # its connection went, and its lock with it
+        with pytest.raises(sa.exc.OperationalError, match="ROLLBACK"):
+            await held.run(swallows_an_error)  # never acknowledged as committed
+        await held.run(lambda conn: append_batch(conn, [make_delivery("kept")]))
+    finally:
+        await held.close()
+    assert await _locks_held(pg_engine) == 0
+    async with pg_engine.connect() as conn:
+        assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
