@@ -74,3 +74,16 @@ def test_the_probe_measures_a_point_and_the_cpu_of_each_process() -> None:
     found = re.search(r"^this: +([\d,]+) req/s .* CPU ([\d.]+) \+ ([\d.]+) ms", output, re.M)
     assert found, output  # the main process and its worker, each with its own CPU a request
     assert int(found.group(1).replace(",", "")) > 0
+
+
+@pytest.mark.slow
+def test_the_wal_reader_names_the_b_trees_each_commit_writes() -> None:
+    output = _bench("bench.walpages", "--batch", "8", "--commits", "3", "--warm", "64")
+    pages = {name: float(count) for count, name in re.findall(r"^ +([\d.]+)  (\S+)$", output, re.M)}
+    # Each commit writes the log's new rows, the executions' rows, and the checkpoints that
+    # moved with them: the pages of those B-trees are in every commit's frames.
+    assert pages.get("events", 0) >= 2, output  # 8 rows of ~2 KB: at least two 4 KiB pages
+    for tree in ("trigger_executions", "projection_checkpoints", "trigger_stats"):
+        assert pages.get(tree, 0) >= 1, output
+    total = float(re.search(r"^([\d.]+) pages a commit", output, re.M).group(1))  # type: ignore[union-attr]
+    assert abs(total - sum(pages.values())) < 0.2, output

@@ -1,0 +1,116 @@
+"""Which pages each append commit writes to SQLite's WAL, by B-tree (table or index).
+
+A commit's cost on SQLite is mostly its WAL: every page it changed, written whole, then synced.
+This appends batches of deliveries through the appender (projections folded in), with the WAL
+neither checkpointed nor reset meanwhile, then reads the frames' page numbers from the WAL's own
+headers and names each page's B-tree with SQLite's `dbstat` table.
+
+    python -m bench.walpages                 # 20 commits of 32 deliveries, after 1,600 more
+    python -m bench.walpages --batch 64 --commits 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import sqlite3
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.load import PAYLOAD
+from bench.writer import DUPLICATE_KEYS, delivery
+from ledger.appender import Appender
+from ledger.migrate import upgrade
+from ledger.store import create_engine
+from projections.registry import PROJECTIONS
+from projections.runner import ProjectionRunner
+
+_WAL_HEADER = 32
+_FRAME_HEADER = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Pages:
+    commits: int
+    batch: int
+    by_tree: dict[str, float]  # B-tree name -> pages written a commit
+
+    @property
+    def per_commit(self) -> float:
+        return sum(self.by_tree.values())
+
+
+def frames(wal: bytes) -> list[int]:
+    """The page number of each frame of a WAL file, in order."""
+    if len(wal) < _WAL_HEADER:
+        return []
+    (page_size,) = struct.unpack(">I", wal[8:12])
+    pages, offset = [], _WAL_HEADER
+    while offset + _FRAME_HEADER + page_size <= len(wal):
+        (page,) = struct.unpack(">I", wal[offset : offset + 4])
+        pages.append(page)
+        offset += _FRAME_HEADER + page_size
+    return pages
+
+
+async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
+    engine = create_engine(f"sqlite:///{path}")
+    await upgrade(engine)
+    appender = Appender(engine)
+    runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
+    appender.folder = runner
+    writing = asyncio.create_task(appender.run())
+    body = PAYLOAD.read_text()
+    try:
+        for n in range(DUPLICATE_KEYS):
+            await appender.submit(delivery(f"dup-{n}", body))
+        await runner.catch_up()  # from here on, the projections are folded in each commit
+
+        async def commit(label: str) -> None:
+            await asyncio.gather(
+                *(appender.enqueue(delivery(f"{label}-{n}", body)) for n in range(batch))
+            )
+
+        for round_ in range(warm // batch):  # the B-trees grow past their first pages
+            await commit(f"warm{round_}")
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # The appender's own connection checkpoints at 1,000 pages; this run stays under them.
+        for round_ in range(commits):
+            await commit(f"probe{round_}")
+        pages = frames(Path(f"{path}-wal").read_bytes())
+        owner = {page: name for name, page in writer.execute("SELECT name, pageno FROM dbstat")}
+        writer.close()
+    finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        await appender.close()
+        await engine.dispose()
+    counted = collections.Counter(owner.get(page, "(free or new)") for page in pages)
+    by_tree = {name: count / commits for name, count in counted.most_common()}
+    return Pages(commits, batch, by_tree)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="deliveries a commit")
+    parser.add_argument("--commits", type=int, default=20)
+    parser.add_argument("--warm", type=int, default=1600, help="deliveries appended first")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hookledger-wal-") as tmp:
+        pages = asyncio.run(measure(Path(tmp) / "wal.db", args.batch, args.commits, args.warm))
+    print(
+        f"{pages.per_commit:.1f} pages a commit of {pages.batch} deliveries "
+        f"({pages.per_commit / pages.batch:.2f} a delivery), {pages.commits} commits:"
+    )
+    for name, count in pages.by_tree.items():
+        print(f"  {count:6.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
