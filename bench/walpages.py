@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import sqlite3
 import struct
 import tempfile
@@ -22,12 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.load import PAYLOAD
-from bench.writer import DUPLICATE_KEYS, delivery
-from ledger.appender import Appender
-from ledger.migrate import upgrade
-from ledger.store import create_engine
-from projections.registry import PROJECTIONS
-from projections.runner import ProjectionRunner
+from bench.writer import delivery, folding_appender
 
 _WAL_HEADER = 32
 _FRAME_HEADER = 24
@@ -58,17 +52,8 @@ def frames(wal: bytes) -> list[int]:
 
 
 async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
-    engine = create_engine(f"sqlite:///{path}")
-    await upgrade(engine)
-    appender = Appender(engine)
-    runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
-    appender.folder = runner
-    writing = asyncio.create_task(appender.run())
     body = PAYLOAD.read_text()
-    try:
-        for n in range(DUPLICATE_KEYS):
-            await appender.submit(delivery(f"dup-{n}", body))
-        await runner.catch_up()  # from here on, the projections are folded in each commit
+    async with folding_appender(f"sqlite:///{path}") as appender:
 
         async def commit(label: str) -> None:
             await asyncio.gather(
@@ -77,20 +62,14 @@ async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
 
         for round_ in range(warm // batch):  # the B-trees grow past their first pages
             await commit(f"warm{round_}")
-        writer = sqlite3.connect(path, isolation_level=None)
-        writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         # The appender's own connection checkpoints at 1,000 pages; this run stays under them.
         for round_ in range(commits):
             await commit(f"probe{round_}")
         pages = frames(Path(f"{path}-wal").read_bytes())
-        owner = {page: name for name, page in writer.execute("SELECT name, pageno FROM dbstat")}
-        writer.close()
-    finally:
-        writing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writing
-        await appender.close()
-        await engine.dispose()
+        owner = {page: name for name, page in reader.execute("SELECT name, pageno FROM dbstat")}
+        reader.close()
     counted = collections.Counter(owner.get(page, "(free or new)") for page in pages)
     by_tree = {name: count / commits for name, count in counted.most_common()}
     return Pages(commits, batch, by_tree)

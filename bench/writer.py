@@ -84,24 +84,40 @@ def _postgres_cpu_s() -> float:
     return total
 
 
-async def measure(
-    url: str, batches: list[int], deliveries: int, *, duplicates: bool = False
-) -> list[Measured]:
-    """For each batch size, `deliveries` deliveries appended `batch` at a time (at least 20
-    batches), after 256 deliveries that warm the appender and give duplicates their keys."""
+@contextlib.asynccontextmanager
+async def folding_appender(url: str) -> AsyncIterator[Appender]:
+    """The appender of a fresh database at `url`, writing, with the projections folded into each
+    append (as `hookledger serve` runs it), after 256 deliveries (`dup-0` …) that warm it and
+    give duplicates their keys."""
     engine = create_engine(url)
     await upgrade(engine)
     appender = Appender(engine)
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
     appender.folder = runner
     writing = asyncio.create_task(appender.run())
-    body = PAYLOAD.read_text()
-    on_postgres = url.startswith("postgresql")
-    results = []
     try:
+        body = PAYLOAD.read_text()
         for n in range(DUPLICATE_KEYS):
             await appender.submit(delivery(f"dup-{n}", body))
         await runner.catch_up()  # checkpoints at the head: from here on, folds are inline
+        yield appender
+    finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        await appender.close()
+        await engine.dispose()
+
+
+async def measure(
+    url: str, batches: list[int], deliveries: int, *, duplicates: bool = False
+) -> list[Measured]:
+    """For each batch size, `deliveries` deliveries appended `batch` at a time (at least 20
+    batches)."""
+    body = PAYLOAD.read_text()
+    on_postgres = url.startswith("postgresql")
+    results = []
+    async with folding_appender(url) as appender:
         sent = 0
         for batch in batches:
             rounds = max(20, deliveries // batch)
@@ -123,12 +139,6 @@ async def measure(
                     (_postgres_cpu_s() - database) / count * 1e6 if on_postgres else None,
                 )
             )
-    finally:
-        writing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writing
-        await appender.close()
-        await engine.dispose()
     return results
 
 
