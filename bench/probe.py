@@ -10,8 +10,7 @@ checkout, `--pairs N`) expose both to the same moments.
     git worktree add /tmp/before HEAD~1
     python -m bench.probe sqlite --against /tmp/before --pairs 3
 
-"PostgreSQL's CPU" is that of the processes of the user `postgres` (not of every process whose
-command line names it: hookledger's own do, through its database URL).
+"PostgreSQL's CPU" is that of its own processes (`bench.servers.postgres_pids`).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import psutil
 
 from bench import servers
 from bench.databases import postgres_database, sqlite_url
@@ -52,18 +50,6 @@ class Probed:
         if self.database_cpu_ms is not None:
             text += f", PostgreSQL's {self.database_cpu_ms:.3f} ms"
         return text + " a request"
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
-
-
-def _postgres_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "postgres"]
 
 
 @contextlib.asynccontextmanager
@@ -103,11 +89,11 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
             warmup = Load(args.scenario, args.connections, 1, f"warm{stamp}", DUP_KEYS)
             await run_load(wrk, server.url, warmup, workdir / "warmup.json")
             pids = servers.tree(server.pid)
-            database = _postgres_pids() if args.kind == "postgres" else []
-            before = {pid: _cpu_s(pid) for pid in pids + database}
+            database = servers.postgres_pids() if args.kind == "postgres" else []
+            before = {pid: servers.cpu_seconds(pid) for pid in pids + database}
             load = Load(args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS)
             result = await run_load(wrk, server.url, load, workdir / "probe.json")
-            spent = {pid: _cpu_s(pid) - before[pid] for pid in before}
+            spent = {pid: servers.cpu_seconds(pid) - before[pid] for pid in before}
     requests = max(result.requests, 1)
     return Probed(
         code,

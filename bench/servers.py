@@ -83,6 +83,25 @@ def _psutil_rss(pid: int) -> int:
         return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU a process has spent, in seconds (0 once it is gone)."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def postgres_pids() -> list[int]:
+    """PostgreSQL's own processes, by their user: not every process whose command line names
+    it, which hookledger's do through their database URL (the mistake of session 5's probe)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["username"]) if p.info["username"] == "postgres"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -25,10 +25,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from bench.databases import postgres_database, sqlite_url
 from bench.load import PAYLOAD, TRIGGER_ID
+from bench.servers import cpu_seconds, postgres_pids
 from ledger.appender import Appender
 from ledger.commands import RecordDelivery
 from ledger.events import WebhookReceived, uuid7
@@ -76,12 +75,7 @@ def _cpu_s() -> float:
 
 
 def _postgres_cpu_s() -> float:
-    total = 0.0
-    for process in psutil.process_iter(["username", "cpu_times"]):
-        times = process.info["cpu_times"]
-        if process.info["username"] == "postgres" and times is not None:
-            total += times.user + times.system
-    return total
+    return sum(cpu_seconds(pid) for pid in postgres_pids())
 
 
 @contextlib.asynccontextmanager

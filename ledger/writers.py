@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_sync
 
 from ledger.store import (
     APPEND_LOCK_ID,
@@ -81,8 +82,6 @@ _BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d})"
 def _locked_transaction(conn: sa.Connection, work: Callable[[sa.Connection], T]) -> T:
     """`work(conn)` between our own BEGIN (with the append lock) and COMMIT, in the greenlet
     of `AsyncConnection.run_sync`: the driver's calls are awaited as the adapter awaits its own."""
-    from sqlalchemy.util import await_only  # noqa: PLC0415 - the async adapter's bridge
-
     driver = conn.connection.driver_connection  # asyncpg's connection
     assert driver is not None
 
