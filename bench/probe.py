@@ -19,6 +19,8 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
+import resource
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -43,13 +45,57 @@ class Probed:
     p99_ms: float
     cpu_ms: list[float]  # a request, each process of the server (the main one first)
     database_cpu_ms: float | None  # PostgreSQL's processes, a request
+    load_cpu_ms: float  # the load generator's, a request
+    batches: Batches | None = None  # hookledger's append transactions during the load
 
     def line(self) -> str:
         cpu = " + ".join(f"{ms:.3f}" for ms in self.cpu_ms)
         text = f"{self.code}: {self.rps:8,.0f} req/s  p99 {self.p99_ms:6.2f} ms  CPU {cpu} ms"
         if self.database_cpu_ms is not None:
             text += f", PostgreSQL's {self.database_cpu_ms:.3f} ms"
-        return text + " a request"
+        text += f" (wrk {self.load_cpu_ms:.3f}) a request"
+        if self.batches is not None:
+            text += f"; {self.batches.line()}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Batches:
+    """The group commit's transactions, from the appender's two histograms in `/metrics`."""
+
+    count: float
+    commands: float
+    seconds: float
+
+    def __sub__(self, other: Batches) -> Batches:
+        return Batches(
+            self.count - other.count, self.commands - other.commands, self.seconds - other.seconds
+        )
+
+    def line(self) -> str:
+        count = max(self.count, 1)
+        return (
+            f"{self.count:,.0f} appends, {self.commands / count:.1f} commands "
+            f"and {self.seconds / count * 1e3:.2f} ms each"
+        )
+
+
+_SAMPLE = re.compile(r"^(hookledger_append_batch_(?:size|seconds)_(?:count|sum)) (\S+)$", re.M)
+
+
+def _children_cpu_s() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+async def _batches(session: aiohttp.ClientSession, server: servers.Server) -> Batches:
+    async with session.get(f"{server.url}/metrics") as response:
+        samples = {name: float(value) for name, value in _SAMPLE.findall(await response.text())}
+    return Batches(
+        samples.get("hookledger_append_batch_size_count", 0.0),
+        samples.get("hookledger_append_batch_size_sum", 0.0),
+        samples.get("hookledger_append_batch_seconds_sum", 0.0),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -80,7 +126,8 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
     with tempfile.TemporaryDirectory(prefix="hookledger-probe-") as tmp:
         workdir = Path(tmp)
         async with _server(args, root, workdir) as server:
-            if args.kind in ("sqlite", "postgres"):
+            hookledger = args.kind in ("sqlite", "postgres")
+            if hookledger:
                 async with aiohttp.ClientSession() as session:
                     admin = Admin(session, server)
                     await admin.create_trigger()
@@ -90,10 +137,15 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
             await run_load(wrk, server.url, warmup, workdir / "warmup.json")
             pids = servers.tree(server.pid)
             database = servers.postgres_pids() if args.kind == "postgres" else []
-            before = {pid: servers.cpu_seconds(pid) for pid in pids + database}
-            load = Load(args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS)
-            result = await run_load(wrk, server.url, load, workdir / "probe.json")
-            spent = {pid: servers.cpu_seconds(pid) - before[pid] for pid in before}
+            async with aiohttp.ClientSession() as session:
+                first = await _batches(session, server) if hookledger else None
+                before = {pid: servers.cpu_seconds(pid) for pid in pids + database}
+                children = _children_cpu_s()
+                load = Load(args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS)
+                result = await run_load(wrk, server.url, load, workdir / "probe.json")
+                spent = {pid: servers.cpu_seconds(pid) - before[pid] for pid in before}
+                load_cpu_s = _children_cpu_s() - children  # wrk's, once it has been waited for
+                batches = await _batches(session, server) - first if first else None
     requests = max(result.requests, 1)
     return Probed(
         code,
@@ -101,6 +153,8 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
         result.p99_ms,
         [spent[pid] / requests * 1e3 for pid in pids],
         sum(spent[pid] for pid in database) / requests * 1e3 if database else None,
+        load_cpu_s / requests * 1e3,
+        batches,
     )
 
 
