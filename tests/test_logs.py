@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -15,7 +16,14 @@ from conftest import create_trigger
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.logs import JsonFormatter, TextFormatter, build_handler, fact, new_request_id
+from server.logs import (
+    JsonFormatter,
+    TextFormatter,
+    build_handler,
+    fact,
+    new_request_id,
+    request_id,
+)
 
 HOSTILE = [
     "line\nbreak",
@@ -198,3 +206,56 @@ def test_json_timestamps_are_what_datetime_isoformat_writes(created: float) -> N
     for moment in (created, created + 0.5, created):  # a new second, then a cached one
         expected = datetime.fromtimestamp(moment, UTC).isoformat()
         assert formatter._timestamp(moment) == expected
+
+
+class _PassAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_a_fact_written_directly_is_the_line_its_record_would_make(
+    batched: Batched, monkeypatch: pytest.MonkeyPatch, level: int
+) -> None:
+    log, handler, stream = batched
+    monkeypatch.setattr(log, "handlers", [handler])  # without pytest's capturing handlers
+    monkeypatch.setattr(time, "time", lambda: 1_790_000_000.123456)  # the LogRecord's clock too
+    fields = {"trigger_id": "t 1", "key": "k\n", "n": 3, "ok": True, "when": datetime(2026, 1, 1)}
+    token = request_id.set("rid-1")
+    try:
+        with monkeypatch.context() as direct:
+            # The handler is the logger's only one: no LogRecord is made.
+            direct.setattr(log, "makeRecord", _no_record)
+            fact(log, "idempotent_replay", level, **fields)
+        log.addFilter(_PassAll())  # a filter on the way: the record's way
+        try:
+            fact(log, "idempotent_replay", level, **fields)
+        finally:
+            log.filters.clear()
+    finally:
+        request_id.reset(token)
+    direct_line, record_line = stream.getvalue().splitlines()
+    assert direct_line == record_line
+    assert orjson.loads(direct_line)["request_id"] == "rid-1"
+
+
+def _no_record(*args: object, **kwargs: object) -> logging.LogRecord:
+    raise AssertionError("a LogRecord was made")
+
+
+def test_a_fact_takes_the_records_way_when_another_handler_listens(
+    batched: Batched, caplog: pytest.LogCaptureFixture
+) -> None:
+    log, _, stream = batched
+    log.propagate = True  # caplog's handler sits on the root logger
+    caplog.set_level(logging.INFO)
+    fact(log, "x", n=1)
+    assert {r.getMessage() for r in caplog.records} == {"evt=x n=1"}
+    assert [orjson.loads(line)["n"] for line in stream.getvalue().splitlines()] == [1]
+
+
+def test_a_fact_json_cannot_hold_never_raises(batched: Batched) -> None:
+    log, _, stream = batched
+    fact(log, "x", n=2**70)  # beyond orjson's integers: logging reports it, the caller goes on
+    fact(log, "x", n=1)
+    assert [orjson.loads(line)["n"] for line in stream.getvalue().splitlines()] == [1]
