@@ -45,8 +45,32 @@ MAX_BATCH = 1000
 
 @dataclass(slots=True)
 class _Pending:
+    """A queued command and who hears its result: a future, or a function called at once."""
+
     command: Command
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None = None
+    answer: Callable[[Any], None] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """False once nobody waits for it (its caller cancelled the future)."""
+        return self.future is None or not self.future.done()
+
+    def resolve(self, result: Any) -> None:
+        """Hand over `result` (an exception for an error)."""
+        if self.answer is not None:
+            try:
+                self.answer(result)
+            except Exception:  # an answer must never stop the one writer
+                logger.exception("evt=append_answer_failed")
+            return
+        future = self.future
+        if future is None or future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def is_idempotency_violation(exc: sa.exc.IntegrityError) -> bool:
@@ -301,6 +325,13 @@ class Appender:
         self._queue.put_nowait(_Pending(command, future))  # unbounded: never waits
         return future
 
+    def enqueue_answered(self, command: Command, answer: Callable[[Any], None]) -> None:
+        """Queue `command`; `answer` is called with its result (an exception for an error) once
+        committed, at once, inside the appender's own step: a caller answering over a socket
+        (the ledger link) writes its answer before the loop turns to anything else, instead of
+        a future's callback one loop iteration later, after whatever input came meanwhile."""
+        self._queue.put_nowait(_Pending(command, answer=answer))
+
     async def submit(self, command: Command) -> Any:
         return await self.enqueue(command)
 
@@ -315,7 +346,7 @@ class Appender:
             await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.future.done()]
+        live = [p for p in batch if p.waiting]
         if not live:
             return
         try:
@@ -327,7 +358,7 @@ class Appender:
             self._fail_all(live, exc)
             return
         for pending, result in zip(live, results, strict=True):
-            _resolve(pending.future, result)
+            pending.resolve(result)
         self._notify(results)
 
     async def _transaction(self, commands: list[Command]) -> list[Any]:
@@ -376,7 +407,7 @@ class Appender:
                 except Exception as again:  # noqa: BLE001
                     self._fail_all(batch, again)
                     return
-                _resolve(batch[0].future, results[0])
+                batch[0].resolve(results[0])
                 self._notify(results)
                 return
             logger.error("evt=append_integrity_error cause=%s", exc.orig)
@@ -390,8 +421,7 @@ class Appender:
         if isinstance(error, StorageUnavailable):
             logger.warning("evt=storage_unavailable cause=%r", exc)
         for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            pending.resolve(error)
 
     def _notify(self, results: list[Any]) -> None:
         if self._behind:
@@ -403,12 +433,3 @@ class Appender:
                 listener(len(results), seconds)
             except Exception:  # a listener must never stop the one writer
                 logger.exception("evt=commit_listener_failed")
-
-
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)

@@ -128,16 +128,25 @@ class _Framed(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(_frame(message))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what was sent since the last write (by the end of the loop's turn at the
+        latest)."""
         out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
+        if out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))
 
 
 # --- the main process's end ----------------------------------------------------------------
+
+
+def _result_of(done: asyncio.Future[Any]) -> Any:
+    """A finished future's result, or its error (an exception, as the appender hands them)."""
+    if done.cancelled():
+        return RuntimeError("cancelled")
+    return done.exception() or done.result()
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -155,7 +164,7 @@ def _portable(exc: BaseException) -> BaseException:
 class _LedgerSide(_Framed):
     def __init__(
         self,
-        enqueue: Callable[[Command], asyncio.Future[Any]],
+        enqueue: Callable[[Command, Callable[[Any], None]], None],
         metrics: Metrics,
         page: Callable[[], Awaitable[bytes]],
         ready: Callable[[int], None],
@@ -178,31 +187,28 @@ class _LedgerSide(_Framed):
     def message_received(self, message: tuple[Any, ...]) -> None:
         kind, ident, payload = message
         if kind == DELIVERY:
-            self._enqueue(_delivery(payload)).add_done_callback(
-                lambda done: self._answer(ident, done, _OUTCOME.of)
+            self._enqueue(
+                _delivery(payload), lambda result: self._answer(ident, result, _OUTCOME.of)
             )
         elif kind == APPEND:
-            self._enqueue(payload).add_done_callback(lambda done: self._answer(ident, done))
+            self._enqueue(payload, lambda result: self._answer(ident, result))
         elif kind == COUNT:  # [(trigger_id, outcome, reason, times), …]
             for counted in payload:
                 self._metrics.count_webhook(*counted)
         elif kind == METRICS:
             asyncio.ensure_future(self._page()).add_done_callback(
-                lambda done: self._answer(ident, done)
+                lambda done: self._answer(ident, _result_of(done))
             )
         elif kind == READY:  # the worker listens on the port now
             self._ready(payload)
 
-    def _answer(
-        self, ident: int, done: asyncio.Future[Any], encode: Callable[[Any], Any] = lambda r: r
-    ) -> None:
-        if done.cancelled():
-            self.send((ident, False, RuntimeError("cancelled")))
-        elif (exc := done.exception()) is not None:
-            self.send((ident, False, _portable(exc)))
+    def _answer(self, ident: int, result: Any, encode: Callable[[Any], Any] = lambda r: r) -> None:
+        """Send a call's result (an exception for an error)."""
+        if isinstance(result, BaseException):
+            self.send((ident, False, _portable(result)))
         else:
             try:
-                self.send((ident, True, encode(done.result())))
+                self.send((ident, True, encode(result)))
             except Exception as error:  # noqa: BLE001 - the worker must get an answer
                 logger.exception("evt=ledger_link_answer_failed")
                 self.send((ident, False, RuntimeError(f"{type(error).__name__}: {error}")))
@@ -216,9 +222,12 @@ class LinkServer:
         self._sides = sides
 
     def committed(self, _batch_size: int = 0, _seconds: float = 0.0) -> None:
-        """An appender commit listener: tell every worker, whose live feeds wake on it."""
+        """An appender commit listener: tell every worker, whose live feeds wake on it, and send
+        it now with the commit's answers (already queued by then, `Appender.enqueue_answered`):
+        the workers hear back before this loop turns to the input that came during the commit."""
         for side in self._sides:
             side.send((COMMITTED, True, None))
+            side.flush()
 
     def close(self) -> None:
         self._server.close()
@@ -229,13 +238,14 @@ class LinkServer:
 
 async def serve_link(
     path: Path,
-    enqueue: Callable[[Command], asyncio.Future[Any]],
+    enqueue: Callable[[Command, Callable[[Any], None]], None],
     metrics: Metrics,
     page: Callable[[], Awaitable[bytes]],
     ready: Callable[[int], None] = lambda _pid: None,
 ) -> LinkServer:
-    """The main process's end of the link at `path`; `ready` is called with a worker's pid once
-    it listens on the port. Add `LinkServer.committed` to the appender's commit listeners."""
+    """The main process's end of the link at `path`, whose commands go to `enqueue` (an
+    appender's `enqueue_answered`); `ready` is called with a worker's pid once it listens on the
+    port. Add `LinkServer.committed` to the appender's commit listeners."""
     loop = asyncio.get_running_loop()
     sides: set[_LedgerSide] = set()
     server = await loop.create_unix_server(
@@ -466,7 +476,9 @@ async def running(
     # The link's socket in a directory of our own (mode 0700), gone with the workers.
     link_dir = Path(tempfile.mkdtemp(prefix="hookledger-link-"))
     pool = Workers(count, argv, link_dir / "ledger.sock")
-    link = await serve_link(link_dir / "ledger.sock", appender.enqueue, metrics, page, pool.ready)
+    link = await serve_link(
+        link_dir / "ledger.sock", appender.enqueue_answered, metrics, page, pool.ready
+    )
     appender.commit_listeners.append(link.committed)  # the workers' live feeds wake on it
     try:
         await pool.start()

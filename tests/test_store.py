@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import store
 from ledger.appender import Appender, append_commands
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
-from ledger.commands import RecordDelivery
+from ledger.commands import AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import StreamVersionConflict
 from ledger.events import NewEvent
 from ledger.migrate import current_revision, head_revision, upgrade
@@ -247,3 +247,42 @@ async def test_a_new_engine_never_inherits_an_abandoned_write_lock(tmp_path: Pat
                 assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
     finally:
         await fresh.dispose()
+
+
+async def test_an_answered_command_hears_its_result_inside_the_appenders_own_step(
+    engine: AsyncEngine,
+) -> None:
+    # The ledger link's way: no future, the answer is called by the writer itself right after
+    # the commit (so it can be written before the loop turns to other input). Results and
+    # per-command errors alike; an answer that raises does not stop the writer.
+    appender = Appender(engine)
+    writing = asyncio.create_task(appender.run())
+    heard: list[tuple[object, bool]] = []
+
+    def answer(result: object) -> None:
+        heard.append((result, asyncio.current_task() is writing))
+
+    def broken(_result: object) -> None:
+        raise RuntimeError("an answer that fails")
+
+    try:
+        first = appender.enqueue(delivery("k-1"))
+        appender.enqueue_answered(delivery("k-1"), answer)
+        appender.enqueue_answered(AppendEvents(events=[event()], expected_version=3), answer)
+        appender.enqueue_answered(delivery("k-2"), broken)
+        original = await first
+        later = await appender.submit(delivery("k-3"))  # the writer goes on
+    finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        await appender.close()
+    (duplicate, in_step), (conflict, conflict_in_step) = heard
+    assert in_step and conflict_in_step
+    assert isinstance(duplicate, DeliveryOutcome) and duplicate.is_duplicate
+    assert duplicate.original_event_id == original.event_id
+    assert isinstance(conflict, StreamVersionConflict)
+    assert not later.is_duplicate
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn, after=0, limit=10)]
+    assert keys == ["k-1", "k-1", "k-2", "k-3"]

@@ -190,7 +190,7 @@ async def test_the_link_carries_results_and_the_ledgers_errors(
     async def page() -> bytes:
         return b"page"
 
-    server = await serve_link(path, appender.enqueue, Metrics(), page)
+    server = await serve_link(path, appender.enqueue_answered, Metrics(), page)
     appender.commit_listeners.append(server.committed)
     assert path.stat().st_mode & 0o777 == 0o600
     link = await LedgerLink.connect(path)
@@ -221,16 +221,18 @@ async def test_the_link_carries_results_and_the_ledgers_errors(
         await engine.dispose()
 
 
+Enqueue = Callable[[object, Callable[[object], None]], None]
+
+
 @contextlib.asynccontextmanager
-async def _link(
-    path: Path, enqueue: Callable[[object], asyncio.Future[object]]
-) -> AsyncIterator[LedgerLink]:
-    """A worker's link to a main process whose appender is `enqueue`."""
+async def _link(path: Path, enqueue: Enqueue) -> AsyncIterator[LedgerLink]:
+    """A worker's link to a main process whose appender is `enqueue` (as an appender's
+    `enqueue_answered`: a command, and what to call with its result)."""
 
     async def page() -> bytes:
         return b""
 
-    server = await serve_link(path, enqueue, Metrics(), page)  # type: ignore[arg-type]
+    server = await serve_link(path, enqueue, Metrics(), page)
     link = await LedgerLink.connect(path)
     try:
         async with asyncio.timeout(5):
@@ -242,12 +244,9 @@ async def _link(
 
 
 async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_path: Path) -> None:
-    loop = asyncio.get_running_loop()
 
-    def enqueue(_command: object) -> asyncio.Future[object]:
-        future: asyncio.Future[object] = loop.create_future()
-        future.set_result(lambda: None)  # no pickle for a lambda
-        return future
+    def enqueue(_command: object, answer: Callable[[object], None]) -> None:
+        answer(lambda: None)  # no pickle for a lambda
 
     async with _link(tmp_path / "l.sock", enqueue) as link:
         with pytest.raises(RuntimeError, match="PicklingError|AttributeError"):
@@ -257,7 +256,6 @@ async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_p
 async def test_a_delivery_and_its_outcome_cross_the_link_whole(tmp_path: Path) -> None:
     # They cross as tuples of their fields (server/ingest.py `_Fields`): every field, none
     # at its default, arrives as it was sent.
-    loop = asyncio.get_running_loop()
     outcome = DeliveryOutcome(
         event_id="e-2",
         execution_id="x-1",
@@ -268,11 +266,9 @@ async def test_a_delivery_and_its_outcome_cross_the_link_whole(tmp_path: Path) -
     )
     got: list[object] = []
 
-    def enqueue(command: object) -> asyncio.Future[object]:
+    def enqueue(command: object, answer: Callable[[object], None]) -> None:
         got.append(command)
-        future: asyncio.Future[object] = loop.create_future()
-        future.set_result(outcome)
-        return future
+        answer(outcome)
 
     delivery = RecordDelivery(
         trigger_id="t",
@@ -351,17 +347,14 @@ async def test_an_outage_crosses_the_link_as_an_outage_and_any_other_error_as_on
     """What the worker answers: 503 + Retry-After for StorageUnavailable, 500 for the rest."""
     import sqlalchemy as sa
 
-    loop = asyncio.get_running_loop()
     failures: list[BaseException] = [
         # A driver error's cause holds a connection and a traceback: it does not pickle as is.
         StorageUnavailable(sa.exc.OperationalError("SELECT 1", {}, ConnectionResetError("gone"))),
         sa.exc.IntegrityError("INSERT", {}, ValueError("not the idempotency index")),
     ]
 
-    def enqueue(_command: object) -> asyncio.Future[object]:
-        future: asyncio.Future[object] = loop.create_future()
-        future.set_exception(failures.pop(0))
-        return future
+    def enqueue(_command: object, answer: Callable[[object], None]) -> None:
+        answer(failures.pop(0))
 
     async with _link(tmp_path / "l.sock", enqueue) as link:
         with pytest.raises(StorageUnavailable, match="OperationalError"):
@@ -404,14 +397,14 @@ async def test_a_workers_counts_reach_the_main_registry_once_an_iteration_before
     # not yet sent ahead of its call: it sees every answer counted before it, each once.
     main_metrics = Metrics()
 
-    def enqueue(_command: object) -> asyncio.Future[object]:
+    def enqueue(_command: object, _answer: Callable[[object], None]) -> None:
         raise AssertionError("no command crosses in this test")
 
     async def page() -> bytes:
         return main_metrics.render()
 
     path = tmp_path / "link.sock"
-    server = await serve_link(path, enqueue, main_metrics, page)  # type: ignore[arg-type]
+    server = await serve_link(path, enqueue, main_metrics, page)
     link = await _RecordingLink.connect(path)
     assert isinstance(link, _RecordingLink)
     metrics = RemoteMetrics(link)
