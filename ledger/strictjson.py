@@ -13,15 +13,11 @@ Colons written as the escape `\\u003a` are counted in as well; the check stays e
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 
 __all__ = ["DuplicateKeys", "has_duplicate_keys", "loads"]
-
-# An escape \u003a (a colon in a string) that is not itself escaped: preceded by an even run of \.
-_ESCAPED_COLON = re.compile(rb"(?<!\\)(?:\\\\)*\\u003[aA]")
 
 
 class DuplicateKeys(ValueError):
@@ -44,13 +40,29 @@ def has_duplicate_keys(raw: bytes, parsed: Any) -> bool:
     colons = raw.count(b":")
     if colons == 0:
         return False
-    if b"\\" in raw:  # one byte: a memchr, where a two-byte search costs 4x as much
-        colons += len(_ESCAPED_COLON.findall(raw))
+    if b"\\u003" in raw:  # a search in C; the escapes themselves are rare
+        colons += _escaped_colons(raw)
     try:
         written = orjson.dumps(parsed).count(b":")
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
         written = _colons_of(parsed)
     return written != colons
+
+
+def _escaped_colons(raw: bytes) -> int:
+    """The escapes \\u003a and \\u003A in `raw` that are escapes (not the text after an
+    escaped backslash: an even run of backslashes before them), found with `bytes.find`: a regex
+    scanned every byte in Python's engine, ~60 ns each, and any body with a backslash (a commit
+    message's newline) paid it: 0.6 ms for a 10 KB GitHub push."""
+    count, at = 0, raw.find(b"\\u003")
+    while at != -1:
+        if raw[at + 5 : at + 6] in (b"a", b"A"):
+            start = at
+            while start > 0 and raw[start - 1] == 0x5C:  # the backslashes just before
+                start -= 1
+            count += (at - start) % 2 == 0
+        at = raw.find(b"\\u003", at + 1)
+    return count
 
 
 def _colons_of(parsed: Any) -> int:
