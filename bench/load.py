@@ -33,6 +33,7 @@ class Load:
     seconds: int  # wrk takes whole seconds
     prefix: str  # new keys are PREFIX-thread-counter: unique across the bench run
     dup_keys: int = 256  # duplicates draw from dup-1 .. dup-N
+    payload: Path = PAYLOAD  # the body of every request
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,7 @@ def _python_command(url: str, load: Load) -> list[str]:
 
 async def run_load(wrk: str | None, url: str, load: Load, out: Path) -> LoadResult:
     command = _wrk_command(wrk, url, load) if wrk else _python_command(url, load)
-    env = {"BENCH_PAYLOAD": str(PAYLOAD), "BENCH_WRK_OUT": str(out)}
+    env = {"BENCH_PAYLOAD": str(load.payload), "BENCH_WRK_OUT": str(out)}
     process = await asyncio.create_subprocess_exec(
         *command,
         env=os.environ | env,

@@ -31,7 +31,7 @@ import aiohttp
 
 from bench import servers
 from bench.databases import postgres_database, sqlite_url
-from bench.load import Load, ensure_wrk, run_load
+from bench.load import PAYLOAD, Load, ensure_wrk, run_load
 from bench.throughput import Admin, seed
 
 KINDS = ("baseline", "floor", "sqlite", "postgres")
@@ -133,7 +133,8 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
                     await admin.create_trigger()
                     await seed(admin, DUP_KEYS)
             stamp = time.time_ns()
-            warmup = Load(args.scenario, args.connections, 1, f"warm{stamp}", DUP_KEYS)
+            payload = Path(args.payload)
+            warmup = Load(args.scenario, args.connections, 1, f"warm{stamp}", DUP_KEYS, payload)
             await run_load(wrk, server.url, warmup, workdir / "warmup.json")
             pids = servers.tree(server.pid)
             database = servers.postgres_pids() if args.kind == "postgres" else []
@@ -141,7 +142,9 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
                 first = await _batches(session, server) if hookledger else None
                 before = {pid: servers.cpu_seconds(pid) for pid in pids + database}
                 children = _children_cpu_s()
-                load = Load(args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS)
+                load = Load(
+                    args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS, payload
+                )
                 result = await run_load(wrk, server.url, load, workdir / "probe.json")
                 spent = {pid: servers.cpu_seconds(pid) - before[pid] for pid in before}
                 load_cpu_s = _children_cpu_s() - children  # wrk's, once it has been waited for
@@ -183,6 +186,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--against", help="another checkout (a git worktree) to alternate with")
     parser.add_argument("--pairs", type=int, default=1, help="runs of each code, alternating")
+    parser.add_argument("--payload", default=str(PAYLOAD), help="the body of every request")
     args = parser.parse_args()
     if args.kind == "postgres" and not args.pg_url:
         parser.error("postgres needs --pg-url (or PG_URL)")

@@ -79,7 +79,7 @@ def _postgres_cpu_s() -> float:
 
 
 @contextlib.asynccontextmanager
-async def folding_appender(url: str) -> AsyncIterator[Appender]:
+async def folding_appender(url: str, payload: Path = PAYLOAD) -> AsyncIterator[Appender]:
     """The appender of a fresh database at `url`, writing, with the projections folded into each
     append (as `hookledger serve` runs it), after 256 deliveries (`dup-0` …) that warm it and
     give duplicates their keys."""
@@ -90,7 +90,7 @@ async def folding_appender(url: str) -> AsyncIterator[Appender]:
     appender.folder = runner
     writing = asyncio.create_task(appender.run())
     try:
-        body = PAYLOAD.read_text()
+        body = payload.read_text()
         for n in range(DUPLICATE_KEYS):
             await appender.submit(delivery(f"dup-{n}", body))
         await runner.catch_up()  # checkpoints at the head: from here on, folds are inline
@@ -104,14 +104,19 @@ async def folding_appender(url: str) -> AsyncIterator[Appender]:
 
 
 async def measure(
-    url: str, batches: list[int], deliveries: int, *, duplicates: bool = False
+    url: str,
+    batches: list[int],
+    deliveries: int,
+    *,
+    duplicates: bool = False,
+    payload: Path = PAYLOAD,
 ) -> list[Measured]:
-    """For each batch size, `deliveries` deliveries appended `batch` at a time (at least 20
-    batches)."""
-    body = PAYLOAD.read_text()
+    """For each batch size, `deliveries` deliveries of `payload` appended `batch` at a time (at
+    least 20 batches)."""
+    body = payload.read_text()
     on_postgres = url.startswith("postgresql")
     results = []
-    async with folding_appender(url) as appender:
+    async with folding_appender(url, payload) as appender:
         sent = 0
         for batch in batches:
             rounds = max(20, deliveries // batch)
@@ -160,8 +165,12 @@ async def _main(args: argparse.Namespace, out: Callable[[str], None]) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     async with _database(args.pg_url) as url:
         scenario = "duplicates" if args.duplicates else "new deliveries"
-        out(f"writer: {scenario}, {url.split(':', 1)[0]}")
-        for result in await measure(url, batches, args.deliveries, duplicates=args.duplicates):
+        payload = Path(args.payload)
+        out(f"writer: {scenario} of {payload.name}, {url.split(':', 1)[0]}")
+        measured = await measure(
+            url, batches, args.deliveries, duplicates=args.duplicates, payload=payload
+        )
+        for result in measured:
             out(line(result))
 
 
@@ -171,6 +180,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64,128", help="batch sizes, comma-separated")
     parser.add_argument("--deliveries", type=int, default=4000, help="deliveries a batch size")
     parser.add_argument("--duplicates", action="store_true", help="repeat keys seen before")
+    parser.add_argument(
+        "--payload",
+        default=str(PAYLOAD),
+        help="the body (bench/payload-push.json: a 9.5 KB GitHub push, past PostgreSQL's ~2 KB"
+        " compression threshold)",
+    )
     args = parser.parse_args()
     asyncio.run(_main(args, lambda text: print(text, flush=True)))
 
