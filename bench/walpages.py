@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.databases import sqlite_url
 from bench.load import PAYLOAD
 from bench.writer import delivery, folding_appender
 
@@ -53,7 +54,7 @@ def frames(wal: bytes) -> list[int]:
 
 async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
     body = PAYLOAD.read_text()
-    async with folding_appender(f"sqlite:///{path}") as appender:
+    async with folding_appender(sqlite_url(path)) as appender:
 
         async def commit(label: str) -> None:
             await asyncio.gather(
