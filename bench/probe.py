@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import re
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +124,66 @@ async def _server(
             yield server
 
 
+@contextlib.contextmanager
+def _profiled(into: str | None, pids: list[int], seconds: int) -> Iterator[None]:
+    """py-spy sampling each server process during the load (its own CPU is on other pids)."""
+    if into is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    Path(into).mkdir(parents=True, exist_ok=True)
+    spies = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-d",
+                str(seconds),
+                "--nonblocking",
+                "-p",
+                str(pid),
+                "-o",
+                str(Path(into) / f"process-{n}.raw"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n, pid in enumerate(pids)
+    ]
+    try:
+        yield
+    finally:
+        for spy_process in spies:
+            spy_process.wait()
+        for n in range(len(pids)):
+            print(profile_summary(Path(into) / f"process-{n}.raw", f"process {n}"), flush=True)
+
+
+def profile_summary(raw: Path, title: str, top: int = 25) -> str:
+    """The functions holding the most samples of a py-spy raw file: own, and with callees."""
+    own: collections.Counter[str] = collections.Counter()
+    under: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        samples = int(count)
+        total += samples
+        frames = stack.split(";")
+        own[frames[-1]] += samples
+        for frame in set(frames):
+            under[frame] += samples
+    total = max(total, 1)
+    lines = [f"{title}: {total} samples ({raw})", "  own %  function"]
+    lines += [f"  {n / total * 100:5.1f}  {name}" for name, n in own.most_common(top)]
+    lines += ["  with callees %  function"]
+    lines += [f"  {n / total * 100:5.1f}  {name}" for name, n in under.most_common(top * 2)]
+    return "\n".join(lines)
+
+
 async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str) -> Probed:
     """Start the server, give hookledger its trigger and the duplicates' keys, warm up, then one
     measured point."""
@@ -145,7 +209,8 @@ async def probe(args: argparse.Namespace, wrk: str | None, root: Path, code: str
                 load = Load(
                     args.scenario, args.connections, args.seconds, f"p{stamp}", DUP_KEYS, payload
                 )
-                result = await run_load(wrk, server.url, load, workdir / "probe.json")
+                with _profiled(args.profile, pids, args.seconds):
+                    result = await run_load(wrk, server.url, load, workdir / "probe.json")
                 spent = {pid: servers.cpu_seconds(pid) - before[pid] for pid in before}
                 load_cpu_s = _children_cpu_s() - children  # wrk's, once it has been waited for
                 batches = await _batches(session, server) - first if first else None
@@ -187,6 +252,9 @@ def main() -> None:
     parser.add_argument("--against", help="another checkout (a git worktree) to alternate with")
     parser.add_argument("--pairs", type=int, default=1, help="runs of each code, alternating")
     parser.add_argument("--payload", default=str(PAYLOAD), help="the body of every request")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy each server process during the load (raw files)"
+    )
     args = parser.parse_args()
     if args.kind == "postgres" and not args.pg_url:
         parser.error("postgres needs --pg-url (or PG_URL)")

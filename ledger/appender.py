@@ -22,12 +22,12 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from ledger.codec import canonical_bytes, chain_hash, dumps, format_time, loads
+from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
-from ledger.events import NewEvent, RecordedEvent, WebhookReceived
+from ledger.events import NewEvent, RecordedEvent, WebhookReceived, execution_of_stream
 from ledger.rows import fetch_all, insert_many, padded
-from ledger.schema import IDEMPOTENCY_INDEX, events
+from ledger.schema import IDEMPOTENCY_INDEX, events, json_text
 from ledger.store import (
     has_own_file,
     read_head,
@@ -149,7 +149,7 @@ def _originals_statement(size: int) -> sa.Executable:
             events.c.trigger_id,
             events.c.idempotency_key,
             events.c.id,
-            events.c.data,
+            json_text(events.c.data, "body_sha256"),
             events.c.stream,
             version,
         ).where(
@@ -167,13 +167,17 @@ def _read_originals(
     conn: sa.Connection, keys: set[tuple[str, str]]
 ) -> tuple[dict[tuple[str, str], Original], dict[str, int]]:
     """The original of each key already received, and the version of its stream."""
+    # Of the original's data only the body's hash, read by the database: the whole text (the
+    # body, the headers) was shipped to Python and parsed there for it, most of a duplicate's
+    # read. Its execution is the one whose stream it opened.
     originals, versions = {}, {}
     for statement, params in originals_queries(keys):
-        for trigger_id, key, event_id, data, stream, version in fetch_all(conn, statement, params):
-            parsed = loads(data)
-            originals[(trigger_id, key)] = Original(
-                event_id, parsed["execution_id"], parsed["body_sha256"]
-            )
+        for trigger_id, key, event_id, sha256, stream, version in fetch_all(
+            conn, statement, params
+        ):
+            execution_id = execution_of_stream(stream)
+            assert execution_id is not None, stream  # a webhook.received opens its execution
+            originals[(trigger_id, key)] = Original(event_id, execution_id, sha256)
             versions[stream] = version
     return originals, versions
 

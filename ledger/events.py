@@ -30,8 +30,16 @@ def uuid7() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+_EXECUTION_PREFIX = "execution-"
+
+
 def execution_stream(execution_id: str) -> str:
-    return f"execution-{execution_id}"
+    return f"{_EXECUTION_PREFIX}{execution_id}"
+
+
+def execution_of_stream(stream: str) -> str | None:
+    """The execution whose stream `stream` is (None: not an execution's)."""
+    return stream[len(_EXECUTION_PREFIX) :] if stream.startswith(_EXECUTION_PREFIX) else None
 
 
 def trigger_stream(trigger_id: str) -> str:

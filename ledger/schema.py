@@ -11,6 +11,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -43,6 +46,35 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
             return None
         moment: datetime = value
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class json_text(FunctionElement[str]):  # noqa: N801 (an SQL function, named as one)
+    """`json_text(column, "key")`: the string at `key` of the JSON text in `column` (an event's
+    `data` or `meta`, text on both backends), read by the database itself, so that a reader
+    wanting one field of a stored event neither ships the whole text to Python nor parses it
+    there. A string literal in the SQL, not a bind: compiled once, the same on every call."""
+
+    type = sa.String()
+    name = "json_text"
+    inherit_cache = True
+
+    def __init__(self, column: sa.ColumnElement[Any], key: str) -> None:
+        if not key.isidentifier():
+            raise ValueError(f"not a plain JSON key: {key!r}")
+        super().__init__(column, sa.literal_column(f"'{key}'"))
+
+
+@compiles(json_text, "postgresql")
+def _json_text_postgresql(element: json_text, compiler: SQLCompiler, **kw: Any) -> str:
+    column, key = element.clauses
+    return f"(CAST({compiler.process(column, **kw)} AS JSON) ->> {compiler.process(key, **kw)})"
+
+
+@compiles(json_text)
+def _json_text_sqlite(element: json_text, compiler: SQLCompiler, **kw: Any) -> str:
+    column, key = element.clauses
+    path = compiler.process(key, **kw).replace("'", "")
+    return f"json_extract({compiler.process(column, **kw)}, '$.{path}')"
 
 
 # BIGINT on PostgreSQL, but INTEGER on SQLite so that `seq` is the rowid.

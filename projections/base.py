@@ -39,6 +39,25 @@ class BulkFold:
     amend: Callable[[sa.Table, str], sa.Executable]
 
 
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """Events whose change to a row the database can make where the row stands, unread: the
+    fold of a log's bulk (a duplicate adds one to a counter) without a SELECT of the row, the
+    conversion of its columns back to Python, and an UPDATE of what `evolve` recomputed.
+
+    `apply` sends a key's events through it when every event of that key in the batch is of
+    `types`: `statement(table)` once per event, in seq order, with the
+    binds `values(event)` plus `key`, each prefixed `b_`. It must leave the row as `evolve`
+    would, event by event: a missing row stays missing (evolve gives None for it), and an event
+    at or below the row's `last_seq` changes nothing. `evolve` stays the definition; the
+    property test holds the live fold (this) equal to a rebuild.
+    """
+
+    types: frozenset[str]
+    statement: Callable[[sa.Table], sa.Executable]
+    values: Callable[[RecordedEvent], Row]
+
+
 class Projection(Protocol):
     # Read-only: frozen dataclasses and plain classes both satisfy it.
     @property
@@ -75,6 +94,7 @@ class RowProjection:
     # (checkpoints), so this holds live and in rebuilds; it spares most of a rebuild's reads.
     keyed_by_stream: bool = False
     bulk: BulkFold | None = None
+    increment: Increment | None = None
 
     def shadow_table(self, name: str) -> sa.Table:
         return self.shadow(name)
@@ -87,6 +107,10 @@ class RowProjection:
         keyed = [(key, event) for event in events if (key := self.key_of(event)) is not None]
         if not keyed:
             return
+        if self.increment is not None:
+            keyed = self._increment(conn, table, keyed, self.increment)
+            if not keyed:
+                return
         if self.keyed_by_stream:
             first = {key for key, event in keyed if event.version == 1}
             wanted = {key for key, _ in keyed if key not in first}
@@ -99,6 +123,24 @@ class RowProjection:
             if after is not None:
                 rows[key] = after
         self._store(conn, table, rows, existing)
+
+    def _increment(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        keyed: list[tuple[str, RecordedEvent]],
+        increment: Increment,
+    ) -> list[tuple[str, RecordedEvent]]:
+        """Fold the keys whose every event here is an increment; the rest is left to evolve."""
+        types = increment.types
+        other = {key for key, event in keyed if event.type not in types}
+        if len(other) == len({key for key, _ in keyed}):
+            return keyed
+        values = [
+            {"key": key, **increment.values(event)} for key, event in keyed if key not in other
+        ]
+        execute_many(conn, increment.statement(table), values, prefix="b_")
+        return [(key, event) for key, event in keyed if key in other]
 
     def _load(self, conn: sa.Connection, table: sa.Table, keys: set[str]) -> dict[str, Row]:
         ordered, found = sorted(keys), {}

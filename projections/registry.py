@@ -25,6 +25,7 @@ TRIGGER_EXECUTIONS = RowProjection(
     indexes=trigger_executions.INDEXES,
     keyed_by_stream=True,  # stream execution-<id>
     bulk=trigger_executions.BULK,
+    increment=trigger_executions.INCREMENT,
 )
 
 TRIGGER_STATS = trigger_stats.PROJECTION

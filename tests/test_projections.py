@@ -439,3 +439,57 @@ def test_applying_an_event_twice_equals_once() -> None:
     once = evolve(evolve(None, received), duplicate)
     twice = evolve(once, duplicate)
     assert once == twice and once is not None and once["duplicate_count"] == 1
+
+
+def _recorded_event(seq: int, type_: str, data: dict[str, Any], stream: str) -> Any:
+    from datetime import UTC, datetime, timedelta
+
+    from ledger.events import RecordedEvent
+
+    return RecordedEvent(
+        seq=seq,
+        id=uuid7(),
+        stream=stream,
+        version=seq,
+        type=type_,
+        trigger_id="t",
+        idempotency_key="k",
+        data=data,
+        meta={},
+        recorded_at=datetime(2026, 11, 29, tzinfo=UTC) + timedelta(seconds=seq),
+        hash="",
+    )
+
+
+async def test_the_live_fold_of_duplicates_equals_evolve_event_by_event(
+    engine: AsyncEngine,
+) -> None:
+    """Duplicates take the projection's Increment (an UPDATE of the row where it stands, unread);
+    whatever the batches, the row is what `evolve` makes of the same events one by one: a batch
+    of duplicates alone, duplicates beside another event of their execution (evolve's way),
+    the same duplicates given again (no change), a duplicate of an execution without a row."""
+    from projections.trigger_executions import evolve
+
+    stream, other = execution_stream("x"), execution_stream("y")
+    received = _recorded_event(1, "webhook.received", {"execution_id": "x"}, stream)
+    dups = [_recorded_event(n, "webhook.duplicate", {"execution_id": "x"}, stream) for n in (2, 3)]
+    started = _recorded_event(
+        4, "execution.started", {"attempt": 1, "lease_until": "2026-11-29T00:01:00+00:00"}, stream
+    )
+    late = [_recorded_event(n, "webhook.duplicate", {"execution_id": "x"}, stream) for n in (5, 6)]
+    orphan = _recorded_event(7, "webhook.duplicate", {"execution_id": "y"}, other)
+    batches = [[received], dups, [started, late[0]], [late[1], orphan], dups, [late[1]]]
+
+    expected: dict[str, Any] | None = None
+    table = TRIGGER_EXECUTIONS.table
+    for batch in batches:
+        async with write_transaction(engine) as conn:
+            await conn.run_sync(TRIGGER_EXECUTIONS.apply, table, batch)
+        for event in batch:
+            if event.stream == stream:
+                expected = evolve(expected, event)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(table))).mappings().all()
+        assert [dict(row) for row in rows] == [expected]
+    assert expected is not None and expected["duplicate_count"] == 4
+    assert expected["last_seq"] == 6 and expected["status"] == "running"
