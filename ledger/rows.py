@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 Processor = Callable[[Any], Any]
@@ -38,8 +39,50 @@ class _Compiled:
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT `rows` (dicts by column name) into `table`."""
+    """INSERT `rows` (dicts by column name) into `table`.
+
+    On PostgreSQL, rows alike (the same columns) go as one statement, `INSERT … SELECT … FROM
+    unnest($1::type[], …)`, a column an array: an executemany is one execution a row, and
+    PostgreSQL starts and ends its executor for each (a fifth of its CPU in an append batch).
+    """
+    if conn.dialect.name == "postgresql" and len(rows) > 1:
+        names = tuple(rows[0])
+        if all(len(row) == len(names) and all(n in row for n in names) for row in rows):
+            _insert_arrays(conn, table, names, rows)
+            return
     execute_many(conn, _insert_statement(table), rows)
+
+
+def _insert_arrays(
+    conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    compiled = _compiled(_unnest_insert(table, names), conn.dialect, "")
+    assert compiled is not None  # PostgreSQL's paramstyle is positional
+    arrays = []
+    for name in compiled.names:
+        column = [row[name] for row in rows]
+        # Each element through its column's own bind processor (the array's would do the same).
+        processor = _bind_processor(table.c[name].type, conn.dialect)
+        if processor is not None:
+            converted: dict[Any, Any] = {}  # a batch shares its timestamps: convert each once
+            column = [
+                None if value is None else _memo(converted, value, processor) for value in column
+            ]
+        arrays.append(column)
+    _on_cursor(conn, compiled.sql, arrays, lambda cursor: cursor.execute(compiled.sql, arrays))
+
+
+def _memo(seen: dict[Any, Any], value: Any, processor: Processor) -> Any:
+    found = seen.get(value, seen)
+    if found is seen:
+        found = seen[value] = processor(value)
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _bind_processor(type_: Any, dialect: Dialect) -> Processor | None:
+    processor: Processor | None = type_._cached_bind_processor(dialect)
+    return processor
 
 
 def execute_many(
@@ -135,6 +178,15 @@ def _on_cursor(conn: sa.Connection, sql: str, params: Any, call: Callable[[Any],
 @functools.lru_cache(maxsize=64)
 def _insert_statement(table: sa.Table) -> sa.Insert:
     return table.insert()
+
+
+@functools.lru_cache(maxsize=64)
+def _unnest_insert(table: sa.Table, names: tuple[str, ...]) -> sa.Insert:
+    """INSERT INTO table (names) SELECT … FROM unnest(:name::type[], …): each bind a column's
+    values as an array of its type (its bind processor converts each element)."""
+    arrays = [sa.bindparam(name, type_=postgresql.ARRAY(table.c[name].type)) for name in names]
+    source = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="rows")
+    return table.insert().from_select(list(names), sa.select(*(source.c[n] for n in names)))
 
 
 @functools.lru_cache(maxsize=256)

@@ -111,3 +111,46 @@ async def test_bad_sql_is_sqlalchemys_error_and_the_transaction_can_go_on(
         return fetch_all(conn, sa.select(sa.literal(1)))
 
     assert await _sync(engine, work) == [(1,)]
+
+
+async def test_many_rows_store_what_one_at_a_time_stores(engine: AsyncEngine) -> None:
+    """On PostgreSQL rows alike go as one INSERT … FROM unnest(arrays), others one by one; either
+    way each value is stored as SQLAlchemy stores it: NULLs, a shared timestamp, big integers,
+    text of any kind (quotes, commas, braces, non-ASCII), in the order given."""
+    from ledger.schema import events
+
+    def row(n: int, **changed: Any) -> dict[str, Any]:
+        return {
+            "seq": 2**40 + n,
+            "id": f"id-{n}",
+            "stream": f"s,{{{n}}}",
+            "version": 1,
+            "type": "webhook.received",
+            "trigger_id": "t",
+            "idempotency_key": None if n % 2 else f'k "{n}" é',
+            "data": '{"a": [1, "x\\ny"]}',
+            "meta": "{}",
+            "recorded_at": MOMENT,
+            "hash": f"{n:064x}",
+        } | changed
+
+    alike = [row(n) for n in range(5)]
+    mixed = [row(5), {k: v for k, v in row(6).items() if k != "idempotency_key"}]
+    await _sync(engine, lambda conn: insert_many(conn, events, alike))
+    await _sync(engine, lambda conn: insert_many(conn, events, mixed))
+    stored = await _sync(
+        engine, lambda conn: fetch_dicts(conn, sa.select(events).order_by(events.c.seq))
+    )
+    expected = [*alike, mixed[0], mixed[1] | {"idempotency_key": None}]
+    assert stored == expected
+
+
+async def test_a_violation_in_many_rows_stores_none_of_them(engine: AsyncEngine) -> None:
+    first = {"name": "p1", "seq": 1, "updated_at": MOMENT}
+    await _sync(engine, lambda conn: insert_many(conn, checkpoints, [first]))
+    batch = [{"name": f"p{n}", "seq": n, "updated_at": MOMENT} for n in (0, 1, 2)]
+    with pytest.raises(sa.exc.IntegrityError) as caught:
+        await _sync(engine, lambda conn: insert_many(conn, checkpoints, batch))
+    assert not caught.value.connection_invalidated
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
+    assert got == [("p1",)]
