@@ -15,6 +15,7 @@ from datetime import UTC, date
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ledger.events import RecordedEvent
 from ledger.rows import execute_many, fetch_dicts, in_list, in_values, insert_many, padded
@@ -199,6 +200,49 @@ def _update_statement(target: sa.Table) -> sa.Update:
     )
 
 
+def _add_counts(
+    conn: sa.Connection, target: sa.Table, changes: list[tuple[Key, int, Change]]
+) -> None:
+    """Days whose changes here are counts alone (deliveries, duplicates, failures: the bulk of a
+    log) are added in the database, one upsert a day, without reading their rows first: the
+    same row as `fold` makes, its guard (an event at or below `last_seq` is in already) on the
+    day's first event here: a fold never gives a day some events it holds and some it does not
+    (checkpoints move with the folds; rebuilds fill an empty table)."""
+    days: dict[Key, Row] = {}
+    for key, seq, change in changes:
+        day = days.get(key)
+        if day is None:
+            day = days[key] = {
+                "trigger_id": key[0],
+                "day": key[1],
+                **dict.fromkeys(COUNTERS, 0),
+                "latency_count": 0,
+                "latency_sum_ms": 0.0,
+                "latency_histogram": _EMPTY_HISTOGRAM,
+                "first_seq": seq,
+            }
+        for name, count in change.counts.items():
+            day[name] += count
+        day["last_seq"] = seq
+    execute_many(conn, _add_counts_statement(target, conn.dialect.name), list(days.values()))
+
+
+_EMPTY_HISTOGRAM = histogram.dumps({})
+
+
+@functools.lru_cache(maxsize=16)
+def _add_counts_statement(target: sa.Table, dialect: str) -> sa.Executable:
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(target)
+    added = insert.excluded
+    first = sa.bindparam("first_seq", type_=target.c.last_seq.type)
+    return insert.on_conflict_do_update(
+        index_elements=[target.c.trigger_id, target.c.day],
+        set_={name: target.c[name] + added[name] for name in COUNTERS}
+        | {"last_seq": added.last_seq},
+        where=target.c.last_seq < first,
+    )
+
+
 class TriggerStatsProjection:
     """The `Projection` the runner and rebuild drive (projections.base.Projection)."""
 
@@ -218,6 +262,10 @@ class TriggerStatsProjection:
 
     def apply(self, conn: sa.Connection, table: sa.Table, events: Sequence[RecordedEvent]) -> None:
         changes = changes_of(events)
+        timed = {key for key, _, change in changes if change.latency_ms is not None}
+        if len(timed) < len({key for key, _, _ in changes}):
+            _add_counts(conn, table, [c for c in changes if c[0] not in timed])
+            changes = [c for c in changes if c[0] in timed]
         if not changes:
             return
         existing = _load(conn, table, {key for key, _, _ in changes})

@@ -266,3 +266,46 @@ def test_a_value_falls_in_the_bucket_whose_bounds_hold_it(ms: float) -> None:
     upper = histogram.MIN_MS * histogram.GROWTH**index
     lower = histogram.MIN_MS * histogram.GROWTH ** (index - 1) if index else 0.0
     assert lower < ms <= upper * (1 + 1e-9) or (index == 0 and ms <= histogram.MIN_MS)
+
+
+async def test_counts_added_in_the_database_equal_the_fold(engine: AsyncEngine) -> None:
+    """Days whose events here are counts alone are upserted without being read
+    (`_add_counts`); days with a latency sample are read and folded. Whatever the batches, the
+    row is what `fold` makes of the same events, and events given again change nothing."""
+    from projections.trigger_stats import DayStats, changes_of, fold
+
+    moment = datetime(2026, 11, 29, 12, tzinfo=UTC)
+
+    def event(seq: int, type_: str, data: dict[str, Any], day: int = 0) -> RecordedEvent:
+        return RecordedEvent(
+            seq=seq,
+            id=uuid7(),
+            stream=f"execution-{seq}",
+            version=1,
+            type=type_,
+            trigger_id="t",
+            idempotency_key=None,
+            data=data,
+            meta={},
+            recorded_at=moment + timedelta(days=day),
+            hash="",
+        )
+
+    received = {"initial_status": "pending"}
+    batches = [
+        [event(1, "webhook.received", received), event(2, "webhook.received", received)],
+        [event(3, "webhook.duplicate", {"body_matches": False}), event(4, "execution.failed", {})],
+        [event(5, "execution.succeeded", {"duration_ms": 12.5}), event(6, "webhook.received", {})],
+        [event(7, "webhook.received", {"initial_status": "filtered"}, day=1)],
+    ]
+    table = TRIGGER_STATS.table
+    rows: dict[Any, DayStats] = {}
+    for batch in [*batches, batches[1], batches[3]]:  # the last two given again
+        async with write_transaction(engine) as conn:
+            await conn.run_sync(TRIGGER_STATS.apply, table, batch)
+        fold(changes_of(batch), rows)
+        expected = [rows[key].to_row(key) for key in sorted(rows)]
+        async with engine.connect() as conn:
+            stored = (await conn.execute(sa.select(table).order_by(table.c.day))).mappings()
+            assert [dict(row) for row in stored] == expected
+    assert [rows[key].counts["received"] for key in sorted(rows)] == [3, 1]
