@@ -26,9 +26,11 @@ from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent, RecordedEvent, WebhookReceived, execution_of_stream
-from ledger.rows import fetch_all, insert_many, padded
+from ledger.rows import execute_sql, fetch_all, insert_many, padded
 from ledger.schema import IDEMPOTENCY_INDEX, events, json_text
 from ledger.store import (
+    APPEND_SAVEPOINT,
+    SAVEPOINT_AT_BEGIN,
     has_own_file,
     read_head,
     read_versions,
@@ -233,6 +235,7 @@ class Appended:
     results: list[Any]
     before: int  # the head's seq before this transaction
     events: list[RecordedEvent]
+    rows: list[dict[str, Any]]  # the events' rows as inserted
 
 
 async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
@@ -247,6 +250,39 @@ def append_batch(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
     """The append core (plain SQLAlchemy, so one thread can run a whole transaction): every
     command's result, and the events written, as a reader of the log sees them."""
     take_append_lock(conn)
+    return _append_locked(conn, commands)
+
+
+def append_and_fold(
+    conn: sa.Connection, commands: Sequence[Command], folder: Folder | None
+) -> tuple[Appended, bool]:
+    """The appender's transaction: `append_batch`, then the new events folded into the
+    projections by `folder` in the same transaction; True when they were (or there were none).
+
+    A fold that fails must not cost the append: everything after the savepoint opened before
+    the append is rolled back, and the append's rows are written again (the runner folds them
+    later, and says why it cannot). The savepoint stands from the start, not between the append
+    and the fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it
+    costs no round trip of its own.
+    """
+    take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
+    if not conn.info.get(SAVEPOINT_AT_BEGIN):
+        execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
+    appended = _append_locked(conn, commands)
+    if not appended.events:
+        return appended, True
+    if folder is None:
+        return appended, False
+    try:
+        return appended, folder.fold_appended(conn, appended.before, appended.events)
+    except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
+        logger.exception("evt=inline_fold_failed")
+        execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
+        insert_many(conn, events, appended.rows)
+        return appended, False
+
+
+def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
     head = read_head(conn)
     state = _plan_state(conn, commands)
     planned_all: list[tuple[NewEvent, int]] = []
@@ -272,7 +308,7 @@ def append_batch(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
         )
         for span in spans
     ]
-    return Appended(results, head[0], [_recorded(row) for row in rows])
+    return Appended(results, head[0], [_recorded(row) for row in rows], rows)
 
 
 _IN_TABLE_ORDER = operator.itemgetter(*(column.name for column in events.c))
@@ -293,7 +329,7 @@ class Folder(Protocol):
     ) -> bool:
         """In the append's transaction, touching nothing but `conn`, as its last work before the
         COMMIT: True when it folded them (False: the projections were not at `before`, the head
-        before them; left to the runner)."""
+        before them; left to the runner). If it raises, `append_and_fold` undoes what it did."""
         ...
 
     def folded(self, seq: int) -> None:
@@ -370,12 +406,7 @@ class Appender:
         folder = self.folder
 
         def work(conn: sa.Connection) -> tuple[Appended, bool]:
-            appended = append_batch(conn, commands)
-            if not appended.events:
-                return appended, True
-            return appended, folder is not None and folder.fold_appended(
-                conn, appended.before, appended.events
-            )
+            return append_and_fold(conn, commands, folder)
 
         if self._writes_plain:
             if self._writer is None:

@@ -100,6 +100,9 @@ def take_append_lock(conn: sa.Connection) -> None:
 # Set on a connection while its transaction holds the append lock since its BEGIN
 # (ledger.writers.HeldConnection).
 LOCKED_AT_BEGIN = "hookledger_append_locked"
+# And while the append's savepoint (`APPEND_SAVEPOINT`) stands since that BEGIN, opened with it.
+SAVEPOINT_AT_BEGIN = "hookledger_append_savepoint"
+APPEND_SAVEPOINT = "append"
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")

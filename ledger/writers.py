@@ -21,8 +21,10 @@ from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_
 
 from ledger.store import (
     APPEND_LOCK_ID,
+    APPEND_SAVEPOINT,
     BUSY_TIMEOUT_MS,
     LOCKED_AT_BEGIN,
+    SAVEPOINT_AT_BEGIN,
     plain_sqlite_engine,
     process_write_lock,
     write_options,
@@ -44,11 +46,12 @@ class HeldConnection:
     A connection from the pool costs two round trips a transaction (the pre-ping on checkout,
     the reset on return): on PostgreSQL an append batch is ~12 round trips, each resumed only
     when the loop gets to it, so those two were an eighth of a batch. And its transactions are
-    begun here, not by the driver: `BEGIN; SELECT pg_advisory_xact_lock(…)` goes as one simple
-    query, one round trip where the driver's BEGIN and the lock were two (the connection is in
-    autocommit for the driver, so it sends no BEGIN of its own; `take_append_lock` knows the
-    lock is held). After any failure (the database went away, a cancellation) the connection is
-    invalidated, which ends its transaction and lock on the server, and the next one is new.
+    begun here, not by the driver: `BEGIN; SELECT pg_advisory_xact_lock(…); SAVEPOINT append`
+    goes as one simple query, one round trip where the driver's BEGIN, the lock and the
+    appender's savepoint were three (the connection is in autocommit for the driver, so it sends
+    no BEGIN of its own; `take_append_lock` and `append_and_fold` know both are in place).
+    After any failure (the database went away, a cancellation) the connection is invalidated,
+    which ends its transaction and lock on the server, and the next one is new.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -76,7 +79,11 @@ class HeldConnection:
             await _close_quietly(conn)
 
 
-_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d})"
+# The append's savepoint is opened after the lock: a lock taken inside a savepoint would go with
+# a rollback to it.
+_BEGIN_LOCKED = (
+    f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d}); SAVEPOINT {APPEND_SAVEPOINT}"
+)
 
 
 def _locked_transaction(conn: sa.Connection, work: Callable[[sa.Connection], T]) -> T:
@@ -95,11 +102,12 @@ def _locked_transaction(conn: sa.Connection, work: Callable[[sa.Connection], T])
         return status
 
     run(_BEGIN_LOCKED)
-    conn.info[LOCKED_AT_BEGIN] = True
+    conn.info[LOCKED_AT_BEGIN] = conn.info[SAVEPOINT_AT_BEGIN] = True
     try:
         result = work(conn)
     finally:
         conn.info.pop(LOCKED_AT_BEGIN, None)
+        conn.info.pop(SAVEPOINT_AT_BEGIN, None)
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
     # error: nothing of it may be acknowledged then.
     status = run("COMMIT")
@@ -205,9 +213,10 @@ class SqliteWriter:
             _busy_timeout(self._conn, 0)  # see _begin
             driver = self._conn.connection.driver_connection
             assert driver is not None
-            # The inline fold's savepoint keeps the pages it changes in a sub-journal. In a file
-            # (the default), that was a temporary file created, written and unlinked in most
-            # append transactions; in memory it is a few pages, bounded by one batch's fold.
+            # The appender's savepoint (`append_and_fold`) keeps pages it changes in a
+            # sub-journal. In a file (the default), that was a temporary file created, written
+            # and unlinked in most append transactions; in memory it is a few pages, bounded by
+            # one batch.
             # Only this connection: elsewhere a large sort may still spill to disk.
             driver.execute("PRAGMA temp_store=MEMORY")
         return self._conn

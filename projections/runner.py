@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.events import RecordedEvent
 from ledger.failures import FailureLog
-from ledger.rows import execute_many, execute_sql, fetch_all
+from ledger.rows import execute_many, fetch_all
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import is_postgres, read_events, read_last_seq, write_transaction
 from projections.base import Projection
@@ -120,11 +120,11 @@ class ProjectionRunner:
         sender hears back, and nothing is read back from the log or committed twice.
 
         Otherwise (a projection is behind or rebuilt, another runner is folding) leave them to
-        `step`, and say so. A projection that fails here is rolled back to a savepoint and left
-        to `step` too, which stops on it and says why: a bug in a fold never refuses deliveries.
-        It touches nothing but `conn`: the appender reports the commit through `folded`. The
-        caller ends the transaction next: its COMMIT ends the savepoint too (a RELEASE before it
-        was one more statement in every append, a round trip on PostgreSQL).
+        `step`, and say so. A projection that fails here raises: the appender
+        (`ledger.appender.append_and_fold`) rolls the transaction back to its savepoint, keeps
+        the append, and leaves the fold to `step`, which stops on it and says why: a bug in a
+        fold never refuses deliveries. It touches nothing but `conn`: the appender reports the
+        commit through `folded`.
         """
         if conn.dialect.name == "postgresql":
             # One round trip: no rows when another runner holds the projector lock. The rows
@@ -138,17 +138,9 @@ class ProjectionRunner:
             return False
         now, seq = datetime.now(UTC), appended[-1].seq
         moved = [{"name": p.name, "seq": seq, "at": now} for p in self.projections]
-        # A savepoint by hand: SQLAlchemy's begin_nested() compiles two statements every time.
-        execute_sql(conn, "SAVEPOINT inline_fold")
-        try:
-            for projection in self.projections:
-                projection.apply(conn, projection.table, appended)
-            execute_many(conn, _MOVE_CHECKPOINT, moved, prefix="b_")
-        except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
-            logger.exception("evt=inline_fold_failed")
-            execute_sql(conn, "ROLLBACK TO SAVEPOINT inline_fold")
-            execute_sql(conn, "RELEASE SAVEPOINT inline_fold")
-            return False
+        for projection in self.projections:
+            projection.apply(conn, projection.table, appended)
+        execute_many(conn, _MOVE_CHECKPOINT, moved, prefix="b_")
         return True
 
     def folded(self, seq: int) -> None:

@@ -16,7 +16,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.appender import append_batch, append_commands
+from ledger.appender import append_and_fold, append_batch, append_commands
 from ledger.commands import AppendEvents
 from ledger.events import (
     ExecutionFailed,
@@ -240,8 +240,7 @@ class _BrokenAfterApplying:
 
 async def _append_and_fold(engine: AsyncEngine, runner: ProjectionRunner, key: str) -> bool:
     def work(conn: sa.Connection) -> bool:
-        appended = append_batch(conn, [delivery(key)])
-        return runner.fold_appended(conn, appended.before, appended.events)
+        return append_and_fold(conn, [delivery(key)], runner)[1]
 
     async with write_transaction(engine) as conn:
         return await conn.run_sync(work)
@@ -347,9 +346,10 @@ def _append_maybe_folded(
 ) -> None:
     # As the server's appender does: folded in the append's own transaction when the
     # projections are at the head, left to the runner otherwise.
-    appended = append_batch(conn, chunk)
-    if inline and appended.events:
-        folder.fold_appended(conn, appended.before, appended.events)
+    if inline:
+        append_and_fold(conn, chunk, folder)
+    else:
+        append_batch(conn, chunk)
 
 
 async def _run_property(

@@ -123,7 +123,7 @@ async def test_the_writer_commits_in_its_thread_while_commits_are_slow(
 async def test_the_writer_keeps_a_savepoints_journal_in_memory(
     sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
 ) -> None:
-    # The inline fold's savepoint journals the pages it changes; on the writer's connection that
+    # The appender's savepoint journals pages it changes; on the writer's connection that
     # journal is in memory (no temporary file per transaction), and a rollback to it still undoes
     # exactly what followed it.
     engine, writer, _ = sqlite_writer
@@ -217,3 +217,38 @@ async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
     assert await _locks_held(pg_engine) == 0
     async with pg_engine.connect() as conn:
         assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
+
+
+async def test_a_fold_failing_on_a_held_transaction_keeps_the_append_and_the_lock(
+    pg_engine: AsyncEngine,
+) -> None:
+    """The appender's savepoint is opened with BEGIN and the lock (one round trip): a fold that
+    fails is rolled back to it, the append is written again, and the lock stays held to the
+    COMMIT (a lock taken after the savepoint would have gone with the rollback)."""
+    from sqlalchemy.util import await_only
+
+    from ledger.appender import append_and_fold
+
+    held = HeldConnection(pg_engine)
+    seen: list[int] = []
+
+    class Failing:
+        def fold_appended(self, conn: sa.Connection, before: int, appended: list[Any]) -> bool:
+            store.fetch_all(conn, sa.text("SELECT 1 / 0"))  # the transaction is aborted here
+            return True
+
+        def folded(self, seq: int) -> None:
+            raise AssertionError("never folded")
+
+    def work(conn: sa.Connection) -> tuple[Any, bool]:
+        appended, folded = append_and_fold(conn, [make_delivery("kept")], Failing())
+        seen.append(await_only(_locks_held(pg_engine)))
+        return appended.results, folded
+
+    try:
+        (outcome,), folded = await held.run(work)
+    finally:
+        await held.close()
+    assert folded is False and seen == [1]
+    async with pg_engine.connect() as conn:
+        assert [e.id for e in await read_events(conn)] == [outcome.event_id]
