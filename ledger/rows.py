@@ -242,7 +242,9 @@ def _values(rows: Sequence[Mapping[str, Any]], compiled: _Compiled) -> list[Sequ
             listed = list(picked)
             for position, processor in processors:
                 value = listed[position]
-                if value is not None:
+                if type(value) is list:  # an array's values: not a key to remember
+                    listed[position] = processor(value)
+                elif value is not None:
                     key = (position, value)
                     found = converted.get(key, converted)
                     if found is converted:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.events import RecordedEvent
@@ -51,8 +52,24 @@ _MOVE_CHECKPOINT = (
     .where(checkpoints.c.name == sa.bindparam("b_name"))
     .values(seq=sa.bindparam("b_seq"), updated_at=sa.bindparam("b_at"))
 )
-_LOCKED_CHECKPOINTS = _CHECKPOINTS.where(
-    sa.func.pg_try_advisory_xact_lock(sa.bindparam("k", type_=sa.BigInteger()), type_=sa.Boolean)
+_NAMES = sa.bindparam("names", type_=postgresql.ARRAY(checkpoints.c.name.type))
+_AT_BEFORE = sa.and_(
+    checkpoints.c.name == sa.any_(_NAMES), checkpoints.c.seq == sa.bindparam("before")
+)
+# PostgreSQL, in one round trip: with the projector lock (no rows when another runner holds it),
+# every checkpoint moved from `before` to `seq` when all of them stood at `before`, else none.
+_MOVE_LOCKED_CHECKPOINTS = (
+    checkpoints.update()
+    .where(
+        _AT_BEFORE,
+        sa.select(sa.func.count()).where(_AT_BEFORE).scalar_subquery()
+        == sa.func.cardinality(_NAMES),
+        sa.func.pg_try_advisory_xact_lock(
+            sa.bindparam("k", type_=sa.BigInteger()), type_=sa.Boolean
+        ),
+    )
+    .values(seq=sa.bindparam("seq"), updated_at=sa.bindparam("at"))
+    .returning(checkpoints.c.name)
 )
 
 
@@ -126,21 +143,28 @@ class ProjectionRunner:
         fold never refuses deliveries. It touches nothing but `conn`: the appender reports the
         commit through `folded`.
         """
-        if conn.dialect.name == "postgresql":
-            # One round trip: no rows when another runner holds the projector lock. The rows
-            # may predate a runner's commit that ended just before the lock was won: then they
-            # are behind `before`, and this declines, which is always safe.
-            rows = fetch_all(conn, _LOCKED_CHECKPOINTS, {"k": PROJECTOR_LOCK_ID})
-        else:
-            rows = fetch_all(conn, _CHECKPOINTS)  # the SQLite write lock excludes runners
-        positions: dict[str, int] = {name: seq for name, seq in rows}
-        if any(positions.get(p.name) != before for p in self.projections):
-            return False
         now, seq = datetime.now(UTC), appended[-1].seq
-        moved = [{"name": p.name, "seq": seq, "at": now} for p in self.projections]
+        names = [p.name for p in self.projections]
+        if conn.dialect.name == "postgresql":
+            # The checkpoints are moved first, in the round trip that checks them: the
+            # savepoint the appender rolls back to if a fold fails undoes that too.
+            asked = {"names": names, "before": before, "seq": seq, "at": now}
+            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked | {"k": PROJECTOR_LOCK_ID})
+            if not moved:
+                return False
+            if len(moved) != len(names):
+                # All stood at `before` in the statement's snapshot, but one changed before
+                # the lock was won (a rebuild's swap): undo (see `append_and_fold`).
+                raise RuntimeError("a checkpoint moved while the inline fold took the lock")
+        else:
+            # The SQLite write lock excludes other runners.
+            positions = {name: seq for name, seq in fetch_all(conn, _CHECKPOINTS)}
+            if any(positions.get(name) != before for name in names):
+                return False
+            moving = [{"name": name, "seq": seq, "at": now} for name in names]
+            execute_many(conn, _MOVE_CHECKPOINT, moving, prefix="b_")
         for projection in self.projections:
             projection.apply(conn, projection.table, appended)
-        execute_many(conn, _MOVE_CHECKPOINT, moved, prefix="b_")
         return True
 
     def folded(self, seq: int) -> None:

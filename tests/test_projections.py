@@ -274,6 +274,68 @@ async def test_a_failing_inline_fold_keeps_the_append_and_leaves_the_fold_to_the
         await engine.dispose()
 
 
+async def test_an_inline_fold_on_postgres_moves_every_checkpoint_or_none(
+    database_url: str, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL checks and moves the checkpoints in one statement: it declines while another
+    runner holds the projector lock, or while a checkpoint is not at the head; and when a
+    checkpoint changes between that statement's snapshot and its row (a rebuild's swap
+    committing meanwhile), it undoes the fold and keeps the append."""
+    if backend != "postgres":
+        pytest.skip("the projector lock and the one-statement move are PostgreSQL's")
+    from projections.runner import PROJECTOR_LOCK_ID
+
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
+        await _append_and_fold(engine, runner, "a")
+        await runner.catch_up()
+        assert await _append_and_fold(engine, runner, "b") is True
+
+        async with engine.connect() as other:  # another runner at work
+            await other.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": PROJECTOR_LOCK_ID})
+            assert await _append_and_fold(engine, runner, "c") is False
+            await other.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PROJECTOR_LOCK_ID})
+        async with engine.connect() as conn:
+            assert set((await read_checkpoints(conn)).values()) == {2}  # none moved
+        await runner.catch_up()
+
+        async with engine.begin() as swap:  # a checkpoint behind the head: declined, none moved
+            await swap.execute(
+                sa.text("UPDATE projection_checkpoints SET seq = 1 WHERE name = 'triggers'")
+            )
+        assert await _append_and_fold(engine, runner, "d") is False
+        async with engine.connect() as conn:
+            assert sorted((await read_checkpoints(conn)).values()) == [1, 3, 3]
+        assert "evt=inline_fold_failed" not in caplog.text  # declined, not undone
+        await runner.catch_up()
+
+        # The race: the swap has changed its row but not committed when the fold's statement
+        # takes its snapshot; it commits while the fold waits for that row.
+        swap = await engine.connect()
+        await swap.begin()
+        await swap.execute(
+            sa.text("UPDATE projection_checkpoints SET seq = 2 WHERE name = 'triggers'")
+        )
+        folding = asyncio.create_task(_append_and_fold(engine, runner, "e"))
+        await asyncio.sleep(0.5)
+        assert not folding.done()  # waiting for the swap's row
+        await swap.commit()
+        await swap.close()
+        assert await folding is False
+        assert "a checkpoint moved" in caplog.text
+        async with engine.connect() as conn:
+            assert await read_last_seq(conn) == 5  # the delivery is in the log
+            positions = await read_checkpoints(conn)
+        assert sorted(positions.values()) == [2, 4, 4]  # the fold and its moves undone
+        assert len(await snapshot(engine, "trigger_executions")) == 4
+        await runner.catch_up()
+        assert len(await snapshot(engine, "trigger_executions")) == 5
+    finally:
+        await engine.dispose()
+
+
 # --- property: live projection == rebuild, whatever the batches and restarts -----------------
 
 operation = st.one_of(
