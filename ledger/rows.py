@@ -180,11 +180,20 @@ def _insert_statement(table: sa.Table) -> sa.Insert:
     return table.insert()
 
 
+def array_of(type_: Any) -> postgresql.ARRAY[Any]:
+    """A PostgreSQL array of `type_` for a bind's cast, without a string's length: an explicit
+    cast to `varchar(n)` cuts a longer value short, where the column's own assignment refuses it
+    (as a row inserted alone would be refused)."""
+    if isinstance(type_, sa.String) and type_.length is not None:
+        type_ = type(type_)()
+    return postgresql.ARRAY(type_)
+
+
 @functools.lru_cache(maxsize=64)
 def _unnest_insert(table: sa.Table, names: tuple[str, ...]) -> sa.Insert:
     """INSERT INTO table (names) SELECT … FROM unnest(:name::type[], …): each bind a column's
     values as an array of its type (its bind processor converts each element)."""
-    arrays = [sa.bindparam(name, type_=postgresql.ARRAY(table.c[name].type)) for name in names]
+    arrays = [sa.bindparam(name, type_=array_of(table.c[name].type)) for name in names]
     source = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="rows")
     return table.insert().from_select(list(names), sa.select(*(source.c[n] for n in names)))
 

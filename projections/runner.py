@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.events import RecordedEvent
 from ledger.failures import FailureLog
-from ledger.rows import execute_many, fetch_all
+from ledger.rows import array_of, execute_many, fetch_all
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import is_postgres, read_events, read_last_seq, write_transaction
 from projections.base import Projection
@@ -52,7 +51,7 @@ _MOVE_CHECKPOINT = (
     .where(checkpoints.c.name == sa.bindparam("b_name"))
     .values(seq=sa.bindparam("b_seq"), updated_at=sa.bindparam("b_at"))
 )
-_NAMES = sa.bindparam("names", type_=postgresql.ARRAY(checkpoints.c.name.type))
+_NAMES = sa.bindparam("names", type_=array_of(checkpoints.c.name.type))
 _AT_BEFORE = sa.and_(
     checkpoints.c.name == sa.any_(_NAMES), checkpoints.c.seq == sa.bindparam("before")
 )

@@ -154,3 +154,22 @@ async def test_a_violation_in_many_rows_stores_none_of_them(engine: AsyncEngine)
     assert not caught.value.connection_invalidated
     got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
     assert got == [("p1",)]
+
+
+async def test_a_value_too_long_for_its_column_is_refused_in_many_rows_too(
+    engine: AsyncEngine, backend: str
+) -> None:
+    """The arrays' casts carry no length: a string longer than its column is refused by the
+    column, as a row inserted alone is, never cut short by a cast (PostgreSQL; SQLite keeps
+    any length)."""
+    rows = [{"name": "p" * 64, "seq": 1, "updated_at": MOMENT}, {"name": "q" * 65, "seq": 2}]
+    rows[1]["updated_at"] = MOMENT
+    if backend == "postgres":
+        with pytest.raises(sa.exc.DBAPIError, match="too long"):
+            await _sync(engine, lambda conn: insert_many(conn, checkpoints, rows))
+        stored: list[Any] = []
+    else:
+        await _sync(engine, lambda conn: insert_many(conn, checkpoints, rows))
+        stored = [("p" * 64,), ("q" * 65,)]
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
+    assert sorted(got) == stored
