@@ -62,27 +62,23 @@ def _insert_arrays(
     for name in compiled.names:
         column = [row[name] for row in rows]
         # Each element through its column's own bind processor (the array's would do the same).
-        processor = _bind_processor(table.c[name].type, conn.dialect)
+        processor = table.c[name].type._cached_bind_processor(conn.dialect)
         if processor is not None:
             converted: dict[Any, Any] = {}  # a batch shares its timestamps: convert each once
             column = [
-                None if value is None else _memo(converted, value, processor) for value in column
+                None if value is None else _memo(converted, value, value, processor)
+                for value in column
             ]
         arrays.append(column)
     _on_cursor(conn, compiled.sql, arrays, lambda cursor: cursor.execute(compiled.sql, arrays))
 
 
-def _memo(seen: dict[Any, Any], value: Any, processor: Processor) -> Any:
-    found = seen.get(value, seen)
+def _memo(seen: dict[Any, Any], key: Any, value: Any, processor: Processor) -> Any:
+    """`processor(value)`, converted once for each `key` in `seen`."""
+    found = seen.get(key, seen)
     if found is seen:
-        found = seen[value] = processor(value)
+        found = seen[key] = processor(value)
     return found
-
-
-@functools.lru_cache(maxsize=256)
-def _bind_processor(type_: Any, dialect: Dialect) -> Processor | None:
-    processor: Processor | None = type_._cached_bind_processor(dialect)
-    return processor
 
 
 def execute_many(
@@ -254,11 +250,7 @@ def _values(rows: Sequence[Mapping[str, Any]], compiled: _Compiled) -> list[Sequ
                 if type(value) is list:  # an array's values: not a key to remember
                     listed[position] = processor(value)
                 elif value is not None:
-                    key = (position, value)
-                    found = converted.get(key, converted)
-                    if found is converted:
-                        found = converted[key] = processor(value)
-                    listed[position] = found
+                    listed[position] = _memo(converted, (position, value), value, processor)
             picked = tuple(listed)
         values.append(picked)
     return values

@@ -208,26 +208,13 @@ def _add_counts(
     same row as `fold` makes, its guard (an event at or below `last_seq` is in already) on the
     day's first event here: a fold never gives a day some events it holds and some it does not
     (checkpoints move with the folds; rebuilds fill an empty table)."""
-    days: dict[Key, Row] = {}
-    for key, seq, change in changes:
-        day = days.get(key)
-        if day is None:
-            day = days[key] = {
-                "trigger_id": key[0],
-                "day": key[1],
-                **dict.fromkeys(COUNTERS, 0),
-                "latency_count": 0,
-                "latency_sum_ms": 0.0,
-                "latency_histogram": _EMPTY_HISTOGRAM,
-                "first_seq": seq,
-            }
-        for name, count in change.counts.items():
-            day[name] += count
-        day["last_seq"] = seq
-    execute_many(conn, _add_counts_statement(target, conn.dialect.name), list(days.values()))
-
-
-_EMPTY_HISTOGRAM = histogram.dumps({})
+    first: dict[Key, int] = {}
+    for key, seq, _ in changes:
+        first.setdefault(key, seq)
+    days: dict[Key, DayStats] = {}
+    fold(changes, days)  # each day's additions: the fold's own, from zero
+    rows = [day.to_row(key) | {"first_seq": first[key]} for key, day in days.items()]
+    execute_many(conn, _add_counts_statement(target, conn.dialect.name), rows)
 
 
 @functools.lru_cache(maxsize=16)
