@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 from conftest import AUTH, create_trigger
-from factories import delivery
+from factories import delivery, recorded_event
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -29,7 +29,6 @@ from ledger.events import (
     TriggerResumed,
     execution_stream,
     trigger_stream,
-    uuid7,
 )
 from ledger.migrate import upgrade
 from ledger.store import create_engine, read_last_seq, write_transaction
@@ -476,51 +475,19 @@ def test_live_projection_equals_rebuild_for_any_history(
 
 
 def test_applying_an_event_twice_equals_once() -> None:
-    from datetime import UTC, datetime
-
-    from ledger.events import RecordedEvent
     from projections.trigger_executions import evolve
 
-    def recorded(seq: int, type_: str, data: dict[str, Any]) -> RecordedEvent:
-        return RecordedEvent(
-            seq=seq,
-            id=uuid7(),
-            stream="execution-x",
-            version=seq,
-            type=type_,
-            trigger_id="t",
-            idempotency_key=None,
-            data=data,
-            meta={},
-            recorded_at=datetime.now(UTC),
-            hash="",
-        )
-
-    received = recorded(1, "webhook.received", {"execution_id": "x", "initial_status": "pending"})
-    duplicate = recorded(2, "webhook.duplicate", {"execution_id": "x"})
+    received = recorded_event(
+        1, "webhook.received", {"execution_id": "x", "initial_status": "pending"}
+    )
+    duplicate = recorded_event(2, "webhook.duplicate", {"execution_id": "x"})
     once = evolve(evolve(None, received), duplicate)
     twice = evolve(once, duplicate)
     assert once == twice and once is not None and once["duplicate_count"] == 1
 
 
 def _recorded_event(seq: int, type_: str, data: dict[str, Any], stream: str) -> Any:
-    from datetime import UTC, datetime, timedelta
-
-    from ledger.events import RecordedEvent
-
-    return RecordedEvent(
-        seq=seq,
-        id=uuid7(),
-        stream=stream,
-        version=seq,
-        type=type_,
-        trigger_id="t",
-        idempotency_key="k",
-        data=data,
-        meta={},
-        recorded_at=datetime(2026, 11, 29, tzinfo=UTC) + timedelta(seconds=seq),
-        hash="",
-    )
+    return recorded_event(seq, type_, data, stream=stream, idempotency_key="k")
 
 
 async def test_the_live_fold_of_duplicates_equals_evolve_event_by_event(

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 from conftest import AUTH
+from factories import MOMENT, recorded_event
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -274,21 +275,10 @@ async def test_counts_added_in_the_database_equal_the_fold(engine: AsyncEngine) 
     row is what `fold` makes of the same events, and events given again change nothing."""
     from projections.trigger_stats import DayStats, changes_of, fold
 
-    moment = datetime(2026, 11, 29, 12, tzinfo=UTC)
-
     def event(seq: int, type_: str, data: dict[str, Any], day: int = 0) -> RecordedEvent:
-        return RecordedEvent(
-            seq=seq,
-            id=uuid7(),
-            stream=f"execution-{seq}",
-            version=1,
-            type=type_,
-            trigger_id="t",
-            idempotency_key=None,
-            data=data,
-            meta={},
-            recorded_at=moment + timedelta(days=day),
-            hash="",
+        at = MOMENT + timedelta(days=day)
+        return recorded_event(
+            seq, type_, data, stream=f"execution-{seq}", version=1, recorded_at=at
         )
 
     received = {"initial_status": "pending"}
