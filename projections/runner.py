@@ -104,6 +104,8 @@ class ProjectionRunner:
 
     async def step(self) -> int:
         """Project the next batch; the events read (0: caught up, or another runner's turn)."""
+        if not await self._behind():
+            return 0
         async with write_transaction(self.engine) as conn:
             if not await _take_projector_lock(conn, wait=False):
                 return 0
@@ -118,6 +120,16 @@ class ProjectionRunner:
         if batch:
             self.advanced.set()
         return len(batch)
+
+    async def _behind(self) -> bool:
+        """Whether a projection is behind the log, from a look that takes no lock: a poll that
+        finds nothing to do must not hold the projector lock, since an append that finds it
+        held leaves its events to this runner (`fold_appended`), and every append after it
+        too, its checkpoints then behind, until this runner has caught up under load."""
+        async with self.engine.connect() as conn:
+            head = await read_last_seq(conn)
+            positions = await read_checkpoints(conn)
+        return any(positions.get(p.name, 0) < head for p in self.projections)
 
     @staticmethod
     async def _apply(

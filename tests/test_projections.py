@@ -522,3 +522,29 @@ async def test_the_live_fold_of_duplicates_equals_evolve_event_by_event(
         assert [dict(row) for row in rows] == [expected]
     assert expected is not None and expected["duplicate_count"] == 4
     assert expected["last_seq"] == 6 and expected["status"] == "running"
+
+
+async def test_a_runner_with_nothing_to_do_takes_no_lock(database_url: str) -> None:
+    """A poll that finds every projection at the head writes nothing and locks nothing: an
+    append that found the projector lock (PostgreSQL) or the write lock (SQLite) taken by an
+    idle poll would leave its events to the runner, and on PostgreSQL every append after it
+    too, their checkpoints then behind, until the runner caught up under the load."""
+    engine = create_engine(database_url)
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    try:
+        await upgrade(engine)
+        runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
+        await _append_and_fold(engine, runner, "a")
+        sa.event.listen(engine.sync_engine, "before_cursor_execute", record)
+        assert await runner.step() == 1  # behind: folds, under the locks
+        assert any("advisory" in s or "BEGIN IMMEDIATE" in s for s in sent), sent
+        sent.clear()
+        assert await runner.step() == 0  # at the head
+        assert sent and not any("advisory" in s or "BEGIN IMMEDIATE" in s for s in sent), sent
+        assert not any(s.lstrip().upper().startswith(("INSERT", "UPDATE")) for s in sent), sent
+    finally:
+        await engine.dispose()
