@@ -26,7 +26,17 @@ from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent, RecordedEvent, WebhookReceived, execution_of_stream
-from ledger.rows import array_of, execute_sql, fetch_all, insert_many, padded
+from ledger.rows import (
+    array_of,
+    defer_writes,
+    discard,
+    execute_sql,
+    fetch_all,
+    flush,
+    insert_many,
+    padded,
+    stop_deferring,
+)
 from ledger.schema import IDEMPOTENCY_INDEX, events, json_text
 from ledger.store import (
     APPEND_SAVEPOINT,
@@ -316,23 +326,34 @@ def append_and_fold(
     the append is rolled back, and the append's rows are written again (the runner folds them
     later, and says why it cannot). The savepoint stands from the start, not between the append
     and the fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it
-    costs no round trip of its own.
+    costs no round trip of its own. On PostgreSQL the writes also wait for the statement after
+    them (`ledger.rows.defer_writes`): the append's rows go with the fold's first statement,
+    the fold's rows of all its tables in one, and all is sent before this returns.
     """
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
     if not conn.info.get(SAVEPOINT_AT_BEGIN):
         execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
-    appended = _append_locked(conn, commands)
-    if not appended.events:
-        return appended, True
-    if folder is None:
-        return appended, False
+    defer_writes(conn)
     try:
-        return appended, folder.fold_appended(conn, appended.before, appended.events)
-    except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
-        logger.exception("evt=inline_fold_failed")
-        execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
-        insert_many(conn, events, appended.rows)
-        return appended, False
+        appended = _append_locked(conn, commands)
+        if not appended.events or folder is None:
+            flush(conn)
+            return appended, not appended.events
+        try:
+            folded = folder.fold_appended(conn, appended.before, appended.events)
+            flush(conn)  # a fold's error raises here, in this try, not at the COMMIT
+            return appended, folded
+        except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
+            # The append's rows may have gone with the fold's first statement, and the error
+            # be theirs: written again alone, they raise it again (and no fold is blamed).
+            discard(conn)
+            execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
+            insert_many(conn, events, appended.rows)
+            flush(conn)
+            logger.exception("evt=inline_fold_failed")
+            return appended, False
+    finally:
+        stop_deferring(conn)
 
 
 def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended:

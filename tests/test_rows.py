@@ -11,7 +11,17 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.rows import execute_many, execute_sql, fetch_all, fetch_dicts, insert_many
+from ledger.rows import (
+    defer_writes,
+    discard,
+    execute_many,
+    execute_sql,
+    fetch_all,
+    fetch_dicts,
+    flush,
+    insert_many,
+    stop_deferring,
+)
 from ledger.schema import projection_checkpoints as checkpoints
 from projections.trigger_stats import table as stats
 
@@ -173,3 +183,89 @@ async def test_a_value_too_long_for_its_column_is_refused_in_many_rows_too(
         stored = [("p" * 64,), ("q" * 65,)]
     got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
     assert sorted(got) == stored
+
+
+# --- deferred writes (PostgreSQL): a write waits and goes with the next statement -------------
+
+
+def _checkpoint(name: str, seq: int) -> dict[str, Any]:
+    return {"name": name, "seq": seq, "updated_at": MOMENT}
+
+
+_SEQ_OF = sa.select(checkpoints.c.seq).where(checkpoints.c.name == sa.bindparam("name"))
+_STATS_OF = sa.select(stats.c.received).where(stats.c.trigger_id == sa.bindparam("trigger"))
+
+
+async def test_deferred_writes_keep_each_tables_order_and_what_each_statement_sees(
+    engine: AsyncEngine,
+) -> None:
+    """Writes that wait go with a later statement on another table (its parameters after
+    theirs), and before any statement on their own table, which sees them; a second write to a
+    table goes after the first. The same results as without deferring (SQLite never defers)."""
+    day = {c.name: 0 for c in stats.c} | {"trigger_id": "t", "day": MOMENT.date()}
+    day |= {"received": 7, "latency_histogram": "{}", "latency_sum_ms": 0.0}
+    await _sync(engine, lambda conn: insert_many(conn, stats, [day]))
+    moved = checkpoints.update().where(checkpoints.c.name == sa.bindparam("b_name"))
+    moved = moved.values(seq=sa.bindparam("b_seq"))
+
+    def work(conn: sa.Connection) -> list[Any]:
+        defer_writes(conn)
+        try:
+            insert_many(conn, checkpoints, [_checkpoint("a", 1), _checkpoint("b", 2)])
+            seen = [fetch_all(conn, _STATS_OF, {"trigger": "t"})]  # goes with the insert
+            execute_many(conn, moved, [{"name": "a", "seq": 10}], prefix="b_")  # waits
+            seen.append(fetch_all(conn, _SEQ_OF, {"name": "a"}))  # sees it
+            insert_many(conn, checkpoints, [_checkpoint("c", 3)])  # waits
+            execute_many(conn, moved, [{"name": "c", "seq": 30}], prefix="b_")  # sees it
+            seen.append(fetch_all(conn, sa.text("SELECT count(*) FROM projection_checkpoints")))
+            execute_many(conn, moved, [{"name": "b", "seq": 20}], prefix="b_")
+            flush(conn)
+            return seen
+        finally:
+            stop_deferring(conn)
+
+    assert await _sync(engine, work) == [[(7,)], [(10,)], [(3,)]]
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.seq)))
+    assert sorted(got) == [(10,), (20,), (30,)]
+
+
+async def test_a_deferred_writes_error_is_raised_by_the_statement_it_went_with(
+    engine: AsyncEngine, backend: str
+) -> None:
+    await _sync(engine, lambda conn: insert_many(conn, checkpoints, [_checkpoint("a", 1)]))
+
+    def work(conn: sa.Connection) -> None:
+        defer_writes(conn)
+        try:
+            if backend == "postgres":
+                insert_many(conn, checkpoints, [_checkpoint("a", 2)])  # waits, and fails…
+                with pytest.raises(sa.exc.IntegrityError):
+                    fetch_all(conn, _STATS_OF, {"trigger": "t"})  # …with this one
+            else:
+                with pytest.raises(sa.exc.IntegrityError):  # SQLite: at once
+                    insert_many(conn, checkpoints, [_checkpoint("a", 2)])
+        finally:
+            stop_deferring(conn)
+
+    await _sync(engine, work)
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.seq)))
+    assert got == [(1,)]
+
+
+async def test_discarded_writes_are_never_sent(engine: AsyncEngine, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("only PostgreSQL defers writes (SQLite's statements cost no round trip)")
+
+    def work(conn: sa.Connection) -> None:
+        defer_writes(conn)
+        try:
+            insert_many(conn, checkpoints, [_checkpoint("a", 1)])
+            discard(conn)
+            insert_many(conn, checkpoints, [_checkpoint("b", 2)])
+            flush(conn)
+        finally:
+            stop_deferring(conn)
+
+    await _sync(engine, work)
+    got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
+    assert got == [("b",)]

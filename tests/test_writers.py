@@ -252,3 +252,74 @@ async def test_a_fold_failing_on_a_held_transaction_keeps_the_append_and_the_loc
     assert folded is False and seen == [1]
     async with pg_engine.connect() as conn:
         assert [e.id for e in await read_events(conn)] == [outcome.event_id]
+
+
+async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
+    pg_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the idempotency constraint is absorbed (SPEC): a webhook.received for the same key,
+    committed by a writer that did not take the append lock between this append's lookup and
+    its insert, makes this delivery a duplicate of it, not a 500. The append's rows go with the
+    inline fold's first statement (deferred writes), so that statement raises the violation:
+    it is the append's, and no fold is blamed for it."""
+    import hashlib
+    import uuid
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from ledger.appender import Appender
+    from ledger.schema import events
+    from projections.registry import PROJECTIONS
+    from projections.runner import ProjectionRunner
+
+    runner = ProjectionRunner(pg_engine, list(PROJECTIONS.values()))
+    appender = Appender(pg_engine)
+    appender.folder = runner
+    task = asyncio.create_task(appender.run())
+    other = await pg_engine.connect()
+    try:
+        await appender.submit(make_delivery("first"))
+        await runner.catch_up()  # the checkpoints stand at the head: appends fold inline
+        execution = str(uuid.uuid4())
+        racer = {
+            "seq": 10**12,
+            "id": str(uuid.uuid4()),
+            "stream": f"execution-{execution}",
+            "version": 1,
+            "type": "webhook.received",
+            "trigger_id": "t",
+            "idempotency_key": "race",
+            "data": orjson.dumps(
+                {"execution_id": execution, "body_sha256": hashlib.sha256(b"{}").hexdigest()}
+            ).decode(),
+            "meta": "{}",
+            "recorded_at": datetime.now(UTC),
+            "hash": "0" * 64,
+        }
+        await other.begin()
+        await other.execute(events.insert().values(racer))  # not committed yet
+        answer = asyncio.create_task(appender.submit(make_delivery("race")))
+        async with asyncio.timeout(10):  # the append waits on the racer's index entry
+            while not await _waiting_for_a_lock(pg_engine):  # noqa: ASYNC110 - another session's state
+                await asyncio.sleep(0.01)
+        await other.commit()
+        outcome = await asyncio.wait_for(answer, 10)
+    finally:
+        await other.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await appender.close()
+    assert outcome.is_duplicate and outcome.original_event_id == racer["id"]
+    assert "evt=idempotency_race_absorbed" in caplog.text
+    assert "evt=inline_fold_failed" not in caplog.text
+    async with pg_engine.connect() as conn:
+        received = [e for e in await read_events(conn, limit=10) if e.idempotency_key == "race"]
+    assert [e.type for e in received] == ["webhook.received", "webhook.duplicate"]
+
+
+async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        return bool((await conn.execute(sa.text(query))).scalar_one())
