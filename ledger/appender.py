@@ -22,7 +22,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
+from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent, RecordedEvent, WebhookReceived, execution_of_stream
@@ -43,6 +43,7 @@ from ledger.store import (
     SAVEPOINT_AT_BEGIN,
     has_own_file,
     read_head,
+    read_head_statement,
     read_versions,
     take_append_lock,
     to_recorded,
@@ -127,14 +128,15 @@ def originals_queries(
     keys: set[tuple[str, str]], dialect: str
 ) -> Iterator[tuple[sa.Executable, dict[str, Any]]]:
     """The statements that find the webhook.received of each (trigger, key), with parameters:
-    on PostgreSQL one for any number of keys (`_originals_lateral`), on SQLite one per
+    on PostgreSQL one for any number of keys, which reads the head of the log too
+    (`_HEAD_AND_ORIGINALS`: its rows lead with the head's seq and hash), on SQLite one per
     `ORIGINALS_CHUNK` keys."""
     ordered = sorted(keys)
     if dialect == "postgresql":
         if ordered:
             triggers = [trigger_id for trigger_id, _ in ordered]
             asked = {"triggers": triggers, "keys": [key for _, key in ordered]}
-            yield _ORIGINALS_LATERAL, asked
+            yield _HEAD_AND_ORIGINALS, asked
         return
     for start in range(0, len(ordered), ORIGINALS_CHUNK):
         chunk = padded(ordered[start : start + ORIGINALS_CHUNK])
@@ -183,11 +185,23 @@ def _originals_lateral() -> sa.Select[Any]:
     )
     o = original.c
     return sa.select(
-        o.trigger_id, o.idempotency_key, o.id, o.body_sha256, o.stream, version
+        o.trigger_id, o.idempotency_key, o.id, o.body_sha256, o.stream, version.label("version")
     ).select_from(asked.join(original, sa.true()))
 
 
-_ORIGINALS_LATERAL = _originals_lateral()
+def _head_and_originals() -> sa.Select[Any]:
+    # PostgreSQL: the head of the log in the same round trip, on every row (NULL for an empty
+    # log), and on a row of its own, the originals' columns NULL, when no key was received
+    # before. Read after the append lock was taken (with BEGIN), as `read_head` is.
+    one = sa.select(sa.literal_column("1").label("one")).subquery("one")
+    head = read_head_statement().subquery("head")
+    found = _originals_lateral().subquery("found")
+    return sa.select(head.c.seq, head.c.hash, *found.c).select_from(
+        one.outerjoin(head, sa.true()).outerjoin(found, sa.true())
+    )
+
+
+_HEAD_AND_ORIGINALS = _head_and_originals()
 
 
 @functools.lru_cache(maxsize=16)
@@ -230,28 +244,39 @@ def _originals_statement(size: int) -> sa.Executable:
 
 def _read_originals(
     conn: sa.Connection, keys: set[tuple[str, str]]
-) -> tuple[dict[tuple[str, str], Original], dict[str, int]]:
-    """The original of each key already received, and the version of its stream."""
+) -> tuple[tuple[int, str], dict[tuple[str, str], Original], dict[str, int]]:
+    """The head of the log; the original of each key already received, and the version of its
+    stream."""
     # Of the original's data only the body's hash, read by the database: the whole text (the
     # body, the headers) was shipped to Python and parsed there for it, most of a duplicate's
     # read. Its execution is the one whose stream it opened.
+    found: list[Sequence[Any]] = []
+    if conn.dialect.name == "postgresql" and keys:
+        ((statement, params),) = originals_queries(keys, "postgresql")
+        rows = fetch_all(conn, statement, params)
+        head = (rows[0][0], rows[0][1]) if rows[0][0] is not None else (0, GENESIS_HASH)
+        found = [row[2:] for row in rows if row[2] is not None]
+    else:
+        head = read_head(conn)
+        for statement, params in originals_queries(keys, conn.dialect.name):
+            found += fetch_all(conn, statement, params)
     originals, versions = {}, {}
-    for statement, params in originals_queries(keys, conn.dialect.name):
-        for trigger_id, key, event_id, sha256, stream, version in fetch_all(
-            conn, statement, params
-        ):
-            execution_id = execution_of_stream(stream)
-            assert execution_id is not None, stream  # a webhook.received opens its execution
-            originals[(trigger_id, key)] = Original(event_id, execution_id, sha256)
-            versions[stream] = version
-    return originals, versions
+    for trigger_id, key, event_id, sha256, stream, version in found:
+        execution_id = execution_of_stream(stream)
+        assert execution_id is not None, stream  # a webhook.received opens its execution
+        originals[(trigger_id, key)] = Original(event_id, execution_id, sha256)
+        versions[stream] = version
+    return head, originals, versions
 
 
-def _plan_state(conn: sa.Connection, commands: Sequence[Command]) -> PlanState:
+def _plan_state(
+    conn: sa.Connection, commands: Sequence[Command]
+) -> tuple[tuple[int, str], PlanState]:
+    """The head of the log, and what planning `commands` reads."""
     keys = {c.key for c in commands if isinstance(c, RecordDelivery) and c.key}
-    originals, versions = _read_originals(conn, keys)
+    head, originals, versions = _read_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
-    return PlanState(read_versions(conn, streams) | versions, originals)
+    return head, PlanState(read_versions(conn, streams) | versions, originals)
 
 
 def _rows(
@@ -357,8 +382,7 @@ def append_and_fold(
 
 
 def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
-    head = read_head(conn)
-    state = _plan_state(conn, commands)
+    head, state = _plan_state(conn, commands)
     planned_all: list[tuple[NewEvent, int]] = []
     spans: list[tuple[Command, int, int] | LedgerError] = []
     for command in commands:

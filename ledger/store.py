@@ -124,6 +124,11 @@ def read_head(conn: sa.Connection) -> tuple[int, str]:
     return (rows[0][0], rows[0][1]) if rows else (0, GENESIS_HASH)
 
 
+def read_head_statement() -> sa.Select[Any]:
+    """`read_head`'s query (its seq and hash; no row for an empty log), to read with others."""
+    return _HEAD
+
+
 def read_versions(conn: sa.Connection, streams: Sequence[str]) -> dict[str, int]:
     """The current version of each stream that has events (the append core: sync)."""
     if not streams:
