@@ -66,10 +66,10 @@ def fact(logger: logging.Logger, evt: str, level: int = logging.INFO, **fields: 
     """
     if not logger.isEnabledFor(level):
         return
-    line = " ".join([f"evt={evt}", *(f"{k}={_text(v)}" for k, v in fields.items())])
     handler = _sole_json_handler(logger, level)
-    if handler is not None and handler.emit_fact(logger.name, level, line, evt, fields):
+    if handler is not None and handler.emit_fact(logger.name, level, evt, fields):
         return
+    line = " ".join([f"evt={evt}", *(f"{k}={_text(v)}" for k, v in fields.items())])
     logger.log(level, line, extra={"evt": evt, "fields": fields})
 
 
@@ -143,7 +143,9 @@ class JsonFormatter(logging.Formatter):
             record.created,
             record.levelname,
             record.name,
-            record.getMessage(),
+            # A fact's fields are members of the line; its message (`evt=… key=value …`, for
+            # text lines) would only say them again.
+            f"evt={evt}" if evt else record.getMessage(),
             evt,
             getattr(record, "fields", {}) if evt else {},
             getattr(record, "request_id", None),
@@ -219,9 +221,7 @@ class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
             return
         self._take(line, record.levelno)
 
-    def emit_fact(
-        self, logger_name: str, level: int, message: str, evt: str, fields: dict[str, Any]
-    ) -> bool:
+    def emit_fact(self, logger_name: str, level: int, evt: str, fields: dict[str, Any]) -> bool:
         """Write `fact`'s line as `emit` would write its record's (the formatter is our
         JsonFormatter, see `_sole_json_handler`); False when it cannot be formatted (the record's
         way then reports it as logging does)."""
@@ -232,7 +232,7 @@ class _BatchingStreamHandler(logging.StreamHandler[TextIO]):
                 time.time(),
                 logging.getLevelName(level),
                 logger_name,
-                message,
+                f"evt={evt}",
                 evt,
                 fields,
                 request_id.get(),
