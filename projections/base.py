@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
-from ledger.rows import execute_many, fetch_dicts, in_list, in_values, insert_many, padded
+from ledger.rows import array_of, execute_many, fetch_dicts, in_list, in_values, insert_many, padded
 from ledger.schema import events
 
 Row = dict[str, Any]
@@ -46,16 +47,40 @@ class Increment:
     conversion of its columns back to Python, and an UPDATE of what `evolve` recomputed.
 
     `apply` sends a key's events through it when every event of that key in the batch is of
-    `types`: `statement(table)` once per event, in seq order, with the
-    binds `values(event)` plus `key`, each prefixed `b_`. It must leave the row as `evolve`
-    would, event by event: a missing row stays missing (evolve gives None for it), and an event
-    at or below the row's `last_seq` changes nothing. `evolve` stays the definition; the
-    property test holds the live fold (this) equal to a rebuild.
+    `types`: one change a key, `values(its events here, in seq order)` plus `key`, made by
+    `statement(table, change)`, where `change.<name>` is each of `columns(table)` (name: type):
+    a bind parameter on SQLite (the statement runs once a key), the column of an `unnest` of
+    arrays on PostgreSQL (one statement for every key: one execution, and it can wait to go with
+    the next statement, see ledger.rows). It must leave the row as `evolve` would, event by
+    event: a missing row stays missing (evolve gives None for it), and events at or below the
+    row's `last_seq` change nothing; its guard may take the key's first event here, since a
+    fold never gives a row some of a batch's events and not the others (checkpoints move with
+    the folds; rebuilds fill an empty table). `evolve` stays the definition; the property test
+    holds the live fold (this) equal to a rebuild.
     """
 
     types: frozenset[str]
-    statement: Callable[[sa.Table], sa.Executable]
-    values: Callable[[RecordedEvent], Row]
+    columns: Callable[[sa.Table], dict[str, Any]]  # the change's columns and their types
+    statement: Callable[[sa.Table, Any], sa.Executable]
+    values: Callable[[list[RecordedEvent]], Row]
+
+
+@functools.lru_cache(maxsize=16)
+def _increment_statement(increment: Increment, table: sa.Table, dialect: str) -> sa.Executable:
+    types = {"key": table.c[_key_column(table)].type} | increment.columns(table)
+    if dialect == "postgresql":
+        arrays = [sa.bindparam(f"b_{name}", type_=array_of(type_)) for name, type_ in types.items()]
+        change: Any = sa.func.unnest(*arrays).table_valued(*types).render_derived(name="change").c
+    else:
+        change = SimpleNamespace(
+            **{name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
+        )
+    return increment.statement(table, change)
+
+
+def _key_column(table: sa.Table) -> str:
+    (column,) = table.primary_key.columns
+    return column.name
 
 
 class Projection(Protocol):
@@ -136,10 +161,15 @@ class RowProjection:
         other = {key for key, event in keyed if event.type not in types}
         if len(other) == len({key for key, _ in keyed}):
             return keyed
-        values = [
-            {"key": key, **increment.values(event)} for key, event in keyed if key not in other
-        ]
-        execute_many(conn, increment.statement(table), values, prefix="b_")
+        by_key: dict[str, list[RecordedEvent]] = {}
+        for key, event in keyed:
+            if key not in other:
+                by_key.setdefault(key, []).append(event)
+        changes = [{"key": key, **increment.values(events)} for key, events in by_key.items()]
+        statement = _increment_statement(increment, table, conn.dialect.name)
+        if conn.dialect.name == "postgresql":  # one row: a column of values each
+            changes = [{name: [change[name] for change in changes] for name in changes[0]}]
+        execute_many(conn, statement, changes, prefix="b_")
         return [(key, event) for key, event in keyed if key in other]
 
     def _load(self, conn: sa.Connection, table: sa.Table, keys: set[str]) -> dict[str, Row]:

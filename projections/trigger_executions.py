@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime
 from typing import Any
 
@@ -251,27 +250,46 @@ BULK = BulkFold(covers=sa.or_(_OPENS, _DUPLICATE), create=_bulk_create, amend=_b
 
 
 # The live fold's shortcut for duplicates (projections.base.Increment): the `webhook.duplicate`
-# case of `_change` and `evolve`'s guard, as one UPDATE of the row where it stands.
-@functools.lru_cache(maxsize=8)
-def _add_duplicate(target: sa.Table) -> sa.Executable:
-    seq = sa.bindparam("b_seq", type_=target.c.last_seq.type)
+# case of `_change` and `evolve`'s guard, as one UPDATE of the row where it stands, all of a
+# batch's duplicates of an execution at once.
+def _duplicate_columns(target: sa.Table) -> dict[str, Any]:
+    c = target.c
+    return {
+        "added": sa.Integer(),
+        "at": c.last_duplicate_at.type,
+        "first_seq": c.last_seq.type,
+        "seq": c.last_seq.type,
+        "version": c.version.type,
+    }
+
+
+def _add_duplicates(target: sa.Table, change: Any) -> sa.Executable:
     return (
         target.update()
-        .where(target.c.execution_id == sa.bindparam("b_key", type_=target.c.execution_id.type))
-        .where(target.c.last_seq < seq)
+        .where(target.c.execution_id == change.key, target.c.last_seq < change.first_seq)
         .values(
-            duplicate_count=target.c.duplicate_count + 1,
-            last_duplicate_at=sa.bindparam("b_at", type_=target.c.last_duplicate_at.type),
-            last_seq=seq,
-            version=sa.bindparam("b_version", type_=target.c.version.type),
+            duplicate_count=target.c.duplicate_count + change.added,
+            last_duplicate_at=change.at,
+            last_seq=change.seq,
+            version=change.version,
         )
     )
 
 
-def _duplicate_values(event: RecordedEvent) -> Row:
-    return {"at": event.recorded_at, "seq": event.seq, "version": event.version}
+def _duplicates_values(events: list[RecordedEvent]) -> Row:
+    last = events[-1]
+    return {
+        "added": len(events),
+        "at": last.recorded_at,
+        "first_seq": events[0].seq,
+        "seq": last.seq,
+        "version": last.version,
+    }
 
 
 INCREMENT = Increment(
-    types=frozenset({"webhook.duplicate"}), statement=_add_duplicate, values=_duplicate_values
+    types=frozenset({"webhook.duplicate"}),
+    columns=_duplicate_columns,
+    statement=_add_duplicates,
+    values=_duplicates_values,
 )
