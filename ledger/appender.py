@@ -242,7 +242,7 @@ def _originals_statement(size: int) -> sa.Executable:
     return selects[0] if len(selects) == 1 else sa.union_all(*selects)
 
 
-def _read_originals(
+def _read_head_and_originals(
     conn: sa.Connection, keys: set[tuple[str, str]]
 ) -> tuple[tuple[int, str], dict[tuple[str, str], Original], dict[str, int]]:
     """The head of the log; the original of each key already received, and the version of its
@@ -274,7 +274,7 @@ def _plan_state(
 ) -> tuple[tuple[int, str], PlanState]:
     """The head of the log, and what planning `commands` reads."""
     keys = {c.key for c in commands if isinstance(c, RecordDelivery) and c.key}
-    head, originals, versions = _read_originals(conn, keys)
+    head, originals, versions = _read_head_and_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
     return head, PlanState(read_versions(conn, streams) | versions, originals)
 

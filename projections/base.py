@@ -66,8 +66,10 @@ class Increment:
 
 
 @functools.lru_cache(maxsize=16)
-def _increment_statement(increment: Increment, table: sa.Table, dialect: str) -> sa.Executable:
-    types = {"key": table.c[_key_column(table)].type} | increment.columns(table)
+def _increment_statement(
+    increment: Increment, table: sa.Table, key_column: str, dialect: str
+) -> sa.Executable:
+    types = {"key": table.c[key_column].type} | increment.columns(table)
     if dialect == "postgresql":
         arrays = [sa.bindparam(f"b_{name}", type_=array_of(type_)) for name, type_ in types.items()]
         change: Any = sa.func.unnest(*arrays).table_valued(*types).render_derived(name="change").c
@@ -76,11 +78,6 @@ def _increment_statement(increment: Increment, table: sa.Table, dialect: str) ->
             **{name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
         )
     return increment.statement(table, change)
-
-
-def _key_column(table: sa.Table) -> str:
-    (column,) = table.primary_key.columns
-    return column.name
 
 
 class Projection(Protocol):
@@ -166,7 +163,7 @@ class RowProjection:
             if key not in other:
                 by_key.setdefault(key, []).append(event)
         changes = [{"key": key, **increment.values(events)} for key, events in by_key.items()]
-        statement = _increment_statement(increment, table, conn.dialect.name)
+        statement = _increment_statement(increment, table, self.key_column, conn.dialect.name)
         if conn.dialect.name == "postgresql":  # one row: a column of values each
             changes = [{name: [change[name] for change in changes] for name in changes[0]}]
         execute_many(conn, statement, changes, prefix="b_")
