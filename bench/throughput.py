@@ -89,7 +89,7 @@ class Admin:
             f"{self._url}/api/projections", headers=self._headers
         ) as response:
             body = await response.json()
-        return max(p["lag_events"] for p in body["projections"])
+        return int(max(p["lag_events"] for p in body["projections"]))
 
     async def deliver(self, key: str) -> tuple[int, str]:
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}
@@ -258,9 +258,6 @@ def as_json(run: ServerRun) -> dict[str, Any]:
     return {
         "server": run.name,
         "peak_rss_mb": round(run.peak_rss_mb, 1),
-        "points": [
-            {k: getattr(p, k) for k in Point.__slots__}  # type: ignore[attr-defined]
-            for p in run.points
-        ],
+        "points": [{k: getattr(p, k) for k in Point.__slots__} for p in run.points],
         "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in run.checks],
     }

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -133,16 +133,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 LANES = ["listener", "aiohttp"]
 
 
-async def serve_app(aiohttp_client: MakeClient, app: web.Application, lane: str) -> TestClient:  # type: ignore[type-arg]
+async def serve_app(
+    aiohttp_client: MakeClient, app: web.Application, lane: str
+) -> TestClient[Any, Any]:
     """A client of `app`. On the listener, every request gets a connection of its own, so that
     each takes the lane its own kind takes (a webhook POST the fast lane); on aiohttp's, the app
     is served by aiohttp alone."""
     if lane == "aiohttp":
-        return await aiohttp_client(app)
+        return cast(TestClient[Any, Any], await aiohttp_client(app))
     settings = app[SERVICES].settings
-    return await aiohttp_client(
+    client = await aiohttp_client(
         ListenerServer(app, settings), connector=TCPConnector(force_close=True)
     )
+    return cast(TestClient[Any, Any], client)
 
 
 @pytest.fixture

@@ -126,8 +126,8 @@ async def test_filters_by_type_and_trigger(client: TestClient) -> None:  # type:
 
 
 async def test_two_readers_see_the_exact_log_while_writers_race(
-    client: TestClient,
-    settings: Settings,  # type: ignore[type-arg]
+    client: TestClient[Any, Any],
+    settings: Settings,
 ) -> None:
     await create_trigger(client, id="t")
     # A second server process on the same database: its commits reach the feed by polling.
@@ -136,7 +136,7 @@ async def test_two_readers_see_the_exact_log_while_writers_race(
     try:
         readers = [await open_stream(client, "?after=0") for _ in range(2)]
 
-        async def writer(target: TestClient, n: int, name: str) -> None:  # type: ignore[type-arg]
+        async def writer(target: TestClient[Any, Any], n: int, name: str) -> None:
             for i in range(n):
                 key = f"{name}-{i % 7}"  # some duplicates too
                 await deliver(target, "t", f'{{"w": "{name}", "i": {i}}}', key=key)
@@ -150,6 +150,7 @@ async def test_two_readers_see_the_exact_log_while_writers_race(
         log = await logged(settings)
         assert len(log) == expected
         for got in (seen_a, seen_b):
+            assert got is not None
             assert [(s, d["id"]) for s, _, d in got] == [(e.seq, e.id) for e in log]
             assert [s for s, _, _ in got] == list(range(1, expected + 1))
         for reader in readers:
@@ -159,8 +160,8 @@ async def test_two_readers_see_the_exact_log_while_writers_race(
 
 
 async def test_events_follow_prints_the_backlog_then_new_events_filtered(
-    client: TestClient,
-    settings: Settings,  # type: ignore[type-arg]
+    client: TestClient[Any, Any],
+    settings: Settings,
 ) -> None:
     await create_trigger(client, id="t")
     await create_trigger(client, id="u")
