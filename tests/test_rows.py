@@ -4,11 +4,15 @@ must be what SQLAlchemy itself would, and a driver's error must reach callers as
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.rows import (
@@ -23,6 +27,7 @@ from ledger.rows import (
     stop_deferring,
 )
 from ledger.schema import projection_checkpoints as checkpoints
+from ledger.store import create_engine
 from projections.trigger_stats import table as stats
 
 MOMENT = datetime(2026, 11, 28, 17, 30, 0, 123456, tzinfo=UTC)
@@ -192,8 +197,18 @@ def _checkpoint(name: str, seq: int) -> dict[str, Any]:
     return {"name": name, "seq": seq, "updated_at": MOMENT}
 
 
+def _day(trigger_id: str, received: int) -> dict[str, Any]:
+    day = {c.name: 0 for c in stats.c} | {"trigger_id": trigger_id, "day": MOMENT.date()}
+    return day | {"received": received, "latency_histogram": "{}", "latency_sum_ms": 0.0}
+
+
 _SEQ_OF = sa.select(checkpoints.c.seq).where(checkpoints.c.name == sa.bindparam("name"))
 _STATS_OF = sa.select(stats.c.received).where(stats.c.trigger_id == sa.bindparam("trigger"))
+_MOVE = (
+    checkpoints.update()
+    .where(checkpoints.c.name == sa.bindparam("b_name"))
+    .values(seq=sa.bindparam("b_seq"))
+)
 
 
 async def test_deferred_writes_keep_each_tables_order_and_what_each_statement_sees(
@@ -202,11 +217,8 @@ async def test_deferred_writes_keep_each_tables_order_and_what_each_statement_se
     """Writes that wait go with a later statement on another table (its parameters after
     theirs), and before any statement on their own table, which sees them; a second write to a
     table goes after the first. The same results as without deferring (SQLite never defers)."""
-    day = {c.name: 0 for c in stats.c} | {"trigger_id": "t", "day": MOMENT.date()}
-    day |= {"received": 7, "latency_histogram": "{}", "latency_sum_ms": 0.0}
-    await _sync(engine, lambda conn: insert_many(conn, stats, [day]))
-    moved = checkpoints.update().where(checkpoints.c.name == sa.bindparam("b_name"))
-    moved = moved.values(seq=sa.bindparam("b_seq"))
+    await _sync(engine, lambda conn: insert_many(conn, stats, [_day("t", 7)]))
+    moved = _MOVE
 
     def work(conn: sa.Connection) -> list[Any]:
         defer_writes(conn)
@@ -269,3 +281,72 @@ async def test_discarded_writes_are_never_sent(engine: AsyncEngine, backend: str
     await _sync(engine, work)
     got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
     assert got == [("b",)]
+
+
+# Any sequence of writes and reads gives the same reads and the same tables, deferred or not.
+_OPERATION = st.one_of(
+    st.tuples(st.just("insert"), st.integers(1, 3)),  # one row, or rows alike (unnest)
+    st.tuples(st.just("move"), st.lists(st.integers(0, 5), min_size=1, max_size=3), st.integers()),
+    st.tuples(st.just("day"), st.integers(0, 9)),
+    st.tuples(st.just("read"), st.sampled_from(["checkpoints", "stats", "text"])),
+)
+_READS: dict[str, sa.Executable] = {
+    "checkpoints": sa.select(checkpoints.c.name, checkpoints.c.seq).order_by(checkpoints.c.name),
+    "stats": sa.select(stats.c.trigger_id, stats.c.received).order_by(stats.c.trigger_id),
+    "text": sa.text("SELECT count(*), coalesce(sum(seq), 0) FROM projection_checkpoints"),
+}
+
+
+def _replay(conn: sa.Connection, operations: list[Any], deferring: bool) -> list[Any]:
+    if deferring:
+        defer_writes(conn)
+    seen: list[Any] = []
+    made = days = 0
+    try:
+        for operation in operations:
+            match operation:
+                case ("insert", n):
+                    rows = [_checkpoint(f"c{made + i}", made + i) for i in range(n)]
+                    insert_many(conn, checkpoints, rows)
+                    made += n
+                case ("move", names, seq):  # one row: it may wait; more: an executemany
+                    moves = [{"name": f"c{i}", "seq": seq % 2**31} for i in names]
+                    execute_many(conn, _MOVE, moves, prefix="b_")
+                case ("day", received):
+                    insert_many(conn, stats, [_day(f"t{days}", received)])
+                    days += 1
+                case ("read", which):
+                    seen.append(fetch_all(conn, _READS[which]))
+        flush(conn)
+        return [*seen, fetch_all(conn, _READS["checkpoints"]), fetch_all(conn, _READS["stats"])]
+    finally:
+        stop_deferring(conn)
+
+
+async def _both_ways(url: str, operations: list[Any]) -> tuple[list[Any], list[Any]]:
+    engine = create_engine(url)
+    try:
+        results = []
+        for deferring in (True, False):
+            async with engine.connect() as conn:
+                await conn.begin()
+                results.append(await conn.run_sync(_replay, operations, deferring))
+                await conn.rollback()
+        return results[0], results[1]
+    finally:
+        await engine.dispose()
+
+
+@hsettings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(operations=st.lists(_OPERATION, min_size=1, max_size=14))
+def test_deferred_writes_read_and_leave_what_writes_at_once_do(
+    engine: AsyncEngine, database_url: str, backend: str, operations: list[Any]
+) -> None:
+    """Each example runs twice in a transaction rolled back after it (on the database the
+    `engine` fixture migrated): with its writes deferred, and at once."""
+    if backend != "postgres":
+        pytest.skip("only PostgreSQL defers writes")
+    deferred, at_once = asyncio.run(_both_ways(database_url, operations))
+    assert deferred == at_once
