@@ -12,7 +12,7 @@ stored and read back is what SQLAlchemy would store and read. Driver errors beco
 
 On PostgreSQL a transaction may also let its writes wait and go with its next statement
 (`defer_writes`): each statement is a round trip there, resumed only when the busy loop gets to
-it, and an append batch's writes then take two instead of five.
+it, and an append batch's writes then take two instead of four.
 """
 
 from __future__ import annotations
@@ -224,17 +224,31 @@ def _compiled(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Compi
     take = operator.itemgetter(*names) if names else None
     sql = str(compiled)
     return _Compiled(
-        sql, names, take, defaults, processors, columns, types, _tables(statement, sql, dialect)
+        sql,
+        names,
+        take,
+        defaults,
+        processors,
+        columns,
+        types,
+        _tables(statement, sql, dialect, len(binds)),
     )
 
 
-def _tables(statement: sa.Executable, sql: str, dialect: Dialect) -> frozenset[str] | None:
+def _tables(
+    statement: sa.Executable, sql: str, dialect: Dialect, binds: int
+) -> frozenset[str] | None:
     """The tables a statement reads or writes, when it may join a deferred write (see
     `defer_writes`): PostgreSQL's positional SQL of SQLAlchemy constructs, without a WITH of
     its own, whose parameters are exactly its binds."""
     if dialect.name != "postgresql" or not isinstance(statement, sa.sql.ClauseElement):
         return None
     if sql.lstrip().upper().startswith("WITH") or isinstance(statement, sa.TextClause):
+        return None
+    # Joined, its $n are renumbered as text: every $n must be one of its binds (no `$` in a
+    # literal of these statements; one that had a $n past its binds would not be joined).
+    numbers = {int(n) for n in _PARAMETER.findall(sql)}
+    if numbers != set(range(1, binds + 1)):
         return None
     found = find_tables(statement, include_crud=True)
     return frozenset(table.name for table in found if isinstance(table, sa.Table)) or None
