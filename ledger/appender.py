@@ -22,7 +22,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
+from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, Original, PlanState, RecordDelivery, result_of
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent, RecordedEvent, WebhookReceived, execution_of_stream
@@ -42,6 +42,7 @@ from ledger.store import (
     APPEND_SAVEPOINT,
     SAVEPOINT_AT_BEGIN,
     has_own_file,
+    head_of,
     read_head,
     read_head_statement,
     read_versions,
@@ -254,7 +255,7 @@ def _read_head_and_originals(
     if conn.dialect.name == "postgresql" and keys:
         ((statement, params),) = originals_queries(keys, "postgresql")
         rows = fetch_all(conn, statement, params)
-        head = (rows[0][0], rows[0][1]) if rows[0][0] is not None else (0, GENESIS_HASH)
+        head = head_of(rows[0][0], rows[0][1])
         found = [row[2:] for row in rows if row[2] is not None]
     else:
         head = read_head(conn)

@@ -121,12 +121,17 @@ def _versions_statement(size: int) -> sa.Select[Any]:
 def read_head(conn: sa.Connection) -> tuple[int, str]:
     """The last event's seq and hash (0 and the genesis hash for an empty log)."""
     rows = fetch_all(conn, _HEAD)
-    return (rows[0][0], rows[0][1]) if rows else (0, GENESIS_HASH)
+    return head_of(*rows[0]) if rows else head_of(None, None)
 
 
 def read_head_statement() -> sa.Select[Any]:
     """`read_head`'s query (its seq and hash; no row for an empty log), to read with others."""
     return _HEAD
+
+
+def head_of(seq: int | None, hash_: str | None) -> tuple[int, str]:
+    """The head from `read_head_statement`'s columns (None: an empty log, 0 and the genesis)."""
+    return (0, GENESIS_HASH) if seq is None or hash_ is None else (seq, hash_)
 
 
 def read_versions(conn: sa.Connection, streams: Sequence[str]) -> dict[str, int]:

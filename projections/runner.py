@@ -126,10 +126,7 @@ class ProjectionRunner:
         finds nothing to do must not hold the projector lock, since an append that finds it
         held leaves its events to this runner (`fold_appended`), and every append after it
         too, its checkpoints then behind, until this runner has caught up under load."""
-        async with self.engine.connect() as conn:
-            head = await read_last_seq(conn)
-            positions = await read_checkpoints(conn)
-        return any(positions.get(p.name, 0) < head for p in self.projections)
+        return any(behind > 0 for behind in (await self.lag()).values())
 
     @staticmethod
     async def _apply(
