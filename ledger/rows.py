@@ -39,7 +39,8 @@ class _Compiled:
     names: tuple[str, ...]  # bind names in the statement's positional order, less the prefix
     take: Callable[[Mapping[str, Any]], Any] | None  # itemgetter of `names` (None: no binds)
     defaults: tuple[Any, ...]  # each bind's own value (a LIMIT, a literal), when not given
-    processors: tuple[tuple[int, Processor], ...]  # bind processors by position
+    # bind processors by position; of an array's elements for an array (True)
+    processors: tuple[tuple[int, Processor, bool], ...]
     columns: tuple[str, ...]  # result columns' names (SELECT)
     types: tuple[Any, ...]  # and their SQLAlchemy types
     tables: frozenset[str] | None  # the tables it reads or writes (None: not known, any)
@@ -65,19 +66,13 @@ def _insert_arrays(
 ) -> None:
     compiled = _compiled(_unnest_insert(table, names), conn.dialect, "")
     assert compiled is not None  # PostgreSQL's paramstyle is positional
-    arrays = []
-    for name in compiled.names:
-        column = [row[name] for row in rows]
-        # Each element through its column's own bind processor (the array's would do the same).
-        processor = table.c[name].type._cached_bind_processor(conn.dialect)
-        if processor is not None:
-            converted: dict[Any, Any] = {}  # a batch shares its timestamps: convert each once
-            column = [
-                None if value is None else _memo(converted, value, value, processor)
-                for value in column
-            ]
-        arrays.append(column)
-    _write(conn, compiled, arrays)
+    _write(conn, compiled, _values([as_arrays(rows)], compiled)[0])
+
+
+def as_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Rows alike (not empty) as one row of arrays, a column's values each: the parameters of a
+    statement over `unnest` of them (PostgreSQL)."""
+    return {name: [row[name] for row in rows] for name in rows[0]}
 
 
 def _memo(seen: dict[Any, Any], key: Any, value: Any, processor: Processor) -> Any:
@@ -213,9 +208,10 @@ def _compiled(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Compi
         return None
     binds = list(compiled.positiontup)
     processors = tuple(
-        (position, processor)
+        (position, processor, is_array)
         for position, name in enumerate(binds)
-        if (processor := compiled.binds[name].type._cached_bind_processor(dialect)) is not None
+        for processor, is_array in (_bind_processor(compiled.binds[name].type, dialect),)
+        if processor is not None
     )
     defaults = tuple(compiled.binds[name].effective_value for name in binds)
     columns = tuple(entry[0] for entry in compiled._result_columns)
@@ -233,6 +229,14 @@ def _compiled(statement: sa.Executable, dialect: Dialect, prefix: str) -> _Compi
         types,
         _tables(statement, sql, dialect, len(binds)),
     )
+
+
+def _bind_processor(type_: Any, dialect: Dialect) -> tuple[Processor | None, bool]:
+    """A bind's processor; for an array its elements' (each converted once per call, as any
+    value: a batch's rows share their timestamps), and True."""
+    if isinstance(type_, sa.ARRAY):
+        return type_.item_type._cached_bind_processor(dialect), True
+    return type_._cached_bind_processor(dialect), False
 
 
 def _tables(
@@ -286,11 +290,18 @@ def _values(rows: Sequence[Mapping[str, Any]], compiled: _Compiled) -> list[Sequ
                 )
         if processors:
             listed = list(picked)
-            for position, processor in processors:
+            for position, processor, is_array in processors:
                 value = listed[position]
-                if type(value) is list:  # an array's values: not a key to remember
-                    listed[position] = processor(value)
-                elif value is not None:
+                if value is None:
+                    continue
+                if is_array:
+                    listed[position] = [
+                        None
+                        if item is None
+                        else _memo(converted, (position, item), item, processor)
+                        for item in value
+                    ]
+                else:
                     listed[position] = _memo(converted, (position, value), value, processor)
             picked = tuple(listed)
         values.append(picked)

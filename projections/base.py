@@ -11,7 +11,16 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
-from ledger.rows import array_of, execute_many, fetch_dicts, in_list, in_values, insert_many, padded
+from ledger.rows import (
+    array_of,
+    as_arrays,
+    execute_many,
+    fetch_dicts,
+    in_list,
+    in_values,
+    insert_many,
+    padded,
+)
 from ledger.schema import events
 
 Row = dict[str, Any]
@@ -165,7 +174,7 @@ class RowProjection:
         changes = [{"key": key, **increment.values(events)} for key, events in by_key.items()]
         statement = _increment_statement(increment, table, self.key_column, conn.dialect.name)
         if conn.dialect.name == "postgresql":  # one row: a column of values each
-            changes = [{name: [change[name] for change in changes] for name in changes[0]}]
+            changes = [as_arrays(changes)]
         execute_many(conn, statement, changes, prefix="b_")
         return [(key, event) for key, event in keyed if key in other]
 
