@@ -28,6 +28,7 @@ from ledger.rows import (
 )
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import create_engine
+from projections.trigger_stats import COUNTERS, DayStats
 from projections.trigger_stats import table as stats
 
 MOMENT = datetime(2026, 11, 28, 17, 30, 0, 123456, tzinfo=UTC)
@@ -198,8 +199,8 @@ def _checkpoint(name: str, seq: int) -> dict[str, Any]:
 
 
 def _day(trigger_id: str, received: int) -> dict[str, Any]:
-    day = {c.name: 0 for c in stats.c} | {"trigger_id": trigger_id, "day": MOMENT.date()}
-    return day | {"received": received, "latency_histogram": "{}", "latency_sum_ms": 0.0}
+    counts = dict.fromkeys(COUNTERS, 0) | {"received": received}
+    return DayStats(counts).to_row((trigger_id, MOMENT.date()))
 
 
 _SEQ_OF = sa.select(checkpoints.c.seq).where(checkpoints.c.name == sa.bindparam("name"))
