@@ -39,7 +39,9 @@ def _delivery(key: str, body: str) -> RecordDelivery:
         initial_status="recorded",
     )
     meta = {"request_id": None, "source": "generic"}
-    return RecordDelivery(trigger_id=TRIGGER_ID, idempotency_key=key, received=received, meta=meta)
+    return RecordDelivery.of(
+        trigger_id=TRIGGER_ID, idempotency_key=key, received=received, meta=meta
+    )
 
 
 def _batch(

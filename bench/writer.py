@@ -57,7 +57,9 @@ def delivery(key: str, body: str) -> RecordDelivery:
         initial_status="pending",
     )
     meta = {"request_id": "0123456789abcdef", "source": "generic"}
-    return RecordDelivery(trigger_id=TRIGGER_ID, idempotency_key=key, received=received, meta=meta)
+    return RecordDelivery.of(
+        trigger_id=TRIGGER_ID, idempotency_key=key, received=received, meta=meta
+    )
 
 
 @dataclass(frozen=True, slots=True)

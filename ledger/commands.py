@@ -6,12 +6,14 @@ under the lock), each command yields the events to insert, or the error it must 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from ledger.codec import dumps, loads
 from ledger.errors import StreamVersionConflict
 from ledger.events import (
     JSON,
+    Encoded,
     NewEvent,
     WebhookDuplicate,
     WebhookReceived,
@@ -80,12 +82,44 @@ class DeliveryOutcome:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecordDelivery:
-    """A delivery: a new execution, or a webhook.duplicate when its key was already received."""
+    """A delivery: its webhook.received event, appended as it is when its key is new, or a
+    webhook.duplicate on the original's stream when the key was already received.
+
+    Made by `of`, where the request is read: the event's data and meta are encoded there, as
+    they are stored, outside the append lock. With ingest workers that work is the worker's, and
+    what crosses the ledger link is these few strings. The events' ids are the appender's (a
+    command submitted again appends new events).
+    """
 
     trigger_id: str
     idempotency_key: str | None
-    received: WebhookReceived
-    meta: JSON = field(default_factory=dict)
+    execution_id: str  # the execution it opens when its key is new
+    body_sha256: str
+    data: str  # the webhook.received's data, encoded as stored
+    meta: str  # the meta of either event, encoded as stored
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        trigger_id: str,
+        idempotency_key: str | None,
+        received: WebhookReceived,
+        meta: JSON | None = None,
+    ) -> RecordDelivery:
+        return cls(
+            trigger_id=trigger_id,
+            idempotency_key=idempotency_key,
+            execution_id=received.execution_id,
+            body_sha256=received.body_sha256,
+            data=dumps(received.to_data()),
+            meta=dumps(meta or {}),
+        )
+
+    @property
+    def received(self) -> WebhookReceived:
+        """The webhook.received payload, decoded."""
+        return WebhookReceived(**loads(self.data))
 
     @property
     def key(self) -> tuple[str, str] | None:
@@ -96,46 +130,48 @@ class RecordDelivery:
         if original is None:
             event = self._received_event()
             if self.key:
-                state.originals[self.key] = Original(
-                    event.id, self.received.execution_id, self.received.body_sha256
-                )
-            return [(event, state.next_version(event.stream))]
-        event = self._duplicate_event(original)
+                state.originals[self.key] = Original(event.id, self.execution_id, self.body_sha256)
+        else:
+            event = self._duplicate_event(original)
         return [(event, state.next_version(event.stream))]
 
     def _received_event(self) -> NewEvent:
-        return NewEvent.of(
-            execution_stream(self.received.execution_id),
-            self.trigger_id,
-            self.received,
+        return NewEvent(
+            stream=execution_stream(self.execution_id),
+            type=WebhookReceived.TYPE,
+            trigger_id=self.trigger_id,
+            data=Encoded(self.data),
             idempotency_key=self.idempotency_key,
-            meta=self.meta,
+            meta=Encoded(self.meta),
         )
 
     def _duplicate_event(self, original: Original) -> NewEvent:
-        matches = original.body_sha256 == self.received.body_sha256
+        matches = original.body_sha256 == self.body_sha256
+        # The body and headers are kept as evidence only when they differ: decoded only then.
+        received = None if matches else self.received
         duplicate = WebhookDuplicate(
             original_event_id=original.event_id,
             execution_id=original.execution_id,
-            body_sha256=self.received.body_sha256,
+            body_sha256=self.body_sha256,
             body_matches=matches,
-            body=None if matches else self.received.body,
-            body_encoding=None if matches else self.received.body_encoding,
-            headers=None if matches else self.received.headers,
+            body=None if received is None else received.body,
+            body_encoding=None if received is None else received.body_encoding,
+            headers=None if received is None else received.headers,
         )
         return NewEvent.of(
             execution_stream(original.execution_id),
             self.trigger_id,
             duplicate,
             idempotency_key=self.idempotency_key,
-            meta=self.meta,
+            meta=Encoded(self.meta),
         )
 
     def outcome(self, planned: list[tuple[NewEvent, int]], seqs: list[int]) -> DeliveryOutcome:
         event = planned[0][0]
         if event.type == WebhookReceived.TYPE:
-            return DeliveryOutcome(event.id, self.received.execution_id, False, None, seqs[0])
+            return DeliveryOutcome(event.id, self.execution_id, False, None, seqs[0])
         data = event.data
+        assert isinstance(data, dict)  # a duplicate's data is made by `_duplicate_event`
         return DeliveryOutcome(
             event.id,
             data["execution_id"],

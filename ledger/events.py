@@ -12,9 +12,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
+import orjson
+
 from ledger.errors import UnknownEventType
 
 JSON = dict[str, Any]
+# A JSON object already encoded, stored as it is (`ledger.codec.dumps` passes it through): what
+# a NewEvent's data or meta may be when it was encoded before the append (`RecordDelivery.of`).
+Encoded = orjson.Fragment
 
 
 def uuid7() -> str:
@@ -221,9 +226,9 @@ class NewEvent:
     stream: str
     type: str
     trigger_id: str
-    data: JSON
+    data: JSON | Encoded
     idempotency_key: str | None = None
-    meta: JSON = field(default_factory=dict)
+    meta: JSON | Encoded = field(default_factory=dict)
     id: str = field(default_factory=uuid7)
 
     @classmethod

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import operator
 import os
 import pickle
 import shutil
@@ -42,7 +43,7 @@ from typing import Any
 from ledger.appender import Appender
 from ledger.commands import AppendEvents, Command, DeliveryOutcome, RecordDelivery
 from ledger.errors import LedgerError, StorageUnavailable
-from ledger.events import NewEvent, WebhookReceived
+from ledger.events import NewEvent
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -56,37 +57,29 @@ STOP_TIMEOUT_S = 10.0
 
 
 class _Fields:
-    """A dataclass as the tuple of its fields' values, and back."""
+    """A dataclass as the tuple of its fields' values, and back (restored as pickle restores an
+    object, its slots set without `__init__`: every field crosses, so none is left to a default)."""
 
     def __init__(self, kind: type[Any]) -> None:
         self._kind = kind
-        self._names = tuple(f.name for f in dataclasses.fields(kind))
-
-    def of(self, value: Any) -> tuple[Any, ...]:
-        return tuple(getattr(value, name) for name in self._names)
+        names = tuple(f.name for f in dataclasses.fields(kind))
+        getter = operator.attrgetter(*names)  # a tuple (of two names or more), made in C
+        self.of: Callable[[Any], tuple[Any, ...]] = (
+            getter if len(names) > 1 else lambda value: (getter(value),)
+        )
+        # A frozen dataclass's __init__ sets each field through object.__setattr__ after its
+        # keywords are matched: ~2.1 us for a delivery, ~0.8 us through the slots' own setters.
+        self._setters = tuple(kind.__dict__[name].__set__ for name in names)
 
     def made(self, values: tuple[Any, ...]) -> Any:
-        return self._kind(**dict(zip(self._names, values, strict=True)))
+        made = object.__new__(self._kind)
+        for setter, value in zip(self._setters, values, strict=True):
+            setter(made, value)
+        return made
 
 
-_RECEIVED = _Fields(WebhookReceived)
+_DELIVERY = _Fields(RecordDelivery)  # a few strings: the event is encoded by the worker
 _OUTCOME = _Fields(DeliveryOutcome)
-
-
-def _delivery_fields(command: RecordDelivery) -> tuple[Any, ...]:
-    return (
-        command.trigger_id,
-        command.idempotency_key,
-        command.meta,
-        _RECEIVED.of(command.received),
-    )
-
-
-def _delivery(fields: tuple[Any, ...]) -> RecordDelivery:
-    trigger_id, key, meta, received = fields
-    return RecordDelivery(
-        trigger_id=trigger_id, idempotency_key=key, meta=meta, received=_RECEIVED.made(received)
-    )
 
 
 def _frame(message: tuple[Any, ...]) -> bytes:
@@ -188,7 +181,7 @@ class _LedgerSide(_Framed):
         kind, ident, payload = message
         if kind == DELIVERY:
             self._enqueue(
-                _delivery(payload), lambda result: self._answer(ident, result, _OUTCOME.of)
+                _DELIVERY.made(payload), lambda result: self._answer(ident, result, _OUTCOME.of)
             )
         elif kind == APPEND:
             self._enqueue(payload, lambda result: self._answer(ident, result))
@@ -327,7 +320,7 @@ class RemoteAppender:
 
     async def submit(self, command: Command) -> Any:
         if isinstance(command, RecordDelivery):
-            return _OUTCOME.made(await self._link.call(DELIVERY, _delivery_fields(command)))
+            return _OUTCOME.made(await self._link.call(DELIVERY, _DELIVERY.of(command)))
         return await self._link.call(APPEND, command)
 
     async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:

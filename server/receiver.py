@@ -109,7 +109,9 @@ def _command(
         body_encoding=body.encoding,
     )
     meta = {"request_id": request_id.get(), "source": trigger.source}
-    return RecordDelivery(trigger_id=trigger.id, idempotency_key=key, received=received, meta=meta)
+    return RecordDelivery.of(
+        trigger_id=trigger.id, idempotency_key=key, received=received, meta=meta
+    )
 
 
 def _answer(trigger_id: str, key: str | None, outcome: DeliveryOutcome) -> Answer:

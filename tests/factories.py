@@ -24,7 +24,7 @@ def delivery(
         body_sha256=hashlib.sha256(body.encode()).hexdigest(),
         initial_status=initial_status,
     )
-    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
+    return RecordDelivery.of(trigger_id=trigger_id, idempotency_key=key, received=received)
 
 
 def recorded_event(

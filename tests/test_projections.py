@@ -373,7 +373,7 @@ def _commands(ops: list[tuple[str, Any, str]]) -> list[Any]:
     for kind, arg, extra in ops:
         if kind == "deliver":
             command = delivery(arg, extra)
-            executions.append(command.received.execution_id)
+            executions.append(command.execution_id)
             commands.append(command)
         elif kind == "execution" and executions:
             stream = execution_stream(executions[arg % len(executions)])

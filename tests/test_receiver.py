@@ -96,9 +96,13 @@ async def test_same_key_different_body_keeps_the_evidence(
     await post(client, '{"v": 1}', Idempotency_Key="k")
     response = await post(client, '{"v": 2}', Idempotency_Key="k")
     assert response.status == 200
-    duplicate = (await deliveries(settings))[1]
+    received, duplicate = await deliveries(settings)
     assert duplicate.data["body_matches"] is False
     assert duplicate.data["body"] == '{"v": 2}'
+    # The rest of the evidence, as the original keeps it (decoded from the delivery's event).
+    assert duplicate.data["headers"]["idempotency-key"] == "k"
+    assert duplicate.data["headers"].keys() == received.data["headers"].keys()
+    assert duplicate.data["body_encoding"] == received.data["body_encoding"] == "utf-8"
 
 
 async def test_no_key_means_every_delivery_is_new(client: TestClient, settings: Settings) -> None:  # type: ignore[type-arg]

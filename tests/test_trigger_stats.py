@@ -173,7 +173,7 @@ def delivery(key: str, body: str, *, trigger_id: str = "t") -> RecordDelivery:
         body_sha256=body.encode().hex()[:64],
         initial_status="recorded",
     )
-    return RecordDelivery(trigger_id=trigger_id, idempotency_key=key, received=received)
+    return RecordDelivery.of(trigger_id=trigger_id, idempotency_key=key, received=received)
 
 
 async def test_upgrade_from_0001_with_events_loses_nothing_and_stats_catch_up(

@@ -270,7 +270,7 @@ async def test_a_delivery_and_its_outcome_cross_the_link_whole(tmp_path: Path) -
         got.append(command)
         answer(outcome)
 
-    delivery = RecordDelivery(
+    delivery = RecordDelivery.of(
         trigger_id="t",
         idempotency_key="k-1",
         meta={"request_id": "r", "source": "github"},
