@@ -7,6 +7,7 @@ A caller's future resolves only after COMMIT: an acknowledged delivery is durabl
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import operator
@@ -274,7 +275,7 @@ def _plan_state(
     conn: sa.Connection, commands: Sequence[Command]
 ) -> tuple[tuple[int, str], PlanState]:
     """The head of the log, and what planning `commands` reads."""
-    keys = {c.key for c in commands if isinstance(c, RecordDelivery) and c.key}
+    keys = {key for c in commands if isinstance(c, RecordDelivery) and (key := c.key)}
     head, originals, versions = _read_head_and_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
     return head, PlanState(read_versions(conn, streams) | versions, originals)
@@ -313,7 +314,8 @@ def _rows(
             recorded_at=recorded_at,
         )
         previous = chain_hash(previous, canonical)
-        rows.append(row | {"recorded_at": now, "hash": previous})
+        row["recorded_at"], row["hash"] = now, previous
+        rows.append(row)
     return rows
 
 
@@ -449,7 +451,9 @@ class Appender:
         self._writer: SqliteWriter | None = None
         # PostgreSQL: one connection kept for the appender's transactions (see HeldConnection).
         self._held = HeldConnection(engine) if engine.dialect.name == "postgresql" else None
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # What waits for the next batch; `_arrived` wakes the writer when it waits for work.
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._arrived = asyncio.Event()
         self._max_batch = max_batch
         # Set after each commit that left the projections behind the log (none folded it in).
         self.committed = asyncio.Event()
@@ -461,7 +465,7 @@ class Appender:
     def enqueue(self, command: Command) -> asyncio.Future[Any]:
         """Queue `command`; the future is its result once committed (or the error)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(command, future))  # unbounded: never waits
+        self._put(_Pending(command, future))
         return future
 
     def enqueue_answered(self, command: Command, answer: Callable[[Any], None]) -> None:
@@ -469,7 +473,11 @@ class Appender:
         committed, at once, inside the appender's own step: a caller answering over a socket
         (the ledger link) writes its answer before the loop turns to anything else, instead of
         a future's callback one loop iteration later, after whatever input came meanwhile."""
-        self._queue.put_nowait(_Pending(command, answer=answer))
+        self._put(_Pending(command, answer=answer))
+
+    def _put(self, pending: _Pending) -> None:
+        self._queue.append(pending)  # unbounded: never waits
+        self._arrived.set()
 
     async def submit(self, command: Command) -> Any:
         return await self.enqueue(command)
@@ -478,10 +486,13 @@ class Appender:
         return await self.submit(AppendEvents(events=events_, expected_version=expected_version))
 
     async def run(self) -> None:
+        queue = self._queue
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if not queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
             await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:

@@ -126,11 +126,12 @@ class RecordDelivery:
         return (self.trigger_id, self.idempotency_key) if self.idempotency_key else None
 
     def plan(self, state: PlanState) -> list[tuple[NewEvent, int]]:
-        original = state.originals.get(self.key) if self.key else None
+        key = self.key
+        original = state.originals.get(key) if key else None
         if original is None:
             event = self._received_event()
-            if self.key:
-                state.originals[self.key] = Original(event.id, self.execution_id, self.body_sha256)
+            if key:
+                state.originals[key] = Original(event.id, self.execution_id, self.body_sha256)
         else:
             event = self._duplicate_event(original)
         return [(event, state.next_version(event.stream))]

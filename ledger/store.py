@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ledger.codec import GENESIS_HASH, loads
 from ledger.events import RecordedEvent
+from ledger.fields import Fields
 from ledger.rows import fetch_all, in_list, in_values, padded
 from ledger.schema import events
 
@@ -153,19 +154,24 @@ def to_recorded(row: Any) -> RecordedEvent:
     # By position: reading a SQLAlchemy row by name costs ~1.5 us a column, more than decoding
     # the event, and every read of the log (projector, rebuild) comes through here.
     seq, id_, stream, version, type_, trigger_id, key, data, meta, recorded_at, hash_ = row
-    return RecordedEvent(
-        seq=seq,
-        id=id_,
-        stream=stream,
-        version=version,
-        type=type_,
-        trigger_id=trigger_id,
-        idempotency_key=key,
-        data=loads(data),
-        meta=loads(meta),
-        recorded_at=recorded_at,
-        hash=hash_,
+    return _RECORDED.made(
+        (
+            seq,
+            id_,
+            stream,
+            version,
+            type_,
+            trigger_id,
+            key,
+            loads(data),
+            loads(meta),
+            recorded_at,
+            hash_,
+        )
     )
+
+
+_RECORDED = Fields(RecordedEvent)  # its fields are the table's columns, in the same order
 
 
 def _filtered(

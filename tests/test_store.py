@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import weakref
 from pathlib import Path
@@ -18,8 +19,9 @@ from ledger.appender import Appender, append_commands
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import StreamVersionConflict
-from ledger.events import NewEvent
+from ledger.events import NewEvent, RecordedEvent
 from ledger.migrate import current_revision, head_revision, upgrade
+from ledger.schema import events
 from ledger.store import (
     create_engine,
     read_events,
@@ -57,6 +59,28 @@ async def test_append_then_read_back_in_order(engine: AsyncEngine, appender: App
     assert [e.seq for e in read] == [a.seq for a in appended]
     assert [e.version for e in stream] == [1, 2]
     assert read[0].recorded_at.tzinfo is not None
+
+
+async def test_an_event_read_back_has_every_column_in_its_field(
+    engine: AsyncEngine, appender: Appender
+) -> None:
+    # `to_recorded` restores a RecordedEvent from the row by position: its fields must be the
+    # table's columns in the same order, and each must hold its own column's value.
+    assert [f.name for f in dataclasses.fields(RecordedEvent)] == [c.name for c in events.c]
+    (appended,) = await appender.append([event(n=7)], expected_version=0)
+    async with engine.connect() as conn:
+        (read,) = await read_events(conn, after=0, limit=10)
+        (row,) = (await conn.execute(sa.select(events))).all()
+    assert (read.seq, read.id, read.stream, read.version) == (
+        appended.seq,
+        appended.event_id,
+        "s-1",
+        1,
+    )
+    assert (read.type, read.trigger_id, read.idempotency_key) == ("test.happened", "t", None)
+    assert read.data == {"n": 7} and read.meta == {}
+    assert (read.recorded_at, read.hash) == (row.recorded_at, row.hash)
+    assert read == dataclasses.replace(read)  # equal to one made through __init__
 
 
 async def test_expected_version_conflict_appends_nothing(
