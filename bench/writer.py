@@ -5,6 +5,13 @@ PostgreSQL's own CPU a delivery too (its processes, counted by their user).
     python -m bench.writer                                  # a fresh SQLite file
     python -m bench.writer --pg-url postgresql://postgres@127.0.0.1:5432/test
     python -m bench.writer --batches 32 --deliveries 20000 --duplicates
+    python -m bench.writer --batches 32 --link              # the ledger process with a worker
+
+`--link` measures what the main process of `hookledger serve --workers N` does: the deliveries
+come over a real ledger link (`server.ingest`), as frames a feeder process made beforehand and
+sends a batch at a time, each once the last was answered; the answers go back as frames. Only
+this process's CPU is counted (and, under valgrind, only its instructions: the feeder is
+another program).
 
 For a change smaller than the machine's noise, count instructions instead (user space; SQLite's
 and the kernel's waits are not in it): run it twice under `valgrind --tool=cachegrind
@@ -18,7 +25,10 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import pickle
 import resource
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +45,8 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
+from server import ingest
+from server.metrics import Metrics
 
 # What wrk sends with bench/lua/deliveries.lua, as the receiver keeps it.
 HEADERS = {
@@ -105,6 +117,12 @@ async def folding_appender(url: str, payload: Path = PAYLOAD) -> AsyncIterator[A
         await engine.dispose()
 
 
+def _keys(sent: int, batch: int, duplicates: bool) -> list[str]:
+    return [
+        f"dup-{n % DUPLICATE_KEYS}" if duplicates else f"w-{n}" for n in range(sent, sent + batch)
+    ]
+
+
 async def measure(
     url: str,
     batches: list[int],
@@ -112,25 +130,29 @@ async def measure(
     *,
     duplicates: bool = False,
     payload: Path = PAYLOAD,
+    link: bool = False,
 ) -> list[Measured]:
     """For each batch size, `deliveries` deliveries of `payload` appended `batch` at a time (at
-    least 20 batches)."""
+    least 20 batches); over the ledger link from a feeder process with `link`."""
     body = payload.read_text()
     on_postgres = url.startswith("postgresql")
     results = []
     async with folding_appender(url, payload) as appender:
-        sent = 0
+        sent = 1
         for batch in batches:
             rounds = max(20, deliveries // batch)
             cpu, wall = _cpu_s(), time.perf_counter()
             database = _postgres_cpu_s() if on_postgres else 0.0
-            for _ in range(rounds):
-                keys = []
-                for _ in range(batch):
-                    sent += 1
-                    keys.append(f"dup-{sent % DUPLICATE_KEYS}" if duplicates else f"w-{sent}")
-                await asyncio.gather(*(appender.enqueue(delivery(k, body)) for k in keys))
-            count = rounds * batch
+            if link:
+                count, cpu, wall, database = await _over_link(
+                    appender, batch, rounds, sent, duplicates, payload, on_postgres
+                )
+            else:
+                for round_ in range(rounds):
+                    keys = _keys(sent + round_ * batch, batch, duplicates)
+                    await asyncio.gather(*(appender.enqueue(delivery(k, body)) for k in keys))
+                count = rounds * batch
+            sent += rounds * batch
             results.append(
                 Measured(
                     batch,
@@ -141,6 +163,92 @@ async def measure(
                 )
             )
     return results
+
+
+class _Committed:
+    """An appender commit listener: where the count and the clocks stood at the first commit,
+    and when every delivery of the run is committed."""
+
+    def __init__(self, total: int, on_postgres: bool) -> None:
+        self._total, self._on_postgres, self._seen = total, on_postgres, 0
+        self.first: tuple[int, float, float, float] | None = None
+        self.done = asyncio.Event()
+
+    def __call__(self, size: int, _seconds: float) -> None:
+        self._seen += size
+        if self.first is None:  # from here on: the first batch (and the start) not counted
+            database = _postgres_cpu_s() if self._on_postgres else 0.0
+            self.first = (self._seen, _cpu_s(), time.perf_counter(), database)
+        if self._seen >= self._total:
+            self.done.set()
+
+
+async def _over_link(
+    appender: Appender,
+    batch: int,
+    rounds: int,
+    sent: int,
+    duplicates: bool,
+    payload: Path,
+    on_postgres: bool,
+) -> tuple[int, float, float, float]:
+    """Feed `rounds` batches over a ledger link; the deliveries counted, and the clocks (CPU,
+    wall, PostgreSQL's CPU) when counting began."""
+    with tempfile.TemporaryDirectory(prefix="hookledger-link-") as tmp:
+        path = Path(tmp) / "link.sock"
+        server = await ingest.serve_link(path, appender.enqueue_answered, Metrics(), _no_page)
+        committed = _Committed(rounds * batch, on_postgres)
+        appender.commit_listeners += [server.committed, committed]
+        feeder = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.writer", "--feed", str(path), "--batches", str(batch),
+            "--deliveries", str(rounds * batch), "--first", str(sent), "--payload", str(payload),
+            *(["--duplicates"] if duplicates else []),
+        )  # fmt: skip
+        try:
+            await committed.done.wait()
+            if await feeder.wait() != 0:
+                raise RuntimeError(f"the feeder failed ({feeder.returncode})")
+        finally:
+            appender.commit_listeners.remove(committed)
+            appender.commit_listeners.remove(server.committed)
+            server.close()
+            if feeder.returncode is None:
+                feeder.kill()
+    assert committed.first is not None
+    counted_from, cpu, wall, database = committed.first
+    return rounds * batch - counted_from, cpu, wall, database
+
+
+async def _no_page() -> bytes:
+    return b""
+
+
+def feed(path: str, batch: int, deliveries: int, first: int, duplicates: bool, body: str) -> None:
+    """The feeder (`--feed`): frames made first, then a batch at a time over the link, each sent
+    when every answer of the one before has come back."""
+    batches = []
+    for start in range(first, first + deliveries, batch):
+        keys = _keys(start, batch, duplicates)
+        frames = [
+            ingest.frame((ingest.DELIVERY, n, ingest.delivery_fields(delivery(k, body))))
+            for n, k in enumerate(keys, start=1)
+        ]
+        batches.append(b"".join(frames))
+    with socket.socket(socket.AF_UNIX) as link:
+        link.connect(path)
+        received = b""
+        for frames in batches:
+            link.sendall(frames)
+            answered = 0
+            while answered < batch:
+                received += link.recv(1 << 16)
+                while len(received) >= 4:
+                    size = int.from_bytes(received[:4], "big")
+                    if len(received) < 4 + size:
+                        break
+                    ident, _ok, _result = pickle.loads(received[4 : 4 + size])  # noqa: S301
+                    received = received[4 + size :]
+                    answered += ident != ingest.COMMITTED
 
 
 @contextlib.asynccontextmanager
@@ -167,10 +275,17 @@ async def _main(args: argparse.Namespace, out: Callable[[str], None]) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     async with _database(args.pg_url) as url:
         scenario = "duplicates" if args.duplicates else "new deliveries"
+        if args.link:
+            scenario += ", over the ledger link (this process: the main one's share)"
         payload = Path(args.payload)
         out(f"writer: {scenario} of {payload.name}, {url.split(':', 1)[0]}")
         measured = await measure(
-            url, batches, args.deliveries, duplicates=args.duplicates, payload=payload
+            url,
+            batches,
+            args.deliveries,
+            duplicates=args.duplicates,
+            payload=payload,
+            link=args.link,
         )
         for result in measured:
             out(line(result))
@@ -188,7 +303,16 @@ def main() -> None:
         help="the body (bench/payload-push.json: a 9.5 KB GitHub push, past PostgreSQL's ~2 KB"
         " compression threshold)",
     )
+    parser.add_argument(
+        "--link", action="store_true", help="over the ledger link, from a feeder process"
+    )
+    parser.add_argument("--feed", help=argparse.SUPPRESS)  # the feeder: the link's path
+    parser.add_argument("--first", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.feed:
+        body = Path(args.payload).read_text()
+        feed(args.feed, int(args.batches), args.deliveries, args.first, args.duplicates, body)
+        return
     asyncio.run(_main(args, lambda text: print(text, flush=True)))
 
 

@@ -57,9 +57,10 @@ STOP_TIMEOUT_S = 10.0
 
 _DELIVERY = Fields(RecordDelivery)  # a few strings: the event is encoded by the worker
 _OUTCOME = Fields(DeliveryOutcome)
+delivery_fields = _DELIVERY.of  # a delivery as a DELIVERY frame carries it
 
 
-def _frame(message: tuple[Any, ...]) -> bytes:
+def frame(message: tuple[Any, ...]) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEAD.pack(len(body)) + body
 
@@ -99,7 +100,7 @@ class _Framed(asyncio.Protocol):
             return
         if not self._out:
             asyncio.get_running_loop().call_soon(self.flush)
-        self._out.append(_frame(message))
+        self._out.append(frame(message))
 
     def flush(self) -> None:
         """Write what was sent since the last write (by the end of the loop's turn at the
@@ -297,7 +298,7 @@ class RemoteAppender:
 
     async def submit(self, command: Command) -> Any:
         if isinstance(command, RecordDelivery):
-            return _OUTCOME.made(await self._link.call(DELIVERY, _DELIVERY.of(command)))
+            return _OUTCOME.made(await self._link.call(DELIVERY, delivery_fields(command)))
         return await self._link.call(APPEND, command)
 
     async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:

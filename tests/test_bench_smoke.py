@@ -57,6 +57,17 @@ def test_the_writer_benchmark_measures_each_batch_size() -> None:
 
 
 @pytest.mark.slow
+def test_the_writer_benchmark_measures_the_ledger_side_of_the_link() -> None:
+    pytest.importorskip("psutil", reason="the bench extra is not installed (make test installs it)")
+    for extra in ([], ["--duplicates"]):
+        output = _bench("bench.writer", "--batches", "8", "--deliveries", "40", "--link", *extra)
+        assert "over the ledger link" in output, output
+        # 20 batches fed, each once the last was answered; the first commit starts the count.
+        row = re.search(r"^batch +8: +([\d,]+) deliveries, CPU +([\d.]+) us", output, re.M)
+        assert row and 19 * 8 <= int(row.group(1)) < 20 * 8 and float(row.group(2)) > 0, output
+
+
+@pytest.mark.slow
 def test_the_probe_measures_a_point_and_the_cpu_of_each_process() -> None:
     pytest.importorskip("psutil", reason="the bench extra is not installed (make test installs it)")
     output = _bench(
