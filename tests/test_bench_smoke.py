@@ -68,6 +68,14 @@ def test_the_writer_benchmark_measures_the_ledger_side_of_the_link() -> None:
 
 
 @pytest.mark.slow
+def test_the_worker_benchmark_answers_through_the_fast_lane() -> None:
+    for extra, status in (([], "202 Accepted"), (["--duplicates"], "200 OK")):
+        output = _bench("bench.worker", "--rounds", "3", *extra)
+        found = re.search(r"\(HTTP/1.1 ([^)]+)\): CPU ([\d.]+) us a request", output)
+        assert found and found.group(1) == status and float(found.group(2)) > 0, output
+
+
+@pytest.mark.slow
 def test_the_probe_measures_a_point_and_the_cpu_of_each_process() -> None:
     pytest.importorskip("psutil", reason="the bench extra is not installed (make test installs it)")
     output = _bench(
