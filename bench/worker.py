@@ -49,8 +49,9 @@ class _LinkTransport:
 
     def __init__(self, link: ingest.LedgerLink, duplicates: bool) -> None:
         self._link = link
-        self._outcome = (EVENT_ID, EXECUTION_ID, duplicates, ORIGINAL_ID if duplicates else None)
-        self._outcome += (7, True)  # seq, body_matches
+        original = ORIGINAL_ID if duplicates else None
+        # DeliveryOutcome's fields: event id, execution id, is_duplicate, original, seq, matches
+        self._outcome = (EVENT_ID, EXECUTION_ID, duplicates, original, 7, True)
 
     def is_closing(self) -> bool:
         return False

@@ -229,11 +229,12 @@ def feed(path: str, batch: int, deliveries: int, first: int, duplicates: bool, b
     batches = []
     for start in range(first, first + deliveries, batch):
         keys = _keys(start, batch, duplicates)
-        frames = [
-            ingest.frame((ingest.DELIVERY, n, ingest.delivery_fields(delivery(k, body))))
-            for n, k in enumerate(keys, start=1)
-        ]
-        batches.append(b"".join(frames))
+        batches.append(
+            b"".join(
+                ingest.frame((ingest.DELIVERY, n, ingest.delivery_fields(delivery(k, body))))
+                for n, k in enumerate(keys, start=1)
+            )
+        )
     with socket.socket(socket.AF_UNIX) as link:
         link.connect(path)
         received = b""
