@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import pickle
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import uvloop
 
 from bench.databases import sqlite_url
 from bench.load import PAYLOAD, TRIGGER_ID
+from bench.writer import cpu_s
 from ledger.events import TriggerRegistered
 from ledger.migrate import upgrade
 from server import catalog, ingest
@@ -57,13 +56,11 @@ class _LinkTransport:
         return False
 
     def write(self, data: bytes) -> None:
-        view, answers, at = memoryview(data), [], 0
-        while at < len(view):
-            size = int.from_bytes(view[at : at + 4], "big")
-            kind, ident, _ = pickle.loads(view[at + 4 : at + 4 + size])  # noqa: S301 - its own
-            at += 4 + size
-            if kind == ingest.DELIVERY:
-                answers.append(ingest.frame((ident, True, self._outcome)))
+        answers = [
+            ingest.frame((ident, True, self._outcome))
+            for kind, ident, _ in ingest.unframe(bytearray(data))
+            if kind == ingest.DELIVERY
+        ]
         if answers:
             asyncio.get_running_loop().call_soon(self._link.data_received, b"".join(answers))
 
@@ -135,21 +132,16 @@ async def measure(rounds: int, duplicates: bool, payload: Path) -> tuple[float, 
         started = 0.0
         for round_ in range(rounds):
             if round_ == 1:
-                started = _cpu_s()
+                started = cpu_s()
             answers.wanted += CONNECTIONS
             answers.reached.clear()
             for n, connection in enumerate(connections):
                 connection.data_received(requests[round_ * CONNECTIONS + n])
             await answers.reached.wait()
-        spent = _cpu_s() - started
+        spent = cpu_s() - started
         await services.engine.dispose()
         await ledger.engine.dispose()
     return spent / ((rounds - 1) * CONNECTIONS) * 1e6, answers.first
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import pickle
 import resource
 import socket
 import sys
@@ -83,7 +82,8 @@ class Measured:
     database_cpu_us: float | None  # PostgreSQL's processes' CPU a delivery
 
 
-def _cpu_s() -> float:
+def cpu_s() -> float:
+    """This process's CPU (user and system), in seconds."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -141,7 +141,7 @@ async def measure(
         sent = 1
         for batch in batches:
             rounds = max(20, deliveries // batch)
-            cpu, wall = _cpu_s(), time.perf_counter()
+            cpu, wall = cpu_s(), time.perf_counter()
             database = _postgres_cpu_s() if on_postgres else 0.0
             if link:
                 count, cpu, wall, database = await _over_link(
@@ -157,7 +157,7 @@ async def measure(
                 Measured(
                     batch,
                     count,
-                    (_cpu_s() - cpu) / count * 1e6,
+                    (cpu_s() - cpu) / count * 1e6,
                     (time.perf_counter() - wall) / count * 1e6,
                     (_postgres_cpu_s() - database) / count * 1e6 if on_postgres else None,
                 )
@@ -178,7 +178,7 @@ class _Committed:
         self._seen += size
         if self.first is None:  # from here on: the first batch (and the start) not counted
             database = _postgres_cpu_s() if self._on_postgres else 0.0
-            self.first = (self._seen, _cpu_s(), time.perf_counter(), database)
+            self.first = (self._seen, cpu_s(), time.perf_counter(), database)
         if self._seen >= self._total:
             self.done.set()
 
@@ -237,19 +237,15 @@ def feed(path: str, batch: int, deliveries: int, first: int, duplicates: bool, b
         )
     with socket.socket(socket.AF_UNIX) as link:
         link.connect(path)
-        received = b""
+        received = bytearray()
         for frames in batches:
             link.sendall(frames)
             answered = 0
             while answered < batch:
                 received += link.recv(1 << 16)
-                while len(received) >= 4:
-                    size = int.from_bytes(received[:4], "big")
-                    if len(received) < 4 + size:
-                        break
-                    ident, _ok, _result = pickle.loads(received[4 : 4 + size])  # noqa: S301
-                    received = received[4 + size :]
-                    answered += ident != ingest.COMMITTED
+                answered += sum(
+                    ident != ingest.COMMITTED for ident, _, _ in ingest.unframe(received)
+                )
 
 
 @contextlib.asynccontextmanager

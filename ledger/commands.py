@@ -18,6 +18,7 @@ from ledger.events import (
     WebhookDuplicate,
     WebhookReceived,
     execution_stream,
+    payload_of,
 )
 
 
@@ -119,7 +120,9 @@ class RecordDelivery:
     @property
     def received(self) -> WebhookReceived:
         """The webhook.received payload, decoded."""
-        return WebhookReceived(**loads(self.data))
+        payload = payload_of(WebhookReceived.TYPE, loads(self.data))
+        assert isinstance(payload, WebhookReceived)
+        return payload
 
     @property
     def key(self) -> tuple[str, str] | None:

@@ -65,6 +65,21 @@ def frame(message: tuple[Any, ...]) -> bytes:
     return _HEAD.pack(len(body)) + body
 
 
+def unframe(buffer: bytearray) -> list[tuple[Any, ...]]:
+    """The messages of the whole frames at the start of `buffer`, taken out of it (a frame
+    still arriving stays)."""
+    start, messages = 0, []
+    while len(buffer) - start >= _HEAD.size:
+        (size,) = _HEAD.unpack_from(buffer, start)
+        end = start + _HEAD.size + size
+        if len(buffer) < end:
+            break
+        messages.append(pickle.loads(memoryview(buffer)[start + _HEAD.size : end]))  # noqa: S301 - see module doc
+        start = end
+    del buffer[:start]
+    return messages
+
+
 class _Framed(asyncio.Protocol):
     """Length-prefixed pickled frames both ways; what one loop turn writes goes out in one
     write (a batch of answers is one syscall, not one each)."""
@@ -78,18 +93,9 @@ class _Framed(asyncio.Protocol):
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's: not a subclass
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        start, messages = 0, []
-        while len(buffer) - start >= _HEAD.size:
-            (size,) = _HEAD.unpack_from(buffer, start)
-            end = start + _HEAD.size + size
-            if len(buffer) < end:
-                break
-            messages.append(pickle.loads(memoryview(buffer)[start + _HEAD.size : end]))  # noqa: S301 - see module doc
-            start = end
-        del buffer[:start]  # before any message is handled: none is ever handled twice
-        for message in messages:
+        self._buffer += data
+        # Taken out before any is handled: none is ever handled twice.
+        for message in unframe(self._buffer):
             self.message_received(message)
 
     def message_received(self, message: tuple[Any, ...]) -> None:
