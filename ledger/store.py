@@ -78,6 +78,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        if conn.connection.driver_connection.in_transaction:
+            return  # begun on the driver (the appender's SqliteWriter): SQLAlchemy's is in it
         # Writers take the write lock up front, so that what they read under it stays true.
         is_write = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if is_write else "BEGIN")

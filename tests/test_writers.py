@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import store
 from ledger.appender import append_batch
 from ledger.migrate import upgrade
+from ledger.schema import projection_checkpoints
 from ledger.store import create_engine, read_events
 from ledger.writers import LOOP_COMMIT_S, HeldConnection, SqliteWriter
 
@@ -118,6 +120,32 @@ async def test_the_writer_commits_in_its_thread_while_commits_are_slow(
     async with engine.connect() as conn:
         keys = [e.idempotency_key for e in await read_events(conn)]
     assert keys == ["on the loop", "in the thread"]
+
+
+async def test_the_writers_transaction_is_begun_on_the_driver_and_sqlalchemy_joins_it(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # BEGIN IMMEDIATE and COMMIT go to the driver; a statement run through SQLAlchemy in `work`
+    # (which begins its own transaction) runs inside that one, and is committed with it.
+    engine, writer, _ = sqlite_writer
+
+    def work(conn: sa.Connection) -> None:
+        driver = conn.connection.driver_connection
+        assert driver is not None and driver.in_transaction
+        append_batch(conn, [make_delivery("driver")])
+        conn.execute(
+            projection_checkpoints.insert().values(
+                name="through sqlalchemy", seq=1, updated_at=datetime.now(UTC)
+            )
+        )
+
+    await writer.run(work)
+    await writer.run(_append_one("next"))
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn)]
+        names = (await conn.execute(sa.select(projection_checkpoints.c.name))).scalars().all()
+    assert keys == ["driver", "next"]
+    assert "through sqlalchemy" in names
 
 
 async def test_the_writer_keeps_a_savepoints_journal_in_memory(
