@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import store
 from ledger.appender import append_batch
 from ledger.migrate import upgrade
+from ledger.rows import fetch_all
 from ledger.schema import projection_checkpoints
 from ledger.store import create_engine, read_events
 from ledger.writers import LOOP_COMMIT_S, HeldConnection, SqliteWriter
@@ -37,6 +38,12 @@ async def sqlite_writer(tmp_path: Path) -> AsyncIterator[tuple[AsyncEngine, Sqli
     yield engine, writer, path
     writer.close()
     await engine.dispose()
+
+
+def _driver(conn: sa.Connection) -> sqlite3.Connection:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    return driver
 
 
 def _append_one(key: str) -> Callable[[sa.Connection], list[Any]]:
@@ -130,8 +137,7 @@ async def test_the_writers_transaction_is_begun_on_the_driver_and_sqlalchemy_joi
     engine, writer, _ = sqlite_writer
 
     def work(conn: sa.Connection) -> None:
-        driver = conn.connection.driver_connection
-        assert driver is not None and driver.in_transaction
+        assert _driver(conn).in_transaction
         append_batch(conn, [make_delivery("driver")])
         conn.execute(
             projection_checkpoints.insert().values(
@@ -157,8 +163,7 @@ async def test_the_writer_keeps_a_savepoints_journal_in_memory(
     engine, writer, _ = sqlite_writer
 
     def work(conn: sa.Connection) -> None:
-        driver = conn.connection.driver_connection
-        assert driver is not None
+        driver = _driver(conn)
         assert driver.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
         append_batch(conn, [make_delivery("kept")])
         driver.execute("SAVEPOINT fold")
@@ -231,7 +236,7 @@ async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
         # A statement fails and its error is swallowed: the transaction is aborted, and
         # PostgreSQL would answer the COMMIT with a ROLLBACK (and no error).
         with contextlib.suppress(sa.exc.DBAPIError):
-            store.fetch_all(conn, sa.text("SELECT 1 / 0"))
+            fetch_all(conn, sa.text("SELECT 1 / 0"))
 
     try:
         with pytest.raises(RuntimeError):
@@ -262,7 +267,7 @@ async def test_a_fold_failing_on_a_held_transaction_keeps_the_append_and_the_loc
 
     class Failing:
         def fold_appended(self, conn: sa.Connection, before: int, appended: list[Any]) -> bool:
-            store.fetch_all(conn, sa.text("SELECT 1 / 0"))  # the transaction is aborted here
+            fetch_all(conn, sa.text("SELECT 1 / 0"))  # the transaction is aborted here
             return True
 
         def folded(self, seq: int) -> None:
