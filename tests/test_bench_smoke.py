@@ -8,15 +8,12 @@ never asserted here.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from bench.walpages import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,11 +100,16 @@ def test_the_wal_reader_names_the_b_trees_each_commit_writes() -> None:
 
 
 @pytest.mark.slow
-def test_the_wal_reader_counts_every_commit_past_a_checkpoint(tmp_path: Path) -> None:
+def test_the_wal_reader_counts_every_commit_past_a_checkpoint() -> None:
     # 120 commits of 8 write well over the 1,000 pages at which the appender's connection
     # checkpoints: every commit's frames are still counted (as many a commit as in a short run),
     # where a restarted WAL left only those since the restart.
-    many = asyncio.run(measure(tmp_path / "many.db", batch=8, commits=120, warm=64))
-    few = asyncio.run(measure(tmp_path / "few.db", batch=8, commits=5, warm=64))
-    assert many.per_commit * many.commits > 1000
-    assert 0.7 * few.per_commit < many.per_commit < 1.3 * few.per_commit
+    def per_commit(commits: int) -> float:
+        output = _bench("bench.walpages", "--batch", "8", "--commits", str(commits), "--warm", "64")
+        found = re.search(r"^([\d.]+) pages a commit", output, re.M)
+        assert found, output
+        return float(found.group(1))
+
+    many, few = per_commit(120), per_commit(5)
+    assert many * 120 > 1000
+    assert 0.7 * few < many < 1.3 * few
