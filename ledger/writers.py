@@ -132,8 +132,10 @@ def _begin_immediate(conn: sa.Connection) -> sqlite3.Connection:
     driver: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
     try:
         driver.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:  # as SQLAlchemy would raise it
-        raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+    except sqlite3.Error as exc:  # as SQLAlchemy raises the driver's errors
+        raise sa.exc.DBAPIError.instance(
+            "BEGIN IMMEDIATE", (), exc, sqlite3.Error, dialect=conn.dialect
+        ) from exc
     return driver
 
 
