@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_sync
 
+from ledger.rows import execute_sql
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
@@ -129,13 +130,8 @@ def _busy_timeout(conn: sa.Connection, ms: int) -> None:
 
 
 def _begin_immediate(conn: sa.Connection) -> sqlite3.Connection:
+    execute_sql(conn, "BEGIN IMMEDIATE")  # its error raised as SQLAlchemy raises the driver's
     driver: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-    try:
-        driver.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as exc:  # as SQLAlchemy raises the driver's errors
-        raise sa.exc.DBAPIError.instance(
-            "BEGIN IMMEDIATE", (), exc, sqlite3.Error, dialect=conn.dialect
-        ) from exc
     return driver
 
 
