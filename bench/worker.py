@@ -27,8 +27,10 @@ import uvloop
 
 from bench.databases import sqlite_url
 from bench.load import PAYLOAD, TRIGGER_ID
-from bench.writer import cpu_s
+from bench.writer import cpu_s, key
+from ledger.commands import DeliveryOutcome
 from ledger.events import TriggerRegistered
+from ledger.fields import Fields
 from ledger.migrate import upgrade
 from server import catalog, ingest
 from server.app import build_services
@@ -49,8 +51,8 @@ class _LinkTransport:
     def __init__(self, link: ingest.LedgerLink, duplicates: bool) -> None:
         self._link = link
         original = ORIGINAL_ID if duplicates else None
-        # DeliveryOutcome's fields: event id, execution id, is_duplicate, original, seq, matches
-        self._outcome = (EVENT_ID, EXECUTION_ID, duplicates, original, 7, True)
+        outcome = DeliveryOutcome(EVENT_ID, EXECUTION_ID, duplicates, original, seq=7)
+        self._outcome = Fields(DeliveryOutcome).of(outcome)  # as the main process answers
 
     def is_closing(self) -> bool:
         return False
@@ -93,10 +95,9 @@ class _Answers:
 
 
 def _request(n: int, body: bytes, duplicates: bool) -> bytes:
-    key = f"dup-{n % 256}" if duplicates else f"w-{n}"
     head = (
         f"POST /webhooks/{TRIGGER_ID} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-        f"Content-Type: application/json\r\nIdempotency-Key: {key}\r\n"
+        f"Content-Type: application/json\r\nIdempotency-Key: {key(n, duplicates)}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

@@ -106,7 +106,7 @@ async def folding_appender(url: str, payload: Path = PAYLOAD) -> AsyncIterator[A
     try:
         body = payload.read_text()
         for n in range(DUPLICATE_KEYS):
-            await appender.submit(delivery(f"dup-{n}", body))
+            await appender.submit(delivery(key(n, duplicates=True), body))
         await runner.catch_up()  # checkpoints at the head: from here on, folds are inline
         yield appender
     finally:
@@ -117,10 +117,13 @@ async def folding_appender(url: str, payload: Path = PAYLOAD) -> AsyncIterator[A
         await engine.dispose()
 
 
+def key(n: int, duplicates: bool) -> str:
+    """The `n`th delivery's idempotency key: new, or one of those `folding_appender` received."""
+    return f"dup-{n % DUPLICATE_KEYS}" if duplicates else f"w-{n}"
+
+
 def _keys(sent: int, batch: int, duplicates: bool) -> list[str]:
-    return [
-        f"dup-{n % DUPLICATE_KEYS}" if duplicates else f"w-{n}" for n in range(sent, sent + batch)
-    ]
+    return [key(n, duplicates) for n in range(sent, sent + batch)]
 
 
 async def measure(
