@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,8 @@ from ledger.store import (
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # SqliteWriter commits on the loop while its commits take less than this (a moving average).
 # From a thread, the loop gets the commit's end only once that thread has the GIL back, which
@@ -141,6 +145,85 @@ def _timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+# The WAL is copied into the database by a thread of its own (`WalCheckpointer`), not inside the
+# COMMIT of the batch that crosses SQLite's 1,000 pages: that COMMIT copied ~4 MiB into the
+# database file and synced it, on the loop, about ten times a second under load, and on a disk
+# whose syncs now and then stall for 40-300 ms, that batch and every one queued behind it
+# waited as long (bench/README, session 12).
+CHECKPOINT_EVERY_S = 0.05
+# A PASSIVE checkpoint waits for nothing, and so never lets the WAL start over while appends
+# keep coming (a writer starts it over only when its transaction begins with every frame
+# copied): past this many frames a RESTART is asked for, which waits for no lock either (when
+# a transaction is under way it is tried again at the next tick).
+RESTART_FRAMES = 8192  # 32 MiB of 4 KiB pages: under full load, one restart in ~0.6 s
+# Past this many, a reader holds the WAL (a long export): said once, until it starts over.
+GROWING_FRAMES = 16 * RESTART_FRAMES
+
+
+class WalCheckpointer:
+    """Copies the WAL of one SQLite file into the database from a thread of its own, every
+    `CHECKPOINT_EVERY_S`, with synchronous=FULL (the database file is synced before any frame
+    is overwritten), while the appender's connection never checkpoints
+    (`wal_autocheckpoint=0`). The thread's SQLite calls let go of the GIL: the loop goes on.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._stop = threading.Event()
+        self.commits = 0  # counted by the writer: a tick after none has nothing to copy
+        self.checkpoints = 0
+        self.restarts = 0
+        self.largest = 0  # the most frames the WAL held at a checkpoint
+        self.owed = False  # a restart failed (a transaction or a reader was in the way)
+        self._thread = threading.Thread(target=self._run, name="hookledger-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            logger.exception("evt=wal_checkpointer_failed")
+            return
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=0")
+            growing, seen = False, 0
+            while not self._stop.wait(CHECKPOINT_EVERY_S):
+                if self.commits == seen and not self.owed:
+                    continue  # nothing new, and no restart owed
+                seen = self.commits
+                try:
+                    frames = self.step(conn)
+                except sqlite3.Error as exc:  # a full disk, an I/O error: tried again
+                    logger.warning("evt=wal_checkpoint_failed cause=%r", exc)
+                    continue
+                if frames >= GROWING_FRAMES and not growing:
+                    logger.warning("evt=wal_growing frames=%d", frames)
+                growing = frames >= GROWING_FRAMES
+        finally:
+            conn.close()
+
+    def step(self, conn: sqlite3.Connection) -> int:
+        """One checkpoint (and a restart when the WAL is long); the frames it held."""
+        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpoints += 1
+        self.largest = max(self.largest, frames)
+        self.owed = frames >= RESTART_FRAMES
+        if self.owed:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            self.owed = bool(busy)  # a transaction was under way: the next tick tries again
+            self.restarts += not busy
+        return int(frames)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class SqliteWriter:
     """The write transactions of one SQLite database in this process, on one plain connection.
 
@@ -160,6 +243,9 @@ class SqliteWriter:
         self._conn: sa.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="hookledger-commit")
         self._commit_s = 0.0  # how long a commit takes (a moving average)
+        database = self._engine.url.database
+        assert database, "a SQLite file"  # the appender writes plainly only to a file
+        self.checkpointer = WalCheckpointer(database)
 
     async def run(self, work: Callable[[sa.Connection], T]) -> T:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
@@ -203,6 +289,7 @@ class SqliteWriter:
         else:
             took = await self._in_thread(functools.partial(_timed, driver.commit))
         self._commit_s += (took - self._commit_s) / 8
+        self.checkpointer.commits += 1
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
         running = asyncio.get_running_loop().run_in_executor(self._thread, call)
@@ -224,6 +311,8 @@ class SqliteWriter:
             # one batch.
             # Only this connection: elsewhere a large sort may still spill to disk.
             driver.execute("PRAGMA temp_store=MEMORY")
+            # Its COMMITs never copy the WAL into the database: the checkpointer's thread does.
+            driver.execute("PRAGMA wal_autocheckpoint=0")
         return self._conn
 
     def _discard(self) -> None:
@@ -235,6 +324,7 @@ class SqliteWriter:
                 conn.close()
 
     def close(self) -> None:
+        self.checkpointer.close()
         self._thread.shutdown(wait=True)
         if self._conn is not None:
             self._conn.close()

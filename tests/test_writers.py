@@ -18,7 +18,7 @@ from conftest import create_pg_database, drop_pg_database
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger import store
+from ledger import store, writers
 from ledger.appender import append_batch
 from ledger.migrate import upgrade
 from ledger.rows import fetch_all
@@ -174,6 +174,107 @@ async def test_the_writer_keeps_a_savepoints_journal_in_memory(
     await writer.run(work)
     async with engine.connect() as conn:
         assert [e.idempotency_key for e in await read_events(conn)] == ["kept"]
+
+
+def _in_database_file(path: Path) -> int:
+    """Events in the database file alone, without its WAL: what checkpoints copied there."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events'")
+        if not tables.fetchone()[0]:
+            return 0  # not even the schema was copied yet
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+def _appends(keys: range, body: str) -> Callable[[sa.Connection], None]:
+    def work(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery(f"k-{n}", body) for n in keys])
+
+    return work
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.01)
+
+
+_BODY = '{"padding": "' + "x" * 3000 + '"}'  # about a page of the log a delivery
+
+
+async def test_the_writers_commits_never_checkpoint_the_wal_its_thread_does(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # A checkpoint inside a COMMIT copied ~4 MiB into the database file and synced it on the
+    # loop, with every batch queued behind it: the writer's connection never checkpoints, and
+    # the checkpointer's thread copies the WAL into the database file.
+    _, writer, path = sqlite_writer
+    await writer.run(_appends(range(10), _BODY))
+    await _until(lambda: _in_database_file(path) == 10)  # the thread copied them
+    writer.checkpointer.close()  # from here on, only a COMMIT could checkpoint
+    checked = writer.checkpointer.checkpoints
+    for start in range(10, 1510, 100):  # ~1,500 pages: past SQLite's own 1,000
+        await writer.run(_appends(range(start, start + 100), _BODY))
+    assert _in_database_file(path) == 10
+    assert writer.checkpointer.checkpoints == checked
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 1000 * 4096
+
+
+async def test_the_wal_starts_over_while_appends_keep_coming(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PASSIVE checkpoint alone never lets the WAL start over under steady appends (a writer
+    # restarts it only when its transaction begins with every frame copied, between two
+    # commits): past RESTART_FRAMES the checkpointer asks for a RESTART, and the WAL file stops
+    # growing with the log.
+    monkeypatch.setattr(writers, "RESTART_FRAMES", 64)
+    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 0.005)
+    engine, writer, path = sqlite_writer
+    sent = 0
+    while sent < 3000:  # ~3,000 pages of log, in batches of 20: ~12 MiB through the WAL
+        await writer.run(_appends(range(sent, sent + 20), _BODY))
+        sent += 20
+        await asyncio.sleep(0.001)
+    await _until(lambda: writer.checkpointer.restarts >= 3)
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size < 1500 * 4096  # far less than what went through it
+    async with engine.connect() as conn:
+        assert len(await read_events(conn, limit=5000)) == 3000
+    await _until(lambda: _in_database_file(path) == 3000)
+
+
+async def test_a_reader_holding_the_wal_delays_its_restart_but_never_an_append(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A RESTART waits for no lock: while a reader keeps an old snapshot (a long export), it
+    # fails and is tried again, appends go on, and the WAL starts over once the reader is done.
+    monkeypatch.setattr(writers, "RESTART_FRAMES", 64)
+    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 0.005)
+    _, writer, path = sqlite_writer
+    await writer.run(_appends(range(0, 10), _BODY))
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+        for start in range(10, 410, 20):
+            await asyncio.wait_for(writer.run(_appends(range(start, start + 20), _BODY)), 2)
+        await _until(lambda: writer.checkpointer.largest >= 400)
+        assert writer.checkpointer.restarts == 0
+        assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+        reader.execute("COMMIT")
+    await _until(lambda: writer.checkpointer.restarts >= 1)
+    await _until(lambda: _in_database_file(path) == 410)
+
+
+async def test_the_checkpointers_thread_ends_with_the_writer(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'writer.db'}")
+    await upgrade(engine)
+    writer = SqliteWriter(engine)
+    await writer.run(_append_one("one"))
+    assert writer.checkpointer.alive
+    writer.close()
+    assert not writer.checkpointer.alive
+    await engine.dispose()
 
 
 # --- PostgreSQL: the appender's held connection begins its own transactions, lock included ---
