@@ -181,22 +181,28 @@ class WalCheckpointer:
     def _run(self) -> None:
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error:
+            # Not a database the writer could use either: its own errors will say so.
             logger.exception("evt=wal_checkpointer_failed")
             return
         try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=0")
-            growing, seen = False, 0
+            growing, failing, seen = False, False, 0
             while not self._stop.wait(CHECKPOINT_EVERY_S):
-                if self.commits == seen and not self.owed:
+                if self.commits == seen and not self.owed and not failing:
                     continue  # nothing new, and no restart owed
                 seen = self.commits
                 try:
                     frames = self.step(conn)
                 except sqlite3.Error as exc:  # a full disk, an I/O error: tried again
-                    logger.warning("evt=wal_checkpoint_failed cause=%r", exc)
+                    if not failing:  # said once, not at every tick
+                        logger.warning("evt=wal_checkpoint_failed cause=%r", exc)
+                    failing = True
                     continue
+                if failing:
+                    logger.info("evt=wal_checkpoint_recovered")
+                failing = False
                 if frames >= GROWING_FRAMES and not growing:
                     logger.warning("evt=wal_growing frames=%d", frames)
                 growing = frames >= GROWING_FRAMES

@@ -266,6 +266,49 @@ async def test_a_reader_holding_the_wal_delays_its_restart_but_never_an_append(
     await _until(lambda: _in_database_file(path) == 410)
 
 
+async def test_a_failing_checkpoint_is_said_once_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk or an I/O error: the thread says so once (not at every tick), keeps trying,
+    # and says when it works again.
+    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 0.002)
+    path = tmp_path / "file.db"
+    sqlite3.connect(path).close()
+    failures = 0
+
+    class Failing(writers.WalCheckpointer):
+        def step(self, conn: sqlite3.Connection) -> int:
+            nonlocal failures
+            failures += 1
+            if failures <= 20:
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().step(conn)
+
+    caplog.set_level("INFO", logger="ledger.writers")
+    checkpointer = Failing(str(path))
+    try:
+        checkpointer.commits += 1
+        await _until(lambda: checkpointer.checkpoints > 0)
+    finally:
+        checkpointer.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "ledger.writers"]
+    assert said == [
+        "evt=wal_checkpoint_failed cause=OperationalError('disk I/O error')",
+        "evt=wal_checkpoint_recovered",
+    ]
+
+
+async def test_a_checkpointer_on_what_is_not_a_database_says_so_and_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"not a database, " * 512)
+    checkpointer = writers.WalCheckpointer(str(path))
+    await _until(lambda: not checkpointer.alive)
+    checkpointer.close()
+    assert [r.getMessage() for r in caplog.records] == ["evt=wal_checkpointer_failed"]
+
+
 async def test_the_checkpointers_thread_ends_with_the_writer(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'writer.db'}")
     await upgrade(engine)
