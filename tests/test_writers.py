@@ -221,15 +221,21 @@ async def test_the_writers_commits_never_checkpoint_the_wal_its_thread_does(
     assert wal.stat().st_size > 1000 * 4096
 
 
+@pytest.fixture
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart past 64 frames, a checkpoint every 5 ms: a test's few pages are enough."""
+    monkeypatch.setattr(writers, "RESTART_FRAMES", 64)
+    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 0.005)
+
+
+@pytest.mark.usefixtures("quick_restarts")
 async def test_the_wal_starts_over_while_appends_keep_coming(
-    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path], monkeypatch: pytest.MonkeyPatch
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
 ) -> None:
     # A PASSIVE checkpoint alone never lets the WAL start over under steady appends (a writer
     # restarts it only when its transaction begins with every frame copied, between two
     # commits): past RESTART_FRAMES the checkpointer asks for a RESTART, and the WAL file stops
     # growing with the log.
-    monkeypatch.setattr(writers, "RESTART_FRAMES", 64)
-    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 0.005)
     engine, writer, path = sqlite_writer
     sent = 0
     while sent < 3000:  # ~3,000 pages of log, in batches of 20: ~12 MiB through the WAL
@@ -244,13 +250,12 @@ async def test_the_wal_starts_over_while_appends_keep_coming(
     await _until(lambda: _in_database_file(path) == 3000)
 
 
+@pytest.mark.usefixtures("quick_restarts")
 async def test_a_reader_holding_the_wal_delays_its_restart_but_never_an_append(
-    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path], monkeypatch: pytest.MonkeyPatch
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
 ) -> None:
     # A RESTART waits for no lock: while a reader keeps an old snapshot (a long export), it
     # fails and is tried again, appends go on, and the WAL starts over once the reader is done.
-    monkeypatch.setattr(writers, "RESTART_FRAMES", 64)
-    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 0.005)
     _, writer, path = sqlite_writer
     await writer.run(_appends(range(0, 10), _BODY))
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
