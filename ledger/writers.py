@@ -1,7 +1,9 @@
 """The appender's write transactions, one kind a backend: on a SQLite file, statements on the
-event loop's thread through the stdlib's `sqlite3` (`SqliteWriter`); on PostgreSQL, a connection
-kept for them whose transactions it begins itself (`HeldConnection`). Each runs `work(conn)` in
-one write transaction and commits it; after any failure its connection is dropped.
+event loop's thread through the stdlib's `sqlite3` (`SqliteWriter`), its WAL copied into the
+database by a thread of its own (`WalCheckpointer`), never in its COMMITs; on PostgreSQL, a
+connection kept for them whose transactions it begins itself (`HeldConnection`). Each runs
+`work(conn)` in one write transaction and commits it; after any failure its connection is
+dropped.
 """
 
 from __future__ import annotations
