@@ -65,9 +65,9 @@ async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
             await commit(f"warm{round_}")
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        # A read transaction on the empty WAL: the appender's own connection checkpoints at
-        # 1,000 pages, and would restart the WAL over the frames to be counted; a reader whose
-        # snapshot precedes them keeps every one in place.
+        # A read transaction on the empty WAL: the writer's checkpointer (ledger/writers.py
+        # `WalCheckpointer`) restarts the WAL past its frame limit, over the frames to be
+        # counted; a reader whose snapshot precedes them keeps every one in place.
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM sqlite_schema").fetchone()
         for round_ in range(commits):

@@ -101,9 +101,10 @@ def test_the_wal_reader_names_the_b_trees_each_commit_writes() -> None:
 
 @pytest.mark.slow
 def test_the_wal_reader_counts_every_commit_past_a_checkpoint() -> None:
-    # 120 commits of 8 write well over the 1,000 pages at which the appender's connection
-    # checkpoints: every commit's frames are still counted (as many a commit as in a short run),
-    # where a restarted WAL left only those since the restart.
+    # 120 commits of 8 write over 1,000 pages (SQLite's own checkpoint, before the writer's
+    # checkpointer; its restart now comes past 8,192 frames): every commit's frames are still
+    # counted (as many a commit as in a short run), where a restarted WAL left only those since
+    # the restart.
     def per_commit(commits: int) -> float:
         output = _bench("bench.walpages", "--batch", "8", "--commits", str(commits), "--warm", "64")
         found = re.search(r"^([\d.]+) pages a commit", output, re.M)
