@@ -7,6 +7,11 @@ headers and names each page's B-tree with SQLite's `dbstat` table.
 
     python -m bench.walpages                 # 20 commits of 32 deliveries, after 1,600 more
     python -m bench.walpages --batch 64 --commits 10
+    python -m bench.walpages --restart-frames 64 --checkpoint-every 0.002 --pause 0.01
+
+The last lowers the writer's checkpointer's settings (`ledger/writers.py`) and leaves it time
+between commits, so that but for the read transaction this tool holds the WAL would start over
+during the counted commits: the smoke test's way to show the counts survive a restart.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from bench.databases import sqlite_url
 from bench.load import PAYLOAD
 from bench.writer import delivery, folding_appender
+from ledger import writers
 
 _WAL_HEADER = 32
 _FRAME_HEADER = 24
@@ -52,7 +58,7 @@ def frames(wal: bytes) -> list[int]:
     return pages
 
 
-async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
+async def measure(path: Path, batch: int, commits: int, warm: int, pause: float = 0.0) -> Pages:
     body = PAYLOAD.read_text()
     async with folding_appender(sqlite_url(path)) as appender:
 
@@ -72,6 +78,7 @@ async def measure(path: Path, batch: int, commits: int, warm: int) -> Pages:
         reader.execute("SELECT count(*) FROM sqlite_schema").fetchone()
         for round_ in range(commits):
             await commit(f"probe{round_}")
+            await asyncio.sleep(pause)
         reader.execute("COMMIT")
         pages = frames(Path(f"{path}-wal").read_bytes())
         owner = {page: name for name, page in reader.execute("SELECT name, pageno FROM dbstat")}
@@ -86,9 +93,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="deliveries a commit")
     parser.add_argument("--commits", type=int, default=20)
     parser.add_argument("--warm", type=int, default=1600, help="deliveries appended first")
+    parser.add_argument(
+        "--restart-frames",
+        type=int,
+        default=writers.RESTART_FRAMES,
+        help="the WAL's length past which the writer's checkpointer restarts it",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=writers.CHECKPOINT_EVERY_S,
+        help="seconds between the writer's checkpoints",
+    )
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between commits")
     args = parser.parse_args()
+    writers.RESTART_FRAMES = args.restart_frames
+    writers.CHECKPOINT_EVERY_S = args.checkpoint_every
     with tempfile.TemporaryDirectory(prefix="hookledger-wal-") as tmp:
-        pages = asyncio.run(measure(Path(tmp) / "wal.db", args.batch, args.commits, args.warm))
+        pages = asyncio.run(
+            measure(Path(tmp) / "wal.db", args.batch, args.commits, args.warm, args.pause)
+        )
     print(
         f"{pages.per_commit:.1f} pages a commit of {pages.batch} deliveries "
         f"({pages.per_commit / pages.batch:.2f} a delivery), {pages.commits} commits:"

@@ -101,16 +101,19 @@ def test_the_wal_reader_names_the_b_trees_each_commit_writes() -> None:
 
 @pytest.mark.slow
 def test_the_wal_reader_counts_every_commit_past_a_checkpoint() -> None:
-    # 120 commits of 8 write over 1,000 pages (SQLite's own checkpoint, before the writer's
-    # checkpointer; its restart now comes past 8,192 frames): every commit's frames are still
-    # counted (as many a commit as in a short run), where a restarted WAL left only those since
-    # the restart.
-    def per_commit(commits: int) -> float:
-        output = _bench("bench.walpages", "--batch", "8", "--commits", str(commits), "--warm", "64")
+    # The writer's checkpointer restarting the WAL past 64 frames, with time to do so between
+    # the counted commits: every commit's frames are still counted (as many a commit as in a
+    # short run), where a restarted WAL left only the frames since the restart (0.6 a commit
+    # when the tool held no read transaction).
+    def per_commit(commits: int, *lowered: str) -> float:
+        output = _bench(
+            "bench.walpages", "--batch", "8", "--commits", str(commits), "--warm", "64", *lowered
+        )
         found = re.search(r"^([\d.]+) pages a commit", output, re.M)
         assert found, output
         return float(found.group(1))
 
-    many, few = per_commit(120), per_commit(5)
-    assert many * 120 > 1000
+    lowered = ("--restart-frames", "64", "--checkpoint-every", "0.002", "--pause", "0.01")
+    many, few = per_commit(60, *lowered), per_commit(5)
+    assert many * 60 > 4 * 64
     assert 0.7 * few < many < 1.3 * few
