@@ -38,6 +38,13 @@ BACKENDS = ["sqlite", "postgres"]
 hypothesis_settings.register_profile("hookledger", deadline=None)
 hypothesis_settings.load_profile("hookledger")
 
+# The servers and commands the tests start run this checkout's code, wherever they run from and
+# wherever the package was installed from in editable mode (a second worktree sharing one venv).
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+
 
 async def _pg_admin() -> asyncpg.Connection:
     try:
