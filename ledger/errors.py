@@ -8,6 +8,7 @@ LedgerError
 ├── InvalidBody               a body that does not parse as its content type says
 ├── InvalidSignature          a signature missing, malformed, stale or wrong
 ├── SecretUnavailable         an encrypted secret that the key in use cannot open
+├── SecretKeyMismatch         the database's secrets were sealed with another key than ours
 └── StorageUnavailable        the database cannot be reached or is full
 """
 
@@ -77,6 +78,21 @@ class InvalidSignature(LedgerError):
 class SecretUnavailable(LedgerError):
     def __str__(self) -> str:
         return "a stored secret cannot be decrypted with the configured key"
+
+
+class SecretKeyMismatch(LedgerError):
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        self.source = source
+
+    def __str__(self) -> str:
+        return (
+            f"this database's secrets are sealed with another key than this process's "
+            f"({self.source}): every signed delivery would be refused. Give every process that "
+            "shares the database the same key: HOOKLEDGER_SECRET_KEY, or a copy of the key file "
+            "of the first one (hookledger.key beside its SQLite file, or in .hookledger/ in its "
+            "working directory)"
+        )
 
 
 class StorageUnavailable(LedgerError):

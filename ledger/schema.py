@@ -118,6 +118,16 @@ projection_checkpoints = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# Which key seals the secrets in this database (ledger/vault.py `Vault.fingerprint`): one row,
+# written by the first process to start on it, compared by every one after (server/secretkey.py).
+secret_key_check = sa.Table(
+    "secret_key_check",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # always 1
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
+)
+
 # The append-only rule, enforced by the database whatever code asks.
 SQLITE_APPEND_ONLY = [
     """CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -20,6 +21,9 @@ class Vault:
         # can set HOOKLEDGER_SECRET_KEY to a passphrase as well as to a generated key.
         digest = hashlib.sha256(key_material.encode()).digest()
         self._fernet = Fernet(base64.urlsafe_b64encode(digest))
+        # Names the key without giving it away (an HMAC of a constant under it): processes that
+        # share a database compare it before they seal or open a secret (server/secretkey.py).
+        self.fingerprint = hmac.new(digest, b"hookledger secret key check", "sha256").hexdigest()
 
     def encrypt(self, secret: str) -> str:
         return self._fernet.encrypt(secret.encode()).decode()
@@ -29,6 +33,13 @@ class Vault:
             return self._fernet.decrypt(ciphertext.encode()).decode()
         except (InvalidToken, ValueError) as exc:
             raise SecretUnavailable() from exc
+
+    def opens(self, ciphertext: str) -> bool:
+        try:
+            self.decrypt(ciphertext)
+        except SecretUnavailable:
+            return False
+        return True
 
 
 def load_or_create_key(path: Path) -> str:

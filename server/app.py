@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.middleware import make_middleware
 from server.ratelimit import ADMIN_LIMITER, INGEST_LIMITER, RateLimiter
 from server.receiver import receive_webhook
+from server.secretkey import check_secret_key
 from server.state import SERVICES, Services
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def build_services(settings: Settings, link: LedgerLink | None = None) -> Servic
 async def _database(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await upgrade(services.engine)
+    await check_secret_key(services.engine, services.vault, services.settings.secret_key_source)
     yield
     await services.engine.dispose()
 

@@ -7,6 +7,7 @@ configuration change made through another process is seen within that second.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,9 @@ from ledger.events import JSON
 from ledger.vault import Vault
 from projections.trigger_executions import table as executions
 from projections.triggers import table as triggers
+from server.logs import fact
 
+logger = logging.getLogger(__name__)
 CACHE_TTL_S = 1.0
 
 
@@ -54,8 +57,9 @@ def config_of(row: Any) -> JSON:
     }
 
 
-def _live_secrets(vault: Vault, sealed: list[JSON], now: datetime) -> tuple[str, ...]:
-    live = []
+def _live_secrets(vault: Vault, sealed: list[JSON], now: datetime) -> tuple[tuple[str, ...], int]:
+    """The secrets still in force, opened; and how many of them the key could not open."""
+    live, unopened = [], 0
     for item in sealed:
         expires = item.get("expires_at")
         if expires and datetime.fromisoformat(expires) <= now:
@@ -63,8 +67,8 @@ def _live_secrets(vault: Vault, sealed: list[JSON], now: datetime) -> tuple[str,
         try:
             live.append(vault.decrypt(item["ciphertext"]))
         except SecretUnavailable:
-            continue
-    return tuple(live)
+            unopened += 1
+    return tuple(live), unopened
 
 
 def _seconds_to_next_expiry(row: Any, now: datetime) -> float:
@@ -88,6 +92,7 @@ class TriggerCache:
         self._vault = vault
         self._entries: dict[str, tuple[float, ActiveTrigger | None]] = {}
         self._loading: dict[str, asyncio.Future[ActiveTrigger | None]] = {}
+        self._unopened: set[str] = set()  # triggers whose unopened secrets were reported
 
     async def get(self, trigger_id: str) -> ActiveTrigger | None:
         entry = self._entries.get(trigger_id)
@@ -123,10 +128,16 @@ class TriggerCache:
         if row is None or row.deleted:
             return None
         config = config_of(row)
+        secrets, unopened = _live_secrets(self._vault, config["secrets"], datetime.now(UTC))
+        if unopened and row.id not in self._unopened:
+            # The start-up check (server/secretkey.py) makes this unlikely; never silent: its
+            # signed deliveries are refused with 401 while it lasts. Said once per trigger.
+            self._unopened.add(row.id)
+            fact(logger, "secret_unavailable", logging.ERROR, trigger_id=row.id, secrets=unopened)
         return ActiveTrigger(
             id=row.id,
             source=row.source,
-            secrets=_live_secrets(self._vault, config["secrets"], datetime.now(UTC)),
+            secrets=secrets,
             idempotency_key_path=row.idempotency_key_path,
             filter=config["filter"],
             has_destination=config["destination"] is not None,

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from ledger.appender import Appender
 from ledger.codec import parse_time
+from ledger.errors import SecretKeyMismatch
 from ledger.migrate import upgrade
 from ledger.store import create_engine, first_seq_at
 from projections.rebuild import rebuild
@@ -366,4 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(COMMANDS[args.command](args))
+        try:
+            runner(COMMANDS[args.command](args))
+        except SecretKeyMismatch as exc:  # before anything was served: said, not a traceback
+            raise SystemExit(f"error: {exc}") from None

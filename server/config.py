@@ -95,7 +95,16 @@ class Settings:
         return self.is_loopback_only
 
     def resolved_secret_key(self) -> str:
-        return self.secret_key or load_or_create_key(self.data_dir / "hookledger.key")
+        return self.secret_key or load_or_create_key(self.key_file)
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "hookledger.key"
+
+    @property
+    def secret_key_source(self) -> str:
+        """Where the key that seals secrets comes from, for an error that names it."""
+        return "HOOKLEDGER_SECRET_KEY" if self.secret_key else f"the key file {self.key_file}"
 
     def resolved_admin_token(self) -> tuple[str, bool]:
         """The admin token, and whether it was generated just now (to print it once)."""
