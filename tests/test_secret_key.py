@@ -62,7 +62,10 @@ async def test_first_starts_racing_on_one_database_agree_on_one_key(database_url
         await upgrade(engines[0])
         keys = [Vault("key-a"), Vault("key-b")] * 3
         outcomes = await asyncio.gather(
-            *(check_secret_key(e, key, str(n)) for n, (e, key) in enumerate(zip(engines, keys))),
+            *(
+                check_secret_key(e, key, str(n))
+                for n, (e, key) in enumerate(zip(engines, keys, strict=True))
+            ),
             return_exceptions=True,
         )
         recorded = await _recorded(engines[0])
@@ -70,7 +73,7 @@ async def test_first_starts_racing_on_one_database_agree_on_one_key(database_url
         for engine in engines:
             await engine.dispose()
     assert len(recorded) == 1
-    for key, outcome in zip(keys, outcomes):
+    for key, outcome in zip(keys, outcomes, strict=True):
         if key.fingerprint == recorded[0]:
             assert outcome is None
         else:
@@ -107,7 +110,8 @@ async def test_a_server_with_another_key_refuses_to_start_and_names_its_key(
             subprocess.run,
             [sys.executable, "-m", "server", "serve", "--port", str(free_port())],
             cwd=tmp_path,
-            env=os.environ | {"HOOKLEDGER_DATABASE_URL": database_url, "HOOKLEDGER_SECRET_KEY": "x"},
+            env=os.environ
+            | {"HOOKLEDGER_DATABASE_URL": database_url, "HOOKLEDGER_SECRET_KEY": "?"},
             capture_output=True,
             text=True,
             timeout=60,
@@ -117,9 +121,11 @@ async def test_a_server_with_another_key_refuses_to_start_and_names_its_key(
         assert "sealed with another key" in started.stderr
         assert "(HOOKLEDGER_SECRET_KEY)" in started.stderr
         assert "Traceback" not in started.stderr
-        async with aiohttp.ClientSession() as session:  # the first one serves on
-            async with session.get(first.url + "/readyz") as response:
-                assert response.status == 200
+        async with (  # the first one serves on
+            aiohttp.ClientSession() as session,
+            session.get(first.url + "/readyz") as response,
+        ):
+            assert response.status == 200
     finally:
         first.stop()
 
