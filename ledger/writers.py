@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_sync
 
 from ledger.rows import execute_sql
+from ledger.schema import SQLITE_RECURSIVE_TRIGGERS
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
@@ -189,6 +190,7 @@ class WalCheckpointer:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=0")
+            conn.execute(SQLITE_RECURSIVE_TRIGGERS)  # it writes no rows; every connection says it
         except sqlite3.Error:
             # Not a database the writer could use either: its own errors will say so.
             logger.exception("evt=wal_checkpointer_failed")
