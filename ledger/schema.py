@@ -135,6 +135,12 @@ SQLITE_APPEND_ONLY = [
     """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
        BEGIN SELECT RAISE(ABORT, 'events is append-only: DELETE refused'); END""",
 ]
+# SQLite's REPLACE (`INSERT OR REPLACE`, `REPLACE INTO`) deletes the row it conflicts with
+# without firing delete triggers, unless the connection turned recursive triggers on: every
+# connection hookledger opens does (ledger/store.py `_configure_sqlite`, the WAL checkpointer's).
+# A connection opened elsewhere (a sqlite3 shell) has to say it too; a trigger refusing such
+# inserts would cost every append several index probes (docs/decisions.md).
+SQLITE_RECURSIVE_TRIGGERS = "PRAGMA recursive_triggers=ON"
 POSTGRES_APPEND_ONLY = [
     """CREATE OR REPLACE FUNCTION hookledger_events_append_only() RETURNS trigger
        LANGUAGE plpgsql AS $$

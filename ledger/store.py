@@ -25,7 +25,7 @@ from ledger.codec import GENESIS_HASH, loads
 from ledger.events import RecordedEvent
 from ledger.fields import Fields
 from ledger.rows import fetch_all, in_list, in_values, padded
-from ledger.schema import events
+from ledger.schema import SQLITE_RECURSIVE_TRIGGERS, events
 
 APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
 WRITE_OPTION = "hookledger_write"
@@ -74,6 +74,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged delivery survives power loss
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(SQLITE_RECURSIVE_TRIGGERS)  # a REPLACE on events meets the delete guard
         cursor.close()
 
     @sa_event.listens_for(engine, "begin")

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_sync
 
 from ledger.rows import execute_sql
+from ledger.schema import SQLITE_RECURSIVE_TRIGGERS
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
@@ -129,16 +130,20 @@ async def _close_quietly(conn: AsyncConnection) -> None:
             await conn.close()
 
 
+# Every statement of the writer's plain connection goes through `execute_sql`: the driver's
+# errors raised as SQLAlchemy raises them, so `is_unavailable` judges them as any other's.
 def _busy_timeout(conn: sa.Connection, ms: int) -> None:
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.execute(f"PRAGMA busy_timeout={ms:d}")
+    execute_sql(conn, f"PRAGMA busy_timeout={ms:d}")
 
 
-def _begin_immediate(conn: sa.Connection) -> sqlite3.Connection:
+def _begin_immediate(conn: sa.Connection) -> None:
     execute_sql(conn, "BEGIN IMMEDIATE")  # its error raised as SQLAlchemy raises the driver's
-    driver: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
-    return driver
+
+
+def _commit_now(conn: sa.Connection) -> None:
+    # Not the driver's commit(), whose error is the driver's own: a COMMIT that fails (a disk
+    # I/O error, a full disk) is an OperationalError as from any statement, a 503 and not a 500.
+    execute_sql(conn, "COMMIT")
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -185,6 +190,7 @@ class WalCheckpointer:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=0")
+            conn.execute(SQLITE_RECURSIVE_TRIGGERS)  # it writes no rows; every connection says it
         except sqlite3.Error:
             # Not a database the writer could use either: its own errors will say so.
             logger.exception("evt=wal_checkpointer_failed")
@@ -259,15 +265,15 @@ class SqliteWriter:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
         async with process_write_lock(self._async_engine):
             try:
-                conn, driver = await self._begin()
+                conn = await self._begin()
                 result = work(conn)
-                await self._commit(driver)
+                await self._commit(conn)
             except BaseException:
                 self._discard()
                 raise
             return result
 
-    async def _begin(self) -> tuple[sa.Connection, sqlite3.Connection]:
+    async def _begin(self) -> sa.Connection:
         # BEGIN IMMEDIATE on the loop, on a connection whose busy timeout is 0: it takes the
         # write lock at once, or fails at once when another process's writer holds it (this
         # process's writers queue on the asyncio lock). Only then does it wait, in the thread
@@ -277,25 +283,27 @@ class SqliteWriter:
         # ~0.1 ms a batch; `work` runs its statements on the driver's cursor anyway.
         conn = self._connection()
         try:
-            return conn, _begin_immediate(conn)
+            _begin_immediate(conn)
+            return conn
         except sa.exc.OperationalError as exc:
             if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
                 raise
         self._discard()
         conn = self._connection()
         _busy_timeout(conn, BUSY_TIMEOUT_MS)
-        driver = await self._in_thread(functools.partial(_begin_immediate, conn))
+        await self._in_thread(functools.partial(_begin_immediate, conn))
         _busy_timeout(conn, 0)
-        return conn, driver
+        return conn
 
-    async def _commit(self, driver: sqlite3.Connection) -> None:
+    async def _commit(self, conn: sa.Connection) -> None:
         # The COMMIT and its fsync: on the loop while they are fast (LOOP_COMMIT_S), else in the
         # thread, where the driver lets go of the GIL throughout. Either way it is timed, so a
         # disk that becomes slow (or fast again) moves it.
+        commit = functools.partial(_commit_now, conn)
         if self._commit_s < LOOP_COMMIT_S:
-            took = _timed(driver.commit)
+            took = _timed(commit)
         else:
-            took = await self._in_thread(functools.partial(_timed, driver.commit))
+            took = await self._in_thread(functools.partial(_timed, commit))
         self._commit_s += (took - self._commit_s) / 8
         self.checkpointer.commits += 1
 
@@ -311,16 +319,14 @@ class SqliteWriter:
         if self._conn is None:
             self._conn = write_options(self._engine.connect())
             _busy_timeout(self._conn, 0)  # see _begin
-            driver = self._conn.connection.driver_connection
-            assert driver is not None
             # The appender's savepoint (`append_and_fold`) keeps pages it changes in a
             # sub-journal. In a file (the default), that was a temporary file created, written
             # and unlinked in most append transactions; in memory it is a few pages, bounded by
             # one batch.
             # Only this connection: elsewhere a large sort may still spill to disk.
-            driver.execute("PRAGMA temp_store=MEMORY")
+            execute_sql(self._conn, "PRAGMA temp_store=MEMORY")
             # Its COMMITs never copy the WAL into the database: the checkpointer's thread does.
-            driver.execute("PRAGMA wal_autocheckpoint=0")
+            execute_sql(self._conn, "PRAGMA wal_autocheckpoint=0")
         return self._conn
 
     def _discard(self) -> None:

@@ -7,12 +7,14 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from conftest import ADMIN_TOKEN
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -42,13 +44,21 @@ class ServerProcess:
 
 
 async def start_server(
-    database_url: str, workdir: Path, *args: str, env: Mapping[str, str] | None = None
+    database_url: str,
+    workdir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> ServerProcess:
+    """`hookledger serve` on a free port; `preexec` runs in the child before it starts (limits)."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
+    # The code beside these tests, wherever the package is installed from (a worktree's).
+    paths = [str(SOURCE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     environment = (
         os.environ
         | {
+            "PYTHONPATH": os.pathsep.join(paths),
             "HOOKLEDGER_DATABASE_URL": database_url,
             "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
             "HOOKLEDGER_SECRET_KEY": "test-secret-key",
@@ -64,6 +74,7 @@ async def start_server(
             env=environment,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec,  # setrlimit and signal only: safe between fork and exec
         )
     server = ServerProcess(process, port, log)
     await _wait_ready(server)

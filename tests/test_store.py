@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -24,10 +25,12 @@ from ledger.migrate import current_revision, head_revision, upgrade
 from ledger.schema import events
 from ledger.store import (
     create_engine,
+    plain_sqlite_engine,
     read_events,
     read_stream,
     write_transaction,
 )
+from ledger.writers import SqliteWriter
 
 
 @pytest.fixture
@@ -140,6 +143,74 @@ async def test_update_and_delete_on_events_are_refused_by_the_database(
                 await conn.exec_driver_sql(statement)
     async with engine.connect() as conn:
         assert len(await read_events(conn, limit=10)) == 1
+
+
+COLUMNS = (
+    "seq, id, stream, version, type, trigger_id, idempotency_key, data, meta, recorded_at, hash"
+)
+TAMPERED = COLUMNS.replace(" type,", " 'tampered.type',")
+ANOTHER = (
+    COLUMNS.replace("seq,", "seq + 1000,")
+    .replace(" id,", " id || '-x',")
+    .replace(" stream,", " stream || '-x',")
+)
+# What would change a stored event, each backend's spellings: an insert over it too.
+CHANGES = {
+    "sqlite": [
+        f"INSERT OR REPLACE INTO events ({COLUMNS}) SELECT {TAMPERED} FROM events WHERE seq = 1",
+        f"REPLACE INTO events ({COLUMNS}) SELECT {TAMPERED} FROM events WHERE seq = 1",
+        # Conflicting on the idempotency index alone: the original would go, a new seq come.
+        f"INSERT OR REPLACE INTO events ({COLUMNS}) SELECT {ANOTHER} FROM events"
+        " WHERE type = 'webhook.received'",
+        f"INSERT INTO events ({COLUMNS}) SELECT {COLUMNS} FROM events WHERE seq = 1"
+        " ON CONFLICT DO UPDATE SET type = 'tampered.type'",
+        "UPDATE OR REPLACE events SET type = 'tampered.type' WHERE seq = 1",
+        "UPDATE events SET type = 'tampered.type'",
+        "DELETE FROM events",
+    ],
+    "postgres": [
+        f"INSERT INTO events ({COLUMNS}) SELECT {COLUMNS} FROM events WHERE seq = 1"
+        " ON CONFLICT (seq) DO UPDATE SET type = 'tampered.type'",
+        "UPDATE events SET type = 'tampered.type'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ],
+}
+
+
+async def stored_rows(engine: AsyncEngine) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.exec_driver_sql(f"SELECT {COLUMNS} FROM events")).all())
+
+
+async def test_every_change_to_a_stored_event_is_refused_on_every_connection_of_hookledger(
+    engine: AsyncEngine, appender: Appender, backend: str
+) -> None:
+    """SQLite's REPLACE deletes the row it conflicts with without its delete trigger, unless
+    the connection turned recursive triggers on: each of hookledger's connections does."""
+    await appender.append([event(n=1), event(n=2)])
+    await appender.submit(delivery("k"))
+    before = await stored_rows(engine)
+    writer = SqliteWriter(engine) if backend == "sqlite" else None
+    plain = plain_sqlite_engine(engine) if backend == "sqlite" else None
+    try:
+        for statement in CHANGES[backend]:
+            # The server's engine (the runner, the admin API, migrations and the CLI)
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                async with engine.begin() as conn:
+                    await conn.exec_driver_sql(statement)
+            if writer is not None and plain is not None:
+                # the appender's own connection
+                with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                    await writer.run(lambda conn, sql=statement: conn.exec_driver_sql(sql))
+                # a rebuild's (and what else plainly opens the file)
+                with pytest.raises(sa.exc.DBAPIError, match="append-only"), plain.begin() as conn:
+                    conn.exec_driver_sql(statement)
+            assert await stored_rows(engine) == before, statement
+    finally:
+        if writer is not None and plain is not None:
+            writer.close()
+            plain.dispose()
 
 
 async def test_duplicate_detection_uses_the_idempotency_index(

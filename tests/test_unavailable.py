@@ -1,17 +1,22 @@
-"""The database goes away: the receiver answers 503 with Retry-After, stores nothing it did not
-acknowledge, and recovers by itself. PostgreSQL only, through a proxy this test controls (the
-shared server is never stopped)."""
+"""The database goes away or fills up: the receiver answers 503 with Retry-After, stores nothing
+it did not acknowledge, and recovers by itself. PostgreSQL through a proxy this test controls
+(the shared server is never stopped); SQLite in a server process whose file size is limited."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import resource
+import signal
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import create_trigger
+from conftest import AUTH, create_trigger
+from processes import start_server
 from tcpproxy import TcpProxy
 
 from ledger.store import create_engine, read_events
@@ -66,3 +71,70 @@ async def test_receiver_answers_503_while_the_database_is_away_and_recovers(
     await engine.dispose()
     assert keys == ["before", "after"]
     await proxy.cut()
+
+
+FILE_LIMIT = 4 * 1024 * 1024
+PADDING = "x" * 32_000  # ~9 pages of the WAL a delivery: the limit comes after ~100
+
+
+def limit_file_size() -> None:
+    """In the server's process before it starts: no file of it grows past FILE_LIMIT, and a
+    write past it fails (EFBIG) instead of killing the process (SIGXFSZ)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, resource.RLIM_INFINITY))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+async def test_sqlite_past_its_file_size_limit_answers_503_stores_what_it_acknowledged_recovers(
+    tmp_path: Path,
+) -> None:
+    # A disk that fails the writes (EFBIG, not ENOSPC): SQLite's COMMIT says "disk I/O error".
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}"
+    server = await start_server(database_url, tmp_path, "--no-dispatch", preexec=limit_file_size)
+    answers: dict[str, tuple[int, str | None]] = {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                server.url + "/api/triggers", json={"id": "t"}, headers=AUTH
+            ) as r:
+                assert r.status == 201
+
+            async def deliver(key: str) -> int:
+                headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+                body = f'{{"key": "{key}", "padding": "{PADDING}"}}'
+                async with session.post(
+                    server.url + "/webhooks/t", data=body, headers=headers
+                ) as r:
+                    answers[key] = (r.status, r.headers.get("Retry-After"))
+                    return r.status
+
+            sent = 0
+            while sum(status == 503 for status, _ in answers.values()) < 20:
+                assert sent < 2000, "the file size limit was never reached"
+                statuses = await asyncio.gather(*(deliver(f"k{sent + i}") for i in range(8)))
+                assert set(statuses) <= {202, 503}, statuses  # never a 500
+                sent += 8
+            # The limit lifted, as space freed on a full disk: the same process takes writes again.
+            resource.prlimit(
+                server.process.pid,
+                resource.RLIMIT_FSIZE,
+                (resource.RLIM_INFINITY, resource.RLIM_INFINITY),
+            )
+            deadline = asyncio.get_running_loop().time() + 20
+            while await deliver(f"after-{sent}") != 202:
+                assert asyncio.get_running_loop().time() < deadline, "did not recover"
+                sent += 1
+                await asyncio.sleep(0.2)
+    finally:
+        server.stop()
+    assert {status for status, _ in answers.values()} == {202, 503}, answers
+    assert all(after for status, after in answers.values() if status == 503)
+    engine = create_engine(database_url)
+    async with engine.connect() as conn:
+        stored = {
+            e.idempotency_key
+            for e in await read_events(conn, limit=100_000, types=["webhook.received"])
+        }
+    await engine.dispose()
+    acknowledged = {key for key, (status, _) in answers.items() if status == 202}
+    assert acknowledged <= stored
+    assert stored <= answers.keys()  # and a refused one at most stored, never acknowledged
