@@ -14,8 +14,6 @@ from pathlib import Path
 import aiohttp
 from conftest import ADMIN_TOKEN
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -53,12 +51,10 @@ async def start_server(
     """`hookledger serve` on a free port; `preexec` runs in the child before it starts (limits)."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
-    # The code beside these tests, wherever the package is installed from (a worktree's).
-    paths = [str(SOURCE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    # It runs the code beside these tests: conftest puts this checkout on PYTHONPATH.
     environment = (
         os.environ
         | {
-            "PYTHONPATH": os.pathsep.join(paths),
             "HOOKLEDGER_DATABASE_URL": database_url,
             "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
             "HOOKLEDGER_SECRET_KEY": "test-secret-key",

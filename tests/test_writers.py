@@ -343,7 +343,11 @@ async def pg_engine() -> AsyncIterator[AsyncEngine]:
 
 async def _locks_held(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
-        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"
+        # This database's: the server is shared, and other databases' appenders take the same id.
+        query = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
         result = await conn.execute(sa.text(query), {"k": store.APPEND_LOCK_ID})
         return int(result.scalar_one())
 
