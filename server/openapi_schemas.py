@@ -10,7 +10,7 @@ from typing import Any
 
 from ledger.signatures import SOURCES
 from projections.trigger_executions import STATUSES
-from projections.trigger_stats import COUNTERS
+from server.stats import COUNTS
 from server.triggers import (
     DISCORD_KEY_PATTERN,
     MAX_RATE_PER_S,
@@ -197,7 +197,7 @@ _STATS = obj(
                 {
                     "trigger_id": STRING,
                     "day": {"type": "string", "format": "date"},
-                    **dict.fromkeys(COUNTERS, COUNT),
+                    **dict.fromkeys(COUNTS, COUNT),
                     **_LATENCY,
                 }
             ),
@@ -206,7 +206,7 @@ _STATS = obj(
             "type": "object",
             "additionalProperties": obj(
                 {
-                    **dict.fromkeys(COUNTERS, COUNT),
+                    **dict.fromkeys(COUNTS, COUNT),
                     "dead_lettered_events": COUNT,
                     "latency_samples": COUNT,
                     **_LATENCY,
