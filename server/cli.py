@@ -271,11 +271,20 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
         await engine.dispose()
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """Options every command takes, before or after its name (`hookledger serve
+    --database-url …`). After it they default to SUPPRESS: a command's parser then sets only
+    what was given after the name, which so wins over the same option given before it."""
+    parser.add_argument(
+        "--database-url",
+        default=default,
+        help="default: HOOKLEDGER_DATABASE_URL or ./hookledger.db",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookledger", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--database-url", help="default: HOOKLEDGER_DATABASE_URL or ./hookledger.db"
-    )
+    _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the receiver, admin API, projector and dispatcher")
     serve.add_argument("--host", default="127.0.0.1")
@@ -328,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
     rebuild_cmd.add_argument("--until-seq", type=int)
     rebuild_cmd.add_argument("--as-of", help="ISO-8601 time: the view as it was then")
     rebuild_cmd.add_argument("--into", help="table to build into (default: swap into the live one)")
+    for command in sub.choices.values():
+        _add_global_options(command, argparse.SUPPRESS)
     return parser
 
 

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +42,14 @@ class ServerProcess:
 
 
 async def start_server(
-    database_url: str, workdir: Path, *args: str, env: Mapping[str, str] | None = None
+    database_url: str,
+    workdir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    before: Sequence[str] = (),
 ) -> ServerProcess:
+    """`hookledger [before…] serve --port P [args…]` in `workdir`, on `database_url` (by the
+    environment: an option given in `before` or `args` wins over it)."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
     environment = (
@@ -59,7 +65,7 @@ async def start_server(
     with log.open("wb") as out:
         # Popen only forks: it does not wait, so it may run on the loop. noqa: the same reason.
         process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own console script
-            [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "server", *before, "serve", "--port", str(port), *args],
             cwd=workdir,
             env=environment,
             stdout=out,
