@@ -60,7 +60,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.ledger_link:
         await _serve_worker(settings, Path(args.ledger_link))
         return
-    token, is_new = settings.resolved_admin_token()
+    token = settings.resolved_admin_token()
     services = build_services(settings)
     assert isinstance(services.appender, Appender)  # the main process: the one writer
     workers = args.workers if args.workers is not None else settings.workers
@@ -86,8 +86,9 @@ async def _serve(args: argparse.Namespace) -> None:
                 raise SystemExit(f"error: {exc}; its output is above") from None
         tune_gc()
         url = f"http://{settings.host}:{settings.port}/"
-        if is_new:
-            # Shown once, as a notebook server does; later starts point at the file instead.
+        if settings.claim_token_showing():
+            # Shown once, as a notebook server does, by the first serve to listen after it was
+            # generated (by any command); later starts point at the file instead.
             print(
                 f"hookledger listening on {url}\n"
                 f"  dashboard: {url}#token={token}\n"
@@ -97,7 +98,7 @@ async def _serve(args: argparse.Namespace) -> None:
         else:
             print(
                 f"hookledger listening on {url} (admin token in "
-                f"{settings.data_dir / 'hookledger.token'} or HOOKLEDGER_ADMIN_TOKEN)",
+                f"{settings.token_path} or HOOKLEDGER_ADMIN_TOKEN)",
                 flush=True,
             )
         if settings.private_destinations_allowed:
@@ -133,7 +134,7 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
 async def local_api(args: argparse.Namespace) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
     """The admin API of this database, served in-process on a loopback port for one command."""
     settings = _settings(args, dispatch=False, host="127.0.0.1")
-    token, _ = settings.resolved_admin_token()
+    token = settings.resolved_admin_token()
     settings = replace(settings, admin_token=token)
     runner = web.AppRunner(make_app(settings), access_log=None)
     await runner.setup()
