@@ -74,7 +74,7 @@ def build_services(settings: Settings, link: LedgerLink | None = None) -> Servic
     dispatcher of its own, its appends and counts going to the main process (server/ingest.py)."""
     engine = create_engine(settings.database_url)
     vault = Vault(settings.resolved_secret_key())
-    token, _ = settings.resolved_admin_token()
+    token = settings.resolved_admin_token()
     if link is not None:
         settings = replace(settings, projector=False, dispatch=False)
         remote = RemoteAppender(link)

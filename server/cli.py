@@ -61,7 +61,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.ledger_link:
         await _serve_worker(settings, Path(args.ledger_link))
         return
-    token, is_new = settings.resolved_admin_token()
+    token = settings.resolved_admin_token()
     services = build_services(settings)
     assert isinstance(services.appender, Appender)  # the main process: the one writer
     workers = args.workers if args.workers is not None else settings.workers
@@ -87,8 +87,9 @@ async def _serve(args: argparse.Namespace) -> None:
                 raise SystemExit(f"error: {exc}; its output is above") from None
         tune_gc()
         url = f"http://{settings.host}:{settings.port}/"
-        if is_new:
-            # Shown once, as a notebook server does; later starts point at the file instead.
+        if settings.claim_token_showing():
+            # Shown once, as a notebook server does, by the first serve to listen after it was
+            # generated (by any command); later starts point at the file instead.
             print(
                 f"hookledger listening on {url}\n"
                 f"  dashboard: {url}#token={token}\n"
@@ -98,7 +99,7 @@ async def _serve(args: argparse.Namespace) -> None:
         else:
             print(
                 f"hookledger listening on {url} (admin token in "
-                f"{settings.data_dir / 'hookledger.token'} or HOOKLEDGER_ADMIN_TOKEN)",
+                f"{settings.token_path} or HOOKLEDGER_ADMIN_TOKEN)",
                 flush=True,
             )
         if settings.private_destinations_allowed:
@@ -134,7 +135,7 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
 async def local_api(args: argparse.Namespace) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
     """The admin API of this database, served in-process on a loopback port for one command."""
     settings = _settings(args, dispatch=False, host="127.0.0.1")
-    token, _ = settings.resolved_admin_token()
+    token = settings.resolved_admin_token()
     settings = replace(settings, admin_token=token)
     runner = web.AppRunner(make_app(settings), access_log=None)
     await runner.setup()
@@ -272,11 +273,20 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
         await engine.dispose()
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """Options every command takes, before or after its name (`hookledger serve
+    --database-url …`). After it they default to SUPPRESS: a command's parser then sets only
+    what was given after the name, which so wins over the same option given before it."""
+    parser.add_argument(
+        "--database-url",
+        default=default,
+        help="default: HOOKLEDGER_DATABASE_URL or ./hookledger.db",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookledger", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--database-url", help="default: HOOKLEDGER_DATABASE_URL or ./hookledger.db"
-    )
+    _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the receiver, admin API, projector and dispatcher")
     serve.add_argument("--host", default="127.0.0.1")
@@ -329,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
     rebuild_cmd.add_argument("--until-seq", type=int)
     rebuild_cmd.add_argument("--as-of", help="ISO-8601 time: the view as it was then")
     rebuild_cmd.add_argument("--into", help="table to build into (default: swap into the live one)")
+    for command in sub.choices.values():
+        _add_global_options(command, argparse.SUPPRESS)
     return parser
 
 

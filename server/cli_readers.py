@@ -22,14 +22,13 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
-from projections.trigger_stats import COUNTERS
 from server.audit import checkpoint_of
 from server.config import Settings
 from server.export import EXPORTS, FORMATS, export
 from server.feed import POLL_S, event_filters, follow_events
 from server.progress import ProgressBar
 from server.queries import event_json
-from server.stats import MAX_DAYS, read_stats
+from server.stats import COUNTS, MAX_DAYS, read_stats
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
 
@@ -61,7 +60,7 @@ async def events_command(args: argparse.Namespace) -> None:
 
 
 def _stats_table(result: dict[str, Any]) -> str:
-    names = ["trigger_id", "day", *COUNTERS, "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
+    names = ["trigger_id", "day", *COUNTS, "latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
     rows = [[str(row[n]) if row[n] is not None else "-" for n in names] for row in result["stats"]]
     for trigger_id, total in result["totals"].items():
         rows.append(

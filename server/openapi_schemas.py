@@ -10,7 +10,7 @@ from typing import Any
 
 from ledger.signatures import SOURCES
 from projections.trigger_executions import STATUSES
-from projections.trigger_stats import COUNTERS
+from server.stats import COUNTS
 from server.triggers import (
     DISCORD_KEY_PATTERN,
     MAX_RATE_PER_S,
@@ -64,14 +64,17 @@ _RATE_LIMIT = {
     "additionalProperties": False,
 }
 _SECRET: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_SECRET_LENGTH}
-_DESTINATION_IN = obj(
-    {"url": {"type": "string", "minLength": 1, "maxLength": 2048}},
-    {
-        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 120},
-        "secret": nullable(_SECRET),
-        "headers": nullable({"type": "object", "additionalProperties": STRING}),
-    },
-)
+_DESTINATION_IN = {
+    **obj(
+        {"url": {"type": "string", "minLength": 1, "maxLength": 2048}},
+        {
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 120},
+            "secret": nullable(_SECRET),
+            "headers": nullable({"type": "object", "additionalProperties": STRING}),
+        },
+    ),
+    "additionalProperties": False,
+}
 _CONFIG = {
     "destination": nullable(ref("DestinationInput")),
     "idempotency_key_path": nullable({"type": "string", "minLength": 1, "maxLength": 255}),
@@ -102,6 +105,18 @@ _TRIGGER_CREATE = {
         _secret_for("standard", STANDARD_SECRET_PATTERN),
         _secret_for("discord", DISCORD_KEY_PATTERN),
     ],
+    "additionalProperties": False,
+}
+_TRIGGER_PATCH = {
+    **obj({}, _CONFIG),
+    "additionalProperties": False,
+    "description": (
+        "Each field given replaces the trigger's (null clears it); a field left out keeps its "
+        "value. Any other field is refused with 400 invalid_trigger, the read-only ones a GET "
+        "shows too: the secret changes only by POST /api/triggers/{id}/rotate-secret, `paused` "
+        "by POST /api/triggers/{id}/pause or /resume; `id`, `source`, `has_secret`, "
+        "`created_at`, `updated_at` and `counts` never by a PATCH."
+    ),
 }
 
 _TRIGGER = obj(
@@ -182,7 +197,7 @@ _STATS = obj(
                 {
                     "trigger_id": STRING,
                     "day": {"type": "string", "format": "date"},
-                    **dict.fromkeys(COUNTERS, COUNT),
+                    **dict.fromkeys(COUNTS, COUNT),
                     **_LATENCY,
                 }
             ),
@@ -191,7 +206,7 @@ _STATS = obj(
             "type": "object",
             "additionalProperties": obj(
                 {
-                    **dict.fromkeys(COUNTERS, COUNT),
+                    **dict.fromkeys(COUNTS, COUNT),
                     "dead_lettered_events": COUNT,
                     "latency_samples": COUNT,
                     **_LATENCY,
@@ -228,7 +243,7 @@ SCHEMAS: dict[str, Schema] = {
     "RateLimit": _RATE_LIMIT,
     "DestinationInput": _DESTINATION_IN,
     "TriggerCreate": _TRIGGER_CREATE,
-    "TriggerPatch": obj({}, _CONFIG),
+    "TriggerPatch": _TRIGGER_PATCH,
     "RotateSecret": obj(
         {},
         {

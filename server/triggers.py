@@ -44,8 +44,52 @@ DEFAULT_TIMEOUT_S = 10.0
 MAX_RATE_PER_S = 1_000_000
 
 
+CONFIG_FIELDS = frozenset({"destination", "idempotency_key_path", "filter", "retry", "rate_limit"})
+CREATE_FIELDS = CONFIG_FIELDS | {"id", "source", "secret", "generate_secret"}
+DESTINATION_FIELDS = frozenset({"url", "timeout_s", "secret", "headers"})
+RATE_LIMIT_FIELDS = frozenset({"per_s", "burst"})
+# Fields a GET shows (or a create takes) that a PATCH cannot set, and how each is changed. A
+# client that sends a trigger back as it read it learns why, instead of having them ignored.
+_ROTATE = "a secret is changed only by POST /api/triggers/{id}/rotate-secret"
+_NOT_PATCHABLE = {
+    "secret": _ROTATE,
+    "generate_secret": _ROTATE,
+    "has_secret": _ROTATE,
+    "paused": "use POST /api/triggers/{id}/pause or /resume",
+    "id": "a trigger's id never changes",
+    "source": "a trigger's source never changes: register a new trigger",
+    "created_at": "read-only",
+    "updated_at": "read-only",
+    "counts": "read-only",
+}
+_SHOWN_NAMES = 5
+
+
 def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_trigger", message)
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 40 else name[:37] + "..."
+
+
+def refuse_unknown(payload: JSON, accepted: frozenset[str], where: str = "") -> None:
+    """A field the server does not know is refused, never dropped: a typo (`filtre`) or a field
+    set elsewhere (`secret`, `paused`) would otherwise be answered 2xx and change nothing."""
+    unknown = sorted(set(payload) - accepted)
+    if not unknown:
+        return
+    names = [_shown(name) for name in unknown[:_SHOWN_NAMES]]
+    if len(unknown) > _SHOWN_NAMES:
+        names.append(f"and {len(unknown) - _SHOWN_NAMES} more")
+    hints = sorted(
+        {f"{name}: {_NOT_PATCHABLE[name]}" for name in unknown if name in _NOT_PATCHABLE}
+    )
+    plural = "s" if len(unknown) > 1 else ""
+    message = f"field{plural} not accepted{where}: {', '.join(names)}"
+    if hints:
+        message += f" ({'; '.join(hints)})"
+    raise invalid(f"{message}; accepted: {', '.join(sorted(accepted))}")
 
 
 def _text(payload: JSON, name: str, *, limit: int = 255) -> str | None:
@@ -77,6 +121,7 @@ def _destination(payload: Any, vault: Vault, *, allow_private: bool) -> JSON | N
         return None
     if not isinstance(payload, dict):
         raise invalid("destination must be an object {url, timeout_s?, secret?, headers?}")
+    refuse_unknown(payload, DESTINATION_FIELDS, " in destination")
     url = _text(payload, "url", limit=2048)
     if url is None:
         raise invalid("destination.url is required")
@@ -120,8 +165,9 @@ def _number(value: Any, low: float, high: float) -> float | None:
 def _rate_limit(value: Any) -> JSON | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) - {"per_s", "burst"}:
+    if not isinstance(value, dict):
         raise invalid("rate_limit must be an object {per_s, burst?}")
+    refuse_unknown(value, RATE_LIMIT_FIELDS, " in rate_limit")
     per_s = _number(value.get("per_s"), 0.001, MAX_RATE_PER_S)
     if per_s is None:
         raise invalid(f"rate_limit.per_s must be a number in [0.001, {MAX_RATE_PER_S}] a second")
@@ -137,10 +183,14 @@ def _filter(value: Any) -> JSON | None:
     return value
 
 
-def config_changes(payload: Any, vault: Vault, *, allow_private: bool) -> JSON:
-    """The configuration fields a create or PATCH payload sets, validated and sealed."""
+def config_changes(
+    payload: Any, vault: Vault, *, allow_private: bool, accepted: frozenset[str] = CONFIG_FIELDS
+) -> JSON:
+    """The configuration fields a create or PATCH payload sets, validated and sealed; a field
+    outside `accepted` (a PATCH's by default) is refused."""
     if not isinstance(payload, dict):
         raise invalid("the body must be a JSON object")
+    refuse_unknown(payload, accepted)
     changes: JSON = {}
     if "destination" in payload:
         changes["destination"] = _destination(
@@ -159,7 +209,7 @@ def config_changes(payload: Any, vault: Vault, *, allow_private: bool) -> JSON:
 
 def new_config(payload: Any, vault: Vault, *, allow_private: bool) -> tuple[JSON, str | None]:
     """A new trigger's whole configuration (as `trigger.registered` data) and its clear secret."""
-    changes = config_changes(payload, vault, allow_private=allow_private)
+    changes = config_changes(payload, vault, allow_private=allow_private, accepted=CREATE_FIELDS)
     trigger_id = payload.get("id")
     if not isinstance(trigger_id, str) or not TRIGGER_ID.fullmatch(trigger_id):
         raise invalid("id must match ^[a-z0-9][a-z0-9_-]{0,63}$")

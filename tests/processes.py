@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +47,11 @@ async def start_server(
     *args: str,
     env: Mapping[str, str] | None = None,
     preexec: Callable[[], None] | None = None,
+    before: Sequence[str] = (),
 ) -> ServerProcess:
-    """`hookledger serve` on a free port; `preexec` runs in the child before it starts (limits)."""
+    """`hookledger [before…] serve --port P [args…]` in `workdir`, on `database_url` (by the
+    environment: an option given in `before` or `args` wins over it); `preexec` runs in the
+    child before it starts (limits)."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
     # It runs the code beside these tests: conftest puts this checkout on PYTHONPATH.
@@ -65,7 +68,7 @@ async def start_server(
     with log.open("wb") as out:
         # Popen only forks: it does not wait, so it may run on the loop. noqa: the same reason.
         process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own console script
-            [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "server", *before, "serve", "--port", str(port), *args],
             cwd=workdir,
             env=environment,
             stdout=out,

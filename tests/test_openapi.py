@@ -12,6 +12,12 @@ from openapi_spec_validator import validate
 from server.app import make_app
 from server.config import Settings
 from server.openapi import document
+from server.triggers import (
+    CONFIG_FIELDS,
+    CREATE_FIELDS,
+    DESTINATION_FIELDS,
+    RATE_LIMIT_FIELDS,
+)
 
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
 
@@ -92,3 +98,21 @@ async def test_the_document_is_served_as_json(aiohttp_client: object, app: web.A
     assert response.status == 200
     assert response.content_type == "application/json"
     assert await response.json() == document()
+
+
+@pytest.mark.parametrize(
+    ("schema", "accepted"),
+    [
+        ("TriggerCreate", CREATE_FIELDS),
+        ("TriggerPatch", CONFIG_FIELDS),
+        ("DestinationInput", DESTINATION_FIELDS),
+        ("RateLimit", RATE_LIMIT_FIELDS),
+        ("RetryPolicy", {"max_attempts", "base_s", "cap_s"}),
+    ],
+)
+def test_trigger_input_schemas_take_exactly_the_fields_the_server_accepts(
+    schema: str, accepted: frozenset[str]
+) -> None:
+    found = document()["components"]["schemas"][schema]
+    assert set(found["properties"]) == set(accepted)
+    assert found["additionalProperties"] is False  # the server refuses any other field

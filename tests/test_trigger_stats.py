@@ -107,6 +107,37 @@ async def test_stats_api_matches_a_direct_count_over_the_log(
         )
 
 
+async def test_failed_counts_every_failed_attempt_beside_its_split(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
+    await mixed_traffic(client, deliveries=60)
+    await settle(client)
+    engine = create_engine(settings.database_url)
+    log = await whole_log(engine)
+    await engine.dispose()
+    failed = Counter(
+        (e.trigger_id, e.recorded_at.astimezone(UTC).date().isoformat())
+        for e in log
+        if e.type == "execution.failed"
+    )
+    categories = {e.data["error_category"] for e in log if e.type == "execution.failed"}
+    assert categories == {"transient", "permanent"}  # the traffic covers both
+    answer = await (await client.get("/api/stats?days=2", headers=AUTH)).json()
+    for row in answer["stats"]:
+        assert row["failed"] == failed[(row["trigger_id"], row["day"])]
+        assert row["failed"] == row["failed_transient"] + row["failed_permanent"]
+    for trigger_id, total in answer["totals"].items():
+        assert total["failed"] == sum(n for (t, _), n in failed.items() if t == trigger_id) > 0
+    table = await run_cli(settings.database_url, "stats", "--days", "2")
+    assert table.returncode == 0, table.stderr
+    header, *rows = (line.split() for line in table.stdout.splitlines())
+    column = header.index("failed")
+    assert header[column + 1 : column + 3] == ["failed_transient", "failed_permanent"]
+    shown = {(row[0], row[1]): int(row[column]) for row in rows}
+    for trigger_id, total in answer["totals"].items():
+        assert shown[(trigger_id, "total")] == total["failed"]
+
+
 async def test_total_dead_lettered_is_the_number_dead_lettered_now(client: TestClient) -> None:  # type: ignore[type-arg]
     await mixed_traffic(client, deliveries=60)
     await settle(client)

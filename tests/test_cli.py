@@ -1,0 +1,153 @@
+"""The `hookledger` command line as a user runs it: real processes, real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+from conftest import AUTH
+from processes import free_port, start_server
+from traffic import run_cli
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+async def test_serve_takes_the_database_url_after_the_command_and_it_wins(
+    tmp_path: Path,
+) -> None:
+    before, after = tmp_path / "before.db", tmp_path / "after.db"
+    server = await start_server(
+        sqlite_url(tmp_path / "env.db"),
+        tmp_path,
+        "--database-url",
+        sqlite_url(after),
+        "--workers",
+        "1",  # a worker is started with the same arguments: it must take them too
+        "--no-dispatch",
+        before=["--database-url", sqlite_url(before)],
+        env={"HOOKLEDGER_SECRET_KEY": ""},  # the key file beside the database, as the CLI's
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.url + "/healthz") as health:
+                assert health.status == 200
+            body = {"id": "here"}
+            async with session.post(server.url + "/api/triggers", json=body, headers=AUTH) as r:
+                assert r.status == 201, await r.text()
+    finally:
+        server.stop()
+    assert after.exists()
+    assert not before.exists()
+    assert not (tmp_path / "env.db").exists()
+    listed = await run_cli(sqlite_url(after), "triggers", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [t["id"] for t in orjson.loads(listed.stdout)["triggers"]] == ["here"]
+
+
+async def test_other_commands_take_the_database_url_after_their_name_too(
+    tmp_path: Path,
+) -> None:
+    before, after = tmp_path / "before.db", tmp_path / "after.db"
+    added = await run_cli(
+        sqlite_url(before), "triggers", "add", "t", "--database-url", sqlite_url(after)
+    )
+    assert added.returncode == 0, added.stderr
+    assert after.exists()
+    assert not before.exists()
+    stats = await run_cli(
+        sqlite_url(before), "stats", "--json", "--database-url", sqlite_url(after)
+    )
+    assert stats.returncode == 0, stats.stderr
+    upgraded = await run_cli(
+        sqlite_url(before), "db", "upgrade", "--database-url", sqlite_url(after)
+    )
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert not before.exists()
+    listed = await run_cli(sqlite_url(after), "triggers", "list")
+    assert [t["id"] for t in orjson.loads(listed.stdout)["triggers"]] == ["t"]
+
+
+def without_settings() -> dict[str, str]:
+    """This environment without HOOKLEDGER_* settings: no admin token configured."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HOOKLEDGER_")}
+
+
+async def serve_until_listening(workdir: Path, port: int) -> tuple[int | None, str]:
+    """`hookledger serve` in `workdir` (./hookledger.db) until it has said where it listens, or
+    until it exits; then stopped. Its exit status (None: it was listening) and what it printed."""
+    process = subprocess.Popen(  # noqa: S603, ASYNC220 - our own console script; only forks
+        [sys.executable, "-m", "server", "serve", "--port", str(port), "--workers", "0"],
+        cwd=workdir,
+        env=without_settings() | {"PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    lines: list[bytes] = []
+    exited = None
+    while not lines or b"destinations" not in lines[-1]:  # the last line it prints at start
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 30)
+        if not line:
+            exited = await asyncio.to_thread(process.wait, 30)
+            break
+        lines.append(line)
+    process.terminate()
+    process.wait(10)
+    process.stdout.close()
+    return exited, b"".join(lines).decode()
+
+
+async def hookledger(workdir: Path, *args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=workdir,
+        env=without_settings() | {"PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def test_the_first_serve_shows_a_token_another_command_generated(tmp_path: Path) -> None:
+    await hookledger(tmp_path, "triggers", "add", "t")
+    token = (tmp_path / "hookledger.token").read_text().strip()
+    _, first = await serve_until_listening(tmp_path, free_port())
+    _, second = await serve_until_listening(tmp_path, free_port())
+    assert f"#token={token}" in first
+    assert token not in second
+    assert "hookledger.token" in second
+
+
+async def test_a_serve_that_never_listened_leaves_the_showing_to_the_next(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        exited, failed = await serve_until_listening(tmp_path, taken.getsockname()[1])
+    assert exited not in (None, 0), failed
+    token = (tmp_path / "hookledger.token").read_text().strip()
+    assert token not in failed
+    _, first = await serve_until_listening(tmp_path, free_port())
+    assert f"#token={token}" in first
+
+
+async def test_of_serves_started_together_on_a_new_database_one_shows_the_token(
+    tmp_path: Path,
+) -> None:
+    outputs = await asyncio.gather(
+        *(serve_until_listening(tmp_path, free_port()) for _ in range(3))
+    )
+    token = (tmp_path / "hookledger.token").read_text().strip()
+    assert all(exited is None for exited, _ in outputs), outputs
+    assert sum(f"#token={token}" in output for _, output in outputs) == 1

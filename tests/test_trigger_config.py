@@ -1,0 +1,111 @@
+"""What `POST /api/triggers` and `PATCH /api/triggers/{id}` take: every documented field, and
+nothing else — an unknown field is a 400 `invalid_trigger` naming it, and nothing is appended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import AUTH, create_trigger
+
+DESTINATION = "http://127.0.0.1:9/hook"
+
+
+async def trigger_events(client: TestClient, trigger_id: str) -> list[str]:  # type: ignore[type-arg]
+    response = await client.get(f"/api/events?trigger_id={trigger_id}", headers=AUTH)
+    assert response.status == 200
+    return [event["type"] for event in (await response.json())["events"]]
+
+
+async def refused(response: Any) -> str:
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_trigger"
+    return str(error["message"])
+
+
+async def test_a_patch_of_the_secret_is_refused_and_points_at_rotate_secret(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    before = await create_trigger(client, id="sec", secret="old-secret")
+    response = await client.patch("/api/triggers/sec", json={"secret": "new"}, headers=AUTH)
+    message = await refused(response)
+    assert "secret" in message
+    assert "rotate-secret" in message
+    assert await trigger_events(client, "sec") == ["trigger.registered"]
+    after = await (await client.get("/api/triggers/sec", headers=AUTH)).json()
+    assert after["updated_at"] == before["updated_at"]
+
+
+async def test_a_misspelt_field_on_create_is_refused_and_registers_nothing(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    body = {"id": "typo", "filtre": {"action": "opened"}}
+    message = await refused(await client.post("/api/triggers", json=body, headers=AUTH))
+    assert "filtre" in message
+    assert "filter" in message  # the accepted fields are listed: the typo is plain to see
+    assert (await client.get("/api/triggers/typo", headers=AUTH)).status == 404
+    assert await trigger_events(client, "typo") == []
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"destination": {"url": DESTINATION, "timout_s": 5}}, "timout_s"),
+        ({"retry": {"max_attempts": 3, "cap_secs": 10}}, "cap_secs"),
+        ({"rate_limit": {"per_s": 5, "brust": 10}}, "brust"),
+        ({"filter": {"a": 1}, "paused": True, "created_at": "x"}, "created_at, paused"),
+    ],
+)
+async def test_unknown_fields_inside_objects_are_refused_on_create_and_patch(
+    client: TestClient,  # type: ignore[type-arg]
+    config: dict[str, Any],
+    field: str,
+) -> None:
+    created = await client.post("/api/triggers", json={"id": "new", **config}, headers=AUTH)
+    assert field in await refused(created)
+    await create_trigger(client, id="t")
+    patched = await client.patch("/api/triggers/t", json=config, headers=AUTH)
+    assert field in await refused(patched)
+    assert await trigger_events(client, "new") == []
+    assert await trigger_events(client, "t") == ["trigger.registered"]
+
+
+async def test_a_trigger_sent_back_as_read_is_refused_naming_where_each_field_changes(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    await create_trigger(client, id="t", secret="s3cret", filter={"a": "b"})
+    shown = await (await client.get("/api/triggers/t", headers=AUTH)).json()
+    message = await refused(await client.patch("/api/triggers/t", json=shown, headers=AUTH))
+    for name in ("id", "source", "has_secret", "paused", "created_at", "updated_at", "counts"):
+        assert name in message
+    assert "/pause or /resume" in message
+    assert await trigger_events(client, "t") == ["trigger.registered"]
+
+
+async def test_every_documented_field_is_still_accepted(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    config = {
+        "destination": {
+            "url": DESTINATION,
+            "timeout_s": 5,
+            "secret": "dest-secret",
+            "headers": {"X-Team": "ops"},
+        },
+        "idempotency_key_path": "data.id",
+        "filter": {"action": "opened"},
+        "retry": {"max_attempts": 3, "base_s": 1, "cap_s": 10},
+        "rate_limit": {"per_s": 5, "burst": 10},
+    }
+    created = await create_trigger(
+        client, id="t", source="github", secret="s3cret", generate_secret=False, **config
+    )
+    assert created["filter"] == {"action": "opened"}
+    assert created["destination"]["has_secret"]
+    patched = await client.patch(
+        "/api/triggers/t", json=config | {"filter": {"action": "closed"}}, headers=AUTH
+    )
+    assert patched.status == 200, await patched.text()
+    assert (await patched.json())["filter"] == {"action": "closed"}
