@@ -162,6 +162,29 @@ async def test_keys_of_other_json_types_are_ignored(client: TestClient, value: s
     assert statuses == [202, 202]
 
 
+@pytest.mark.parametrize("value", ["1e20", "1e300", "18446744073709551616.0", "1E19"])
+async def test_a_float_key_however_large_is_ignored_and_the_next_rule_wins(
+    client: TestClient, settings: Settings, value: str
+) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    body = f'{{"idempotency_key": {value}, "messageId": "next"}}'
+    statuses = [(await post(client, body)).status for _ in range(2)]
+    assert statuses == [202, 200]
+    assert [e.idempotency_key for e in await deliveries(settings)] == ["next", "next"]
+
+
+async def test_an_integer_key_is_its_decimal_text_up_to_255_digits(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    longest = "9" * 255
+    assert (await post(client, f'{{"idempotency_key": {longest}}}')).status == 202
+    response = await post(client, f'{{"idempotency_key": {longest}9}}')
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_idempotency_key"
+    assert [e.idempotency_key for e in await deliveries(settings)] == [longest]
+
+
 @pytest.mark.parametrize("bad", ["x" * 256, "line\nbreak", "bell\x07"])
 async def test_invalid_key_is_400_and_stores_nothing(
     client: TestClient, settings: Settings, bad: str
