@@ -5,13 +5,14 @@
 2. header `Idempotency-Key`;  3. header `webhook-id`;
 4. the source's own delivery id;  5. body `idempotency_key`, `messageId`, `data.messageId`,
    `data.idempotency_key`.
-A key is a non-empty string or a decimal integer; other JSON types at a path are passed over.
+A key is a non-empty string or an integer written in decimal (the key is its exact decimal text,
+however long); other JSON types at a path, floats included, are passed over.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ledger.errors import InvalidIdempotencyKey
@@ -32,7 +33,8 @@ SOURCE_KEYS: Mapping[str, tuple[str, str]] = {
 _ANY_SOURCE_HEADERS = ("x-github-delivery", "linear-delivery")
 _GENERAL_HEADERS = ("idempotency-key", "webhook-id")
 _GENERAL_BODY_PATHS = ("idempotency_key", "messageId", "data.messageId", "data.idempotency_key")
-_INT64 = 2**63
+# orjson reads an integer past 64 bits (>= 2**64, < -2**63) as a float, of this size or more.
+_WIDE = 2.0**63
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
@@ -52,9 +54,6 @@ def key_of(value: Any) -> str | None:
         return None
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) >= _INT64:
-        # orjson turns integers past 64 bits into floats: two ids could collapse into one.
-        raise InvalidIdempotencyKey("an integer key beyond 64 bits cannot be kept exactly")
     if isinstance(value, str) and value:
         return value
     return None
@@ -99,14 +98,24 @@ def _configured(key_path: str, headers: Mapping[str, str], body: Any) -> Iterabl
 
 
 def extract_key(
-    source: str, key_path: str | None, headers: Mapping[str, str], body: Any
+    source: str,
+    key_path: str | None,
+    headers: Mapping[str, str],
+    body: Any,
+    exact_body: Callable[[], Any] | None = None,
 ) -> str | None:
     """The delivery's idempotency key, or None (every delivery new).
 
-    `headers` has lower-case names; `body` is the parsed body (None for text bodies).
+    `headers` has lower-case names; `body` is the parsed body (None for text bodies), and
+    `exact_body` the same body parsed with its integers exact (ledger/strictjson.py
+    `loads_exact`): asked for only when a key path holds a float as wide as one orjson makes of
+    an integer past 64 bits, so that the text decides (an integer is a key, a float is not) and
+    two such ids never collapse into one.
     Raises InvalidIdempotencyKey for a key too long or with control characters.
     """
     for value in _candidates(source, key_path, headers, body):
+        if exact_body is not None and isinstance(value, float) and abs(value) >= _WIDE:
+            return extract_key(source, key_path, headers, exact_body())
         key = key_of(value)
         if key is not None:
             return validate_key(key)

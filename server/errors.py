@@ -2,6 +2,7 @@
 
 ApiError(status, code, message)       raised by handlers for documented outcomes
 ledger.errors.*                        mapped by `error_answer` (see _LEDGER_ERRORS)
+a body aiohttp could not decode        400 invalid_content_encoding (`undecodable_body`)
 anything else                          500 internal_error, logged with its cause
 
 `error_answer` is called by the request middleware (server.middleware) for whatever a handler
@@ -100,6 +101,8 @@ def documented(exc: Exception, path: str) -> ApiError:
     when it is an outage or an internal error."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, web.RequestPayloadError):  # raised by request.read()
+        return undecodable_body()
     if isinstance(exc, ledger_errors.StorageUnavailable):
         return _unavailable(exc.cause)
     if isinstance(exc, ledger_errors.LedgerError):
@@ -112,6 +115,19 @@ def documented(exc: Exception, path: str) -> ApiError:
         # the sender retries, and nothing was acknowledged.
         return _unavailable(exc)
     return _internal(path, exc)
+
+
+def undecodable_body() -> ApiError:
+    """The answer to a body its Content-Encoding does not decode: aiohttp's RequestPayloadError
+    from the read (gzip or deflate data that is not), here; its parser's ContentEncodingError (a
+    deflate stream that does not end; br or zstd, which it cannot decode here) in the listener.
+    The client's mistake, not ours; the connection is closed: its parser stopped reading it."""
+    return ApiError(
+        400,
+        "invalid_content_encoding",
+        "the body cannot be decoded by its Content-Encoding: send gzip or deflate, or none",
+        close=True,
+    )
 
 
 def _internal(path: str, exc: Exception) -> ApiError:

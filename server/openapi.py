@@ -32,7 +32,10 @@ def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, A
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 ERRORS = {
-    400: _error("invalid input (`invalid_json`, `invalid_trigger`, `invalid_query`, …)"),
+    400: _error(
+        "invalid input (`invalid_json`, `invalid_content_encoding`, `invalid_trigger`,"
+        " `invalid_query`, …)"
+    ),
     401: _error("`unauthorized`: no or wrong admin token"),
     404: _error("not found (`trigger_not_found`, `execution_not_found`, …)"),
     408: _error("`request_timeout`: the body did not arrive in time; the connection is closed"),

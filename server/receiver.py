@@ -200,7 +200,9 @@ async def receive(
         verify_signature(trigger.source, trigger.secrets, headers, raw)
     _check_rate(limiter, trigger)
     body = decode_body(kind, raw)
-    key = extract_key(trigger.source, trigger.idempotency_key_path, headers, body.parsed)
+    key = extract_key(
+        trigger.source, trigger.idempotency_key_path, headers, body.parsed, body.exact
+    )
     outcome = await services.appender.submit(_command(trigger, head, headers, raw, body, key))
     return _answer(trigger.id, key, outcome)
 

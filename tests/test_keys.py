@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote_plus
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ledger.bodies import FORM_KIND, JSON_KIND, decode_body
 from ledger.errors import InvalidIdempotencyKey
 from ledger.keys import extract_key
 
@@ -92,9 +94,83 @@ def test_integer_keys_are_written_in_decimal() -> None:
     assert key(body={"idempotency_key": -7}) == "-7"
 
 
-def test_integer_beyond_64_bits_is_refused_not_collapsed() -> None:
+def test_integers_of_any_size_are_their_decimal_text() -> None:
+    assert key(body={"idempotency_key": 2**64}) == "18446744073709551616"
+    assert key(body={"idempotency_key": -(2**63) - 1}) == "-9223372036854775809"
+    assert key(body={"idempotency_key": 10**254}) == "1" + "0" * 254  # 255 characters
+
+
+def test_an_integer_key_longer_than_255_characters_is_rejected() -> None:
     with pytest.raises(InvalidIdempotencyKey):
-        key(body={"idempotency_key": float(2**64)})
+        key(body={"idempotency_key": 10**255})
+
+
+@pytest.mark.parametrize("value", [float(2**64), -float(2**63), 1e20, 1e300, 1.0, -0.0])
+def test_whole_floats_of_any_size_are_ignored_for_that_rule(value: float) -> None:
+    assert key(body={"idempotency_key": value, "messageId": "next"}) == "next"
+    assert key(body={"idempotency_key": value}) is None
+
+
+def key_of_json(text: str, source: str = "generic", path: str | None = None) -> str | None:
+    """The key of a JSON body as the receiver reads it: the JSON text decides integer or float."""
+    body = decode_body(JSON_KIND, text.encode())
+    return extract_key(source, path, {}, body.parsed, body.exact)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Integer literals past 64 bits, which orjson reads as floats: their exact text.
+        ('{"idempotency_key": 18446744073709551616}', "18446744073709551616"),
+        ('{"idempotency_key": 18446744073709551617}', "18446744073709551617"),
+        ('{"idempotency_key": -9223372036854775809}', "-9223372036854775809"),
+        ('{"idempotency_key": 100000000000000000000, "messageId": "m"}', "100000000000000000000"),
+        # Float literals, however whole or large: ignored, the next rule wins.
+        ('{"idempotency_key": 1e20, "messageId": "next"}', "next"),
+        ('{"idempotency_key": 1e300, "messageId": "next"}', "next"),
+        ('{"idempotency_key": 18446744073709551616.0, "messageId": "next"}', "next"),
+        ('{"idempotency_key": 1E19, "messageId": 18446744073709551617}', "18446744073709551617"),
+        ('{"idempotency_key": 1.0}', None),
+        # A wide float at an earlier rule, an integer at a later one: each judged by its text.
+        (
+            '{"messageId": 2e19, "data": {"messageId": 20000000000000000000}}',
+            "20000000000000000000",
+        ),
+    ],
+)
+def test_the_json_text_tells_an_integer_key_from_a_float(text: str, expected: str | None) -> None:
+    assert key_of_json(text) == expected
+
+
+def test_source_ids_past_64_bits_stay_exact() -> None:
+    assert key_of_json('{"update_id": 18446744073709551617}', "telegram") == "18446744073709551617"
+    assert key_of_json('{"id": 99999999999999999999}', "stripe") == "99999999999999999999"
+    text = '{"data": {"key": {"id": 36893488147419103232}}}'
+    assert key_of_json(text, path="data.key.id") == "36893488147419103232"
+
+
+def test_a_form_payload_keeps_integer_ids_past_64_bits_exact() -> None:
+    form = "payload=" + quote_plus(
+        '{"messageId": 1e20, "data": {"messageId": 18446744073709551617}}'
+    )
+    body = decode_body(FORM_KIND, form.encode())
+    assert extract_key("slack", None, {}, body.parsed, body.exact) == "18446744073709551617"
+
+
+def test_an_integer_literal_longer_than_255_digits_is_rejected() -> None:
+    assert key_of_json('{"idempotency_key": 1%s}' % ("0" * 254)) == "1" + "0" * 254
+    with pytest.raises(InvalidIdempotencyKey):
+        key_of_json('{"idempotency_key": 1%s}' % ("0" * 255))
+
+
+@given(st.integers(min_value=-(10**254) + 1, max_value=10**255 - 1))
+def test_any_integer_literal_is_its_exact_decimal_text(value: int) -> None:
+    assert key_of_json(f'{{"x": 1.5, "idempotency_key": {value}}}') == str(value)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_any_float_literal_is_ignored(value: float) -> None:
+    assert key_of_json(f'{{"idempotency_key": {value!r}, "messageId": "next"}}') == "next"
 
 
 def test_no_key_at_all() -> None:

@@ -162,6 +162,29 @@ async def test_keys_of_other_json_types_are_ignored(client: TestClient, value: s
     assert statuses == [202, 202]
 
 
+@pytest.mark.parametrize("value", ["1e20", "1e300", "18446744073709551616.0", "1E19"])
+async def test_a_float_key_however_large_is_ignored_and_the_next_rule_wins(
+    client: TestClient, settings: Settings, value: str
+) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    body = f'{{"idempotency_key": {value}, "messageId": "next"}}'
+    statuses = [(await post(client, body)).status for _ in range(2)]
+    assert statuses == [202, 200]
+    assert [e.idempotency_key for e in await deliveries(settings)] == ["next", "next"]
+
+
+async def test_an_integer_key_is_its_decimal_text_up_to_255_digits(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    longest = "9" * 255
+    assert (await post(client, f'{{"idempotency_key": {longest}}}')).status == 202
+    response = await post(client, f'{{"idempotency_key": {longest}9}}')
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_idempotency_key"
+    assert [e.idempotency_key for e in await deliveries(settings)] == [longest]
+
+
 @pytest.mark.parametrize("bad", ["x" * 256, "line\nbreak", "bell\x07"])
 async def test_invalid_key_is_400_and_stores_nothing(
     client: TestClient, settings: Settings, bad: str
@@ -221,6 +244,55 @@ async def test_gzip_body_is_limited_after_decompression(
     )
     assert response.status == 413
     assert await deliveries(settings) == []
+
+
+def _corrupted(compressed: bytes) -> bytes:
+    """`compressed` with a byte of its deflate data flipped: its check no longer matches."""
+    middle = len(compressed) // 2
+    return compressed[:middle] + bytes([compressed[middle] ^ 0xFF]) + compressed[middle + 1 :]
+
+
+UNDECODABLE = [
+    pytest.param("gzip", b"{}", id="gzip-not-gzip"),
+    pytest.param(
+        "gzip", _corrupted(gzip.compress(b'{"a": "' + b"x" * 64 + b'"}')), id="gzip-bad-data"
+    ),
+    pytest.param("deflate", b"\x78\x9c\xff\xff\xff", id="deflate-bad-block"),
+]
+
+
+def assert_undecodable(status: int, answer: Any) -> None:
+    assert status == 400
+    assert set(answer) == {"error"} and set(answer["error"]) == {"code", "message"}
+    assert answer["error"]["code"] == "invalid_content_encoding"
+    assert "Content-Encoding" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize(("encoding", "body"), UNDECODABLE)
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+async def test_a_body_its_content_encoding_cannot_decode_is_400_and_stores_nothing(
+    client: TestClient, settings: Settings, encoding: str, body: bytes, content_type: str
+) -> None:  # type: ignore[type-arg]
+    await create_trigger(client, id="t")
+    headers = {"Content-Type": content_type, "Content-Encoding": encoding}
+    response = await client.post("/webhooks/t", data=body, headers=headers)
+    assert_undecodable(response.status, await response.json())
+    assert await deliveries(settings) == []
+    # The server goes on serving: the same delivery, encoded properly, is accepted.
+    headers["Content-Encoding"] = "gzip"
+    response = await client.post("/webhooks/t", data=gzip.compress(b"{}"), headers=headers)
+    assert response.status == 202
+    assert [e.data["body"] for e in await deliveries(settings)] == ["{}"]
+
+
+@pytest.mark.parametrize(("encoding", "body"), UNDECODABLE)
+async def test_an_admin_body_its_content_encoding_cannot_decode_is_400(
+    client: TestClient, encoding: str, body: bytes
+) -> None:  # type: ignore[type-arg]
+    headers = AUTH | JSON_HEADERS | {"Content-Encoding": encoding}
+    response = await client.post("/api/triggers", data=body, headers=headers)
+    assert_undecodable(response.status, await response.json())
+    assert await (await client.get("/api/triggers", headers=AUTH)).json() == {"triggers": []}
 
 
 @pytest.mark.parametrize(
