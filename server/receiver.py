@@ -196,6 +196,7 @@ async def receive(
         )
     raw = await read_body()
     headers = {name.lower(): value for name, value in head.items}
+    _check_coding(headers.get("content-encoding"))
     if trigger.requires_signature:
         verify_signature(trigger.source, trigger.secrets, headers, raw)
     _check_rate(limiter, trigger)
@@ -205,6 +206,20 @@ async def receive(
     )
     outcome = await services.appender.submit(_command(trigger, head, headers, raw, body, key))
     return _answer(trigger.id, key, outcome)
+
+
+# The content codings the body is decoded from (aiohttp's, before the handler reads it): another
+# would leave the body still encoded, to be refused as invalid JSON or stored as text unread.
+CODINGS = frozenset({"gzip", "deflate", "identity"})
+
+
+def _check_coding(coding: str | None) -> None:
+    if coding is not None and coding.strip().lower() not in CODINGS:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {coding[:40]!r} is not accepted: send gzip, deflate or none",
+        )
 
 
 def count_answer(

@@ -285,6 +285,27 @@ async def test_a_body_its_content_encoding_cannot_decode_is_400_and_stores_nothi
     assert [e.data["body"] for e in await deliveries(settings)] == ["{}"]
 
 
+@pytest.mark.parametrize("coding", ["bogus", "x-gzip", "gzip, gzip", "compress"])
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+async def test_a_content_coding_the_receiver_does_not_decode_is_415_and_stores_nothing(
+    client: TestClient, settings: Settings, coding: str, content_type: str
+) -> None:  # type: ignore[type-arg]
+    # A body left encoded would be refused as invalid JSON, or stored as text nobody can read.
+    await create_trigger(client, id="t")
+    headers = {"Content-Type": content_type, "Content-Encoding": coding}
+    response = await client.post("/webhooks/t", data=b'{"a": 1}', headers=headers)
+    assert response.status == 415
+    answer = await response.json()
+    assert answer["error"]["code"] == "unsupported_media_type"
+    assert "Content-Encoding" in answer["error"]["message"]
+    assert await deliveries(settings) == []
+    for accepted in ("identity", "GZIP"):  # case-insensitive, as codings are
+        body = gzip.compress(b'{"a": 1}') if accepted == "GZIP" else b'{"a": 1}'
+        headers["Content-Encoding"] = accepted
+        response = await client.post("/webhooks/t", data=body, headers=headers)
+        assert response.status == 202, await response.text()
+
+
 @pytest.mark.parametrize(("encoding", "body"), UNDECODABLE)
 async def test_an_admin_body_its_content_encoding_cannot_decode_is_400(
     client: TestClient, encoding: str, body: bytes
