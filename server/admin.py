@@ -115,7 +115,9 @@ async def patch_trigger(request: web.Request) -> web.Response:
     row = await _trigger_row(services, request.match_info["trigger_id"])
     allow = services.settings.private_destinations_allowed
     changes = config_changes(await json_body(request), services.vault, allow_private=allow)
-    await _append_trigger_event(services, row.id, updated(config_of(row) | changes), row.version)
+    config = config_of(row)
+    if config | changes != config:  # no body, or the values it has: nothing to record
+        await _append_trigger_event(services, row.id, updated(config | changes), row.version)
     return json_response(await _trigger_view(services, row.id))
 
 

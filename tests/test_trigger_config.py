@@ -109,3 +109,21 @@ async def test_every_documented_field_is_still_accepted(
     )
     assert patched.status == 200, await patched.text()
     assert (await patched.json())["filter"] == {"action": "closed"}
+
+
+async def test_a_patch_that_changes_nothing_records_nothing(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    config = {
+        "filter": {"action": "opened"},
+        "retry": {"max_attempts": 3, "base_s": 1, "cap_s": 60},
+    }
+    before = await create_trigger(client, id="same", **config)
+    for body in (None, {}, config, {"filter": {"action": "opened"}}):
+        response = await client.patch("/api/triggers/same", json=body, headers=AUTH)
+        assert response.status == 200, await response.text()
+        assert (await response.json())["updated_at"] == before["updated_at"]
+    assert await trigger_events(client, "same") == ["trigger.registered"]
+    response = await client.patch("/api/triggers/same", json={"filter": None}, headers=AUTH)
+    assert response.status == 200
+    assert await trigger_events(client, "same") == ["trigger.registered", "trigger.updated"]
