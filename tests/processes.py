@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from conftest import ADMIN_TOKEN
+from conftest import ADMIN_TOKEN, AUTH
 
 
 def free_port() -> int:
@@ -78,6 +78,13 @@ async def start_server(
     server = ServerProcess(process, port, log)
     await _wait_ready(server)
     return server
+
+
+async def register(session: aiohttp.ClientSession, server: ServerProcess, trigger_id: str) -> None:
+    """A trigger `trigger_id` (generic, no secret) on `server`, through its admin API."""
+    body = {"id": trigger_id}
+    async with session.post(server.url + "/api/triggers", json=body, headers=AUTH) as r:
+        assert r.status == 201, await r.text()
 
 
 async def _wait_ready(server: ServerProcess, wait_s: float = 30.0) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from conftest import AUTH
-from processes import free_port, start_server
+from processes import free_port, register, start_server
 from traffic import run_cli
 
 
@@ -39,9 +38,7 @@ async def test_serve_takes_the_database_url_after_the_command_and_it_wins(
         async with aiohttp.ClientSession() as session:
             async with session.get(server.url + "/healthz") as health:
                 assert health.status == 200
-            body = {"id": "here"}
-            async with session.post(server.url + "/api/triggers", json=body, headers=AUTH) as r:
-                assert r.status == 201, await r.text()
+            await register(session, server, "here")
     finally:
         server.stop()
     assert after.exists()

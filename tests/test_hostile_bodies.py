@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AUTH, create_trigger
-from processes import start_server
+from conftest import create_trigger
+from processes import register, start_server
 from test_receiver import deliveries, post
 
 from server.config import Settings
@@ -159,10 +159,7 @@ async def test_memory_stays_flat_under_100_concurrent_oversized_uploads(tmp_path
     )
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.post(
-                server.url + "/api/triggers", json={"id": "t"}, headers=AUTH
-            ) as r:
-                assert r.status == 201
+            await register(session, server, "t")
 
             async def chunks() -> Any:
                 for _ in range(upload // chunk):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, AUTH
-from processes import start_server
+from conftest import ADMIN_TOKEN
+from processes import register, start_server
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 EXAMPLES = os.environ.get("HOOKLEDGER_FUZZ_EXAMPLES", "8")
@@ -40,9 +40,7 @@ async def test_schemathesis_finds_nothing_over_every_operation(tmp_path: Path) -
     )
     try:
         async with aiohttp.ClientSession() as session:
-            body = {"id": "open"}
-            async with session.post(server.url + "/api/triggers", json=body, headers=AUTH) as r:
-                assert r.status == 201
+            await register(session, server, "open")
         config = tmp_path / "schemathesis.toml"
         config.write_text(CONFIG)
         process = await asyncio.create_subprocess_exec(

@@ -36,6 +36,17 @@ async def whole_log(engine: AsyncEngine) -> list[RecordedEvent]:
         return await read_events(conn, limit=1_000_000)
 
 
+async def traffic_log(client: TestClient, settings: Settings) -> list[RecordedEvent]:  # type: ignore[type-arg]
+    """The whole log after the mixed traffic, its dispatch settled."""
+    await mixed_traffic(client, deliveries=60)
+    await settle(client)
+    engine = create_engine(settings.database_url)
+    try:
+        return await whole_log(engine)
+    finally:
+        await engine.dispose()
+
+
 def direct_counts(log: list[RecordedEvent]) -> dict[tuple[str, str], Counter[str]]:
     """The stats, counted straight from the log, without the projection's code."""
     counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
@@ -74,11 +85,7 @@ def close_to(estimate: float | None, exact: float) -> bool:
 async def test_stats_api_matches_a_direct_count_over_the_log(
     client: TestClient, settings: Settings
 ) -> None:  # type: ignore[type-arg]
-    await mixed_traffic(client, deliveries=60)
-    await settle(client)
-    engine = create_engine(settings.database_url)
-    log = await whole_log(engine)
-    await engine.dispose()
+    log = await traffic_log(client, settings)
     expected = direct_counts(log)
     assert any(c["duplicates_body_mismatch"] for c in expected.values())  # the traffic covers it
     assert any(c["filtered"] for c in expected.values())
@@ -110,11 +117,7 @@ async def test_stats_api_matches_a_direct_count_over_the_log(
 async def test_failed_counts_every_failed_attempt_beside_its_split(
     client: TestClient, settings: Settings
 ) -> None:  # type: ignore[type-arg]
-    await mixed_traffic(client, deliveries=60)
-    await settle(client)
-    engine = create_engine(settings.database_url)
-    log = await whole_log(engine)
-    await engine.dispose()
+    log = await traffic_log(client, settings)
     failed = Counter(
         (e.trigger_id, e.recorded_at.astimezone(UTC).date().isoformat())
         for e in log

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AUTH, create_trigger
-from processes import start_server
+from conftest import create_trigger
+from processes import register, start_server
 from tcpproxy import TcpProxy
 
 from ledger.store import create_engine, read_events
@@ -93,10 +93,7 @@ async def test_sqlite_past_its_file_size_limit_answers_503_stores_what_it_acknow
     answers: dict[str, tuple[int, str | None]] = {}
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.post(
-                server.url + "/api/triggers", json={"id": "t"}, headers=AUTH
-            ) as r:
-                assert r.status == 201
+            await register(session, server, "t")
 
             async def deliver(key: str) -> int:
                 headers = {"Content-Type": "application/json", "Idempotency-Key": key}

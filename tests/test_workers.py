@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import AUTH
-from processes import ServerProcess, start_server
+from processes import ServerProcess, register, start_server
 
 from ledger.appender import Appender
 from ledger.commands import AppendEvents, DeliveryOutcome, RecordDelivery
@@ -75,11 +75,6 @@ async def _deliver(
         return r.status, (await r.json())["event_id"]
 
 
-async def _make_trigger(session: aiohttp.ClientSession, server: ServerProcess) -> None:
-    async with session.post(server.url + "/api/triggers", json={"id": "t"}, headers=AUTH) as r:
-        assert r.status == 201, await r.text()
-
-
 async def test_workers_record_every_delivery_once_and_report_one_registry(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -89,7 +84,7 @@ async def test_workers_record_every_delivery_once_and_report_one_registry(
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=32, force_close=True)
         ) as session:
-            await _make_trigger(session, server)  # an admin command through a worker
+            await register(session, server, "t")  # an admin command through a worker
             await asyncio.sleep(1.2)  # every worker's trigger cache (1 s) sees it
             # New connections each time (force_close): the kernel spreads them over the workers.
             answers = await asyncio.gather(
@@ -139,7 +134,7 @@ async def test_a_worker_that_dies_is_restarted_and_the_main_one_stops_them_all(
             deadline = asyncio.get_running_loop().time() + 20
             while True:  # the new worker listens once it is up
                 try:
-                    await _make_trigger(session, server)
+                    await register(session, server, "t")
                     break
                 except aiohttp.ClientError:
                     assert asyncio.get_running_loop().time() < deadline
@@ -157,7 +152,7 @@ async def test_a_worker_stops_when_the_main_process_is_gone(
     try:
         (worker,) = _children(server.process.pid)
         async with aiohttp.ClientSession() as session:
-            await _make_trigger(session, server)
+            await register(session, server, "t")
             await asyncio.sleep(1.2)
             status, event_id = await _deliver(session, server, "before")
             assert status == 202
@@ -323,7 +318,7 @@ async def test_a_live_feed_served_by_a_worker_wakes_on_the_main_process_commits(
     server = await _serve(database_url, tmp_path, 1)
     try:
         async with aiohttp.ClientSession() as session:
-            await _make_trigger(session, server)
+            await register(session, server, "t")
             await asyncio.sleep(1.2)
             url = server.url + "/api/events/stream?types=webhook.received"
             async with session.get(url, headers=AUTH) as response:
