@@ -371,7 +371,9 @@ def append_and_fold(
             folded = folder.fold_appended(conn, appended.before, appended.events)
             flush(conn)  # a fold's error raises here, in this try, not at the COMMIT
             return appended, folded
-        except Exception:  # noqa: BLE001 - the append itself stands; the runner retries the fold
+        except Exception as exc:  # noqa: BLE001 - the append stands; the runner retries the fold
+            if conn.invalidated or getattr(exc, "connection_invalidated", False):
+                raise  # the connection went (the database with it): the whole batch is undone
             # The append's rows may have gone with the fold's first statement, and the error
             # be theirs: written again alone, they raise it again (and no fold is blamed).
             discard(conn)

@@ -158,7 +158,9 @@ def execute_sql(conn: sa.Connection, sql: str) -> None:
 def _on_cursor(conn: sa.Connection, sql: str, params: Any, call: Callable[[Any], T]) -> T:
     connection = conn.connection
     dbapi_connection = connection.dbapi_connection
-    assert dbapi_connection is not None
+    if dbapi_connection is None:  # invalidated by an earlier statement: the database went away
+        lost = ConnectionError("the connection to the database was lost")
+        raise sa.exc.InterfaceError(sql, params, lost, connection_invalidated=True)
     cursor = dbapi_connection.cursor()
     try:
         return call(cursor)
@@ -333,6 +335,8 @@ def defer_writes(conn: sa.Connection) -> None:
 
 def stop_deferring(conn: sa.Connection) -> None:
     """Write at once again; what still waits is dropped (its transaction failed)."""
+    if conn.invalidated:
+        return  # its connection is gone, and what waited with it (asking would raise)
     conn.info.pop(_DEFERRED, None)
 
 

@@ -114,8 +114,9 @@ def _locked_transaction(conn: sa.Connection, work: Callable[[sa.Connection], T])
     try:
         result = work(conn)
     finally:
-        conn.info.pop(LOCKED_AT_BEGIN, None)
-        conn.info.pop(SAVEPOINT_AT_BEGIN, None)
+        if not conn.invalidated:  # else gone with its connection: asking would mask the error
+            conn.info.pop(LOCKED_AT_BEGIN, None)
+            conn.info.pop(SAVEPOINT_AT_BEGIN, None)
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
     # error: nothing of it may be acknowledged then.
     status = run("COMMIT")

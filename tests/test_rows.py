@@ -129,6 +129,27 @@ async def test_bad_sql_is_sqlalchemys_error_and_the_transaction_can_go_on(
     assert await _sync(engine, work) == [(1,)]
 
 
+async def test_a_statement_on_a_lost_connection_is_an_outage_not_an_assertion(
+    engine: AsyncEngine,
+) -> None:
+    # The appender's held connection runs without SQLAlchemy's transaction (AUTOCOMMIT, its own
+    # BEGIN): once a lost connection is invalidated, a statement on it must say the database
+    # went away (is_unavailable: a 503), as the statement that found it out did.
+    from ledger.appender import is_unavailable
+
+    async with engine.connect() as conn:
+        held = await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+        def work(sync: sa.Connection) -> None:
+            sync.connection.invalidate()  # as `_on_cursor` does when a statement finds it lost
+            execute_sql(sync, "SELECT 1")
+
+        with pytest.raises(sa.exc.InterfaceError) as caught:
+            await held.run_sync(work)
+    assert caught.value.connection_invalidated
+    assert is_unavailable(caught.value)
+
+
 async def test_many_rows_store_what_one_at_a_time_stores(engine: AsyncEngine) -> None:
     """On PostgreSQL rows alike go as one INSERT … FROM unnest(arrays), others one by one; either
     way each value is stored as SQLAlchemy stores it: NULLs, a shared timestamp, big integers,

@@ -14,12 +14,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
+import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 from conftest import create_trigger
+from factories import delivery
 from processes import register, start_server
 from tcpproxy import TcpProxy
 
+from ledger.appender import Appender
+from ledger.errors import StorageUnavailable
+from ledger.migrate import upgrade
 from ledger.store import create_engine, read_events
+from projections.registry import PROJECTIONS
+from projections.runner import ProjectionRunner
 from server.app import make_app
 from server.config import Settings
 
@@ -135,3 +142,63 @@ async def test_sqlite_past_its_file_size_limit_answers_503_stores_what_it_acknow
     acknowledged = {key for key, (status, _) in answers.items() if status == 202}
     assert acknowledged <= stored
     assert stored <= answers.keys()  # and a refused one at most stored, never acknowledged
+
+
+async def snapshot_keys(engine: Any) -> list[str]:
+    async with engine.connect() as conn:
+        query = sa.text("SELECT idempotency_key FROM trigger_executions ORDER BY last_seq")
+        return [key for (key,) in await conn.execute(query)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LosesItsConnection:
+    """A projection whose fold writes its rows, then sees its connection to PostgreSQL end
+    (the server terminates its backend: a failover, an administrator, a network cut)."""
+
+    inner: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.inner.name)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.inner, attribute)
+
+    def apply(self, conn: Any, table: Any, events: Any) -> None:
+        self.inner.apply(conn, table, events)
+        conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+async def test_a_connection_lost_during_the_inline_fold_is_an_outage_not_a_fold_failure(
+    database_url: str, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The batch's writes and its fold are sent together on PostgreSQL: a connection lost there
+    # must fail the batch as the outage it is (503 for every sender in it), not be taken for a
+    # failing fold whose recovery (a rollback to the savepoint) runs on no connection at all.
+    if backend != "postgres":
+        pytest.skip("a network database's connection can end under a transaction")
+    engine = create_engine(database_url)
+    appender = Appender(engine)
+    running = asyncio.create_task(appender.run())
+    try:
+        await upgrade(engine)
+        stats, executions = PROJECTIONS["trigger_stats"], PROJECTIONS["trigger_executions"]
+        healthy = ProjectionRunner(engine, [executions, stats])
+        await appender.submit(delivery("before"))
+        await healthy.catch_up()  # checkpoints at the head: appends fold inline from here on
+        appender.folder = ProjectionRunner(engine, [executions, _LosesItsConnection(stats)])
+        with pytest.raises(StorageUnavailable):
+            await appender.submit(delivery("lost"))
+        assert "inline_fold_failed" not in caplog.text
+        appender.folder = healthy
+        await appender.submit(delivery("after"))  # a new connection, as after any outage
+        await healthy.catch_up()
+        assert await snapshot_keys(engine) == ["before", "after"]  # folded: nothing half-kept
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await appender.close()
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn, types=["webhook.received"])]
+    await engine.dispose()
+    assert keys == ["before", "after"]
