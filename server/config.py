@@ -39,6 +39,9 @@ class Settings:
     log_format: str = "auto"
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0  # a webhook's body must arrive within this of its head; 0: none
+    # A delivery not committed within this is answered 503 + Retry-After (it may still commit:
+    # the sender's retry is then its duplicate); 0: no limit. Senders give up after ~10-30 s.
+    append_timeout_s: float = 10.0
     admin_rate_per_s: float = 50.0  # per client address; 0 turns the admin API limit off
     admin_rate_burst: float = 200.0
     ready_max_lag_s: float = 60.0  # /readyz fails when a projection is further behind
@@ -67,6 +70,7 @@ class Settings:
             ready_max_lag_s=float(env.get("HOOKLEDGER_READY_MAX_LAG_S", "60")),
             header_timeout_s=float(env.get("HOOKLEDGER_HEADER_TIMEOUT_S", "10")),
             body_timeout_s=float(env.get("HOOKLEDGER_BODY_TIMEOUT_S", "30")),
+            append_timeout_s=float(env.get("HOOKLEDGER_APPEND_TIMEOUT_S", "10")),
             admin_rate_per_s=float(env.get("HOOKLEDGER_ADMIN_RATE_PER_S", "50")),
             admin_rate_burst=float(env.get("HOOKLEDGER_ADMIN_RATE_BURST", "200")),
             workers=int(env.get("HOOKLEDGER_WORKERS", default_workers())),

@@ -5,9 +5,12 @@ it did not acknowledge, and recovers by itself. PostgreSQL through a proxy this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import resource
 import signal
+import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +19,7 @@ import aiohttp
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-from conftest import create_trigger
+from conftest import create_trigger, serve_app
 from factories import delivery
 from processes import register, start_server
 from tcpproxy import TcpProxy
@@ -24,7 +27,7 @@ from tcpproxy import TcpProxy
 from ledger.appender import Appender
 from ledger.errors import StorageUnavailable
 from ledger.migrate import upgrade
-from ledger.store import create_engine, read_events
+from ledger.store import APPEND_LOCK_ID, create_engine, read_events
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
 from server.app import make_app
@@ -202,3 +205,88 @@ async def test_a_connection_lost_during_the_inline_fold_is_an_outage_not_a_fold_
         keys = [e.idempotency_key for e in await read_events(conn, types=["webhook.received"])]
     await engine.dispose()
     assert keys == ["before", "after"]
+
+
+@contextlib.asynccontextmanager
+async def _append_lock_held(database_url: str) -> AsyncIterator[None]:
+    """Another process's writer holding the append lock: SQLite's write lock (BEGIN IMMEDIATE on
+    the file), PostgreSQL's advisory append lock."""
+    if database_url.startswith("sqlite"):
+        other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        return
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as other:
+            lock = sa.text("SELECT pg_advisory_lock(:k)")
+            await other.execute(lock, {"k": APPEND_LOCK_ID})
+            try:
+                yield
+            finally:
+                unlock = sa.text("SELECT pg_advisory_unlock(:k)")
+                await other.execute(unlock, {"k": APPEND_LOCK_ID})
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.lanes
+async def test_a_delivery_not_committed_in_time_is_503_and_its_retry_is_recorded_once(
+    aiohttp_client: Any, settings: Settings, lane: str
+) -> None:
+    quick = dataclasses.replace(settings, append_timeout_s=1.0)
+    client = await serve_app(aiohttp_client, make_app(quick), lane)
+    await create_trigger(client, id="t")
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
+    async with _append_lock_held(settings.database_url):
+        started = asyncio.get_running_loop().time()
+        answer = await client.post("/webhooks/t", data="{}", headers=headers)
+        waited = asyncio.get_running_loop().time() - started
+        assert answer.status == 503, await answer.text()
+        assert answer.headers["Retry-After"]
+        assert (await answer.json())["error"]["code"] == "storage_unavailable"
+        assert waited < 5  # not the 30 s of SQLite's busy timeout, nor a hang
+    # The sender retries: recorded once (its first try may have committed after the lock went).
+    deadline = asyncio.get_running_loop().time() + 20
+    while (retry := await client.post("/webhooks/t", data="{}", headers=headers)).status == 503:
+        assert asyncio.get_running_loop().time() < deadline, "did not recover"
+        await asyncio.sleep(0.2)
+    assert retry.status in (200, 202), await retry.text()
+    engine = create_engine(settings.database_url)
+    async with engine.connect() as conn:
+        received = await read_events(conn, types=["webhook.received"])
+    await engine.dispose()
+    assert [e.idempotency_key for e in received] == ["k"]
+
+
+async def test_a_worker_answers_503_when_the_ledger_cannot_commit_in_time(tmp_path: Path) -> None:
+    # The default shape on two cores: the worker waits on the main process over the ledger link.
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'hookledger.db'}"
+    server = await start_server(
+        database_url,
+        tmp_path,
+        "--workers",
+        "1",
+        "--no-dispatch",
+        env={"HOOKLEDGER_APPEND_TIMEOUT_S": "1"},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await register(session, server, "t")
+            headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
+            async with _append_lock_held(database_url):
+                started = asyncio.get_running_loop().time()
+                async with session.post(
+                    server.url + "/webhooks/t", data="{}", headers=headers
+                ) as r:
+                    assert r.status == 503, await r.text()
+                    assert r.headers["Retry-After"]
+                assert asyncio.get_running_loop().time() - started < 5
+            async with session.post(server.url + "/webhooks/t", data="{}", headers=headers) as r:
+                assert r.status in (200, 202), await r.text()
+    finally:
+        server.stop()
