@@ -298,6 +298,37 @@ async def test_a_backlog_drains_at_a_bounded_concurrency_per_destination(
     assert destination.max_in_flight == 2
 
 
+async def test_a_repeat_during_an_attempt_keeps_its_outcome_and_sends_once(
+    app: Client, destination: Destination, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The repeat's webhook.duplicate goes on the execution's stream while the attempt is in
+    # flight: it moves the stream's version, not the attempt, whose outcome must still land
+    # (it was lost: the attempt ran again after its lease, with the destination hit twice).
+    caplog.set_level(logging.INFO, logger="server.dispatcher")
+    await trigger_to(app, destination.script("/slow", Reply(200, delay_s=1.0)), retry=FAST)
+    execution_id = await send(app, "t", Idempotency_Key="k")
+    await asyncio.wait_for(destination.arrived.wait(), 10)
+    for _ in range(2):  # the attempt is in flight: two repeats of the delivery
+        response = await app.post(
+            "/webhooks/t",
+            data='{"n": 1}',
+            headers={"Content-Type": "application/json", "Idempotency-Key": "k"},
+        )
+        assert response.status == 200
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"], row["duplicate_count"]) == ("succeeded", 1, 2)
+    assert types(row) == [
+        "webhook.received",
+        "execution.started",
+        "webhook.duplicate",
+        "webhook.duplicate",
+        "execution.succeeded",
+    ]
+    await asyncio.sleep(0.5)  # a lost outcome would show as a second attempt after the lease
+    assert destination.count(execution_id) == 1
+    assert "attempt_outcome_lost" not in caplog.text
+
+
 async def test_two_dispatchers_never_run_the_same_attempt(
     aiohttp_client: MakeClient, dispatching: Settings, destination: Destination
 ) -> None:
