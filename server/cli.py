@@ -30,8 +30,11 @@ from ledger.codec import parse_time
 from ledger.errors import SecretKeyMismatch
 from ledger.migrate import upgrade
 from ledger.store import create_engine, first_seq_at
+from projections.base import Projection
+from projections.errors import ProjectionError
 from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS
+from projections.targets import check_target
 from server import cli_readers, ingest, logs, monitoring
 from server.app import build_services, make_app
 from server.config import Settings
@@ -246,6 +249,15 @@ async def _rebuild(args: argparse.Namespace) -> None:
     projection = PROJECTIONS.get(args.name)
     if projection is None:
         raise SystemExit(f"error: no projection {args.name!r}; known: {', '.join(PROJECTIONS)}")
+    try:
+        if args.into is not None:
+            check_target(args.into)  # before the schema is touched, too
+        await _rebuild_as_asked(args, projection)
+    except ProjectionError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+async def _rebuild_as_asked(args: argparse.Namespace, projection: Projection) -> None:
     engine = create_engine(_settings(args).database_url)
     try:
         await upgrade(engine)
