@@ -32,6 +32,7 @@ from ledger.store import (
 )
 from projections.base import IN_WINDOW, BulkFold, Projection
 from projections.runner import _take_projector_lock, set_checkpoint
+from projections.targets import check_target, claim, scratch_table
 
 logger = logging.getLogger(__name__)
 
@@ -236,18 +237,23 @@ async def rebuild(
 ) -> RebuildResult:
     """Rebuild `projection` from the log up to `until_seq` (default: the head).
 
-    With `into`, the result stays in that table and the live one is untouched (point in time).
+    With `into`, the result stays in that table and the live one is untouched (point in time);
+    `into` is never one of hookledger's own tables (InvalidRebuildTarget). One rebuild fills a
+    table at a time: another one of the same target raises RebuildInProgress.
     """
-    started = time.monotonic()
-    async with engine.connect() as conn:
-        head = await read_last_seq(conn)
-    until = head if until_seq is None else min(until_seq, head)
-    target = into or f"{projection.name}__rebuild"
-    table = projection.shadow_table(target)
-    await _recreate(engine, table)
-    done = await _fill(engine, projection, table, until, progress, window)
-    if into is None:
-        await _swap(engine, projection, target, until)
+    if into is not None:
+        check_target(into)
+    target = into or scratch_table(projection.name)
+    async with claim(engine, projection.name, target):
+        started = time.monotonic()
+        async with engine.connect() as conn:
+            head = await read_last_seq(conn)
+        until = head if until_seq is None else min(until_seq, head)
+        table = projection.shadow_table(target)
+        await _recreate(engine, table)
+        done = await _fill(engine, projection, table, until, progress, window)
+        if into is None:
+            await _swap(engine, projection, target, until)
     seconds = time.monotonic() - started
     logger.info("evt=rebuilt projection=%s events=%d seconds=%.2f", projection.name, done, seconds)
     return RebuildResult(

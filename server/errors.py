@@ -2,6 +2,7 @@
 
 ApiError(status, code, message)       raised by handlers for documented outcomes
 ledger.errors.*                        mapped by `error_answer` (see _LEDGER_ERRORS)
+projections.errors.*                   mapped the same way (see _PROJECTION_ERRORS)
 a body aiohttp could not decode        400 invalid_content_encoding (`undecodable_body`)
 anything else                          500 internal_error, logged with its cause
 
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from ledger import errors as ledger_errors
 from ledger.appender import is_unavailable
+from projections import errors as projection_errors
 from server.logs import fact
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ _LEDGER_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ledger_errors.StreamVersionConflict: (409, "conflict"),
 }
 
+_PROJECTION_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    projection_errors.RebuildInProgress: (409, "rebuild_in_progress"),
+}
+
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -105,8 +111,8 @@ def documented(exc: Exception, path: str) -> ApiError:
         return undecodable_body()
     if isinstance(exc, ledger_errors.StorageUnavailable):
         return _unavailable(exc.cause)
-    if isinstance(exc, ledger_errors.LedgerError):
-        for kind, (status, code) in _LEDGER_ERRORS.items():
+    if isinstance(exc, ledger_errors.LedgerError | projection_errors.ProjectionError):
+        for kind, (status, code) in (_LEDGER_ERRORS | _PROJECTION_ERRORS).items():
             if isinstance(exc, kind):
                 return ApiError(status, code, str(exc))
         return _internal(path, exc)

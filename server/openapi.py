@@ -39,7 +39,9 @@ ERRORS = {
     401: _error("`unauthorized`: no or wrong admin token"),
     404: _error("not found (`trigger_not_found`, `execution_not_found`, …)"),
     408: _error("`request_timeout`: the body did not arrive in time; the connection is closed"),
-    409: _error("conflict (`trigger_exists`, `conflict`, `replay_not_allowed`)"),
+    409: _error(
+        "conflict (`trigger_exists`, `conflict`, `replay_not_allowed`, `rebuild_in_progress`)"
+    ),
     413: _error("`payload_too_large`"),
     415: _error("`unsupported_media_type`"),
     429: _error("`rate_limited`") | {"headers": _RETRY_AFTER},
@@ -308,7 +310,7 @@ def _reader_paths() -> dict[str, Any]:
             "post": admin(
                 "Rebuild a projection from the log",
                 {200: _json("rebuilt", ref("RebuildResult"))},
-                (404,),
+                (404, 409),
                 parameters=[_path("name", {"type": "string", "enum": sorted(PROJECTIONS)})],
             ),
         },

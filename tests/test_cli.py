@@ -148,3 +148,19 @@ async def test_of_serves_started_together_on_a_new_database_one_shows_the_token(
     token = (tmp_path / "hookledger.token").read_text().strip()
     assert all(exited is None for exited, _ in outputs), outputs
     assert sum(f"#token={token}" in output for _, output in outputs) == 1
+
+
+async def test_rebuild_refuses_a_negative_seq_and_a_time_it_cannot_read(tmp_path: Path) -> None:
+    database = tmp_path / "hookledger.db"
+    for args, status, said in [
+        (["--until-seq", "-5"], 2, "error: argument --until-seq: '-5' is not a seq"),
+        (["--until-seq", "x"], 2, "error: argument --until-seq: 'x' is not a seq"),
+        (["--as-of", "garbage"], 1, "error: --as-of 'garbage' is not an ISO-8601 time"),
+        (["--as-of", "2026-13-45T00:00:00Z"], 1, "error: --as-of '2026-13-45T00:00:00Z'"),
+        (["--until-seq", "3", "--as-of", "2026-01-01T00:00:00Z"], 2, "not allowed with"),
+    ]:
+        refused = await run_cli(sqlite_url(database), "rebuild", "trigger_executions", *args)
+        assert refused.returncode == status, (args, refused.stdout)
+        assert said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert not database.exists()  # refused before the database was opened
