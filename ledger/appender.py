@@ -440,11 +440,51 @@ class Folder(Protocol):
         ...
 
 
-class Appender:
-    """The one writer of this process. `submit` queues a command and waits for its commit."""
+class Overdue:
+    """Fails the waits for commits that take longer than `limit_s` with StorageUnavailable (a
+    503 + Retry-After to a sender): a database that hangs (a network path dropping packets, a
+    lock another process holds) must not hold its callers until they give up. One timer for
+    all of them, not one a command (an asyncio.timeout a request cost a worker ~5 us).
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+    A command whose wait failed before its batch began is never appended (`_Pending.waiting`);
+    one being committed may still be, and its sender's retry is then its duplicate: never an
+    acknowledgement of what was not stored."""
+
+    def __init__(self, limit_s: float) -> None:
+        self._limit = limit_s
+        self._waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, future: asyncio.Future[Any]) -> None:
+        waiting = self._waiting
+        while waiting and waiting[0][1].done():  # most are answered in the order they came
+            waiting.popleft()
+        loop = future.get_loop()
+        waiting.append((loop.time() + self._limit, future))  # deadlines in order: one limit
+        if self._timer is None:
+            self._timer = loop.call_at(waiting[0][0], self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiting, now = self._waiting, loop.time()
+        while waiting and (waiting[0][1].done() or waiting[0][0] <= now):
+            _, future = waiting.popleft()
+            if not future.done():
+                late = TimeoutError(f"not committed within {self._limit:g} s")
+                future.set_exception(StorageUnavailable(late))
+        if waiting:
+            self._timer = loop.call_at(waiting[0][0], self._expire, loop)
+
+
+class Appender:
+    """The one writer of this process. `submit` queues a command and waits for its commit
+    (at most `wait_s`, when given: `Overdue`)."""
+
+    def __init__(
+        self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH, wait_s: float | None = None
+    ) -> None:
         self._engine = engine
+        self._overdue = Overdue(wait_s) if wait_s else None
         # Set by the projection runner: the projections are folded in the append's own
         # transaction, so they are never behind an acknowledged delivery (see projections.runner).
         self.folder: Folder | None = None
@@ -468,6 +508,8 @@ class Appender:
         """Queue `command`; the future is its result once committed (or the error)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._put(_Pending(command, future))
+        if self._overdue is not None:
+            self._overdue.watch(future)
         return future
 
     def enqueue_answered(self, command: Command, answer: Callable[[Any], None]) -> None:

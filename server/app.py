@@ -77,7 +77,7 @@ def build_services(settings: Settings, link: LedgerLink | None = None) -> Servic
     token = settings.resolved_admin_token()
     if link is not None:
         settings = replace(settings, projector=False, dispatch=False)
-        remote = RemoteAppender(link)
+        remote = RemoteAppender(link, wait_s=settings.append_timeout_s)
         return Services(
             settings=settings,
             engine=engine,
@@ -88,7 +88,7 @@ def build_services(settings: Settings, link: LedgerLink | None = None) -> Servic
             admin_token=token,
             metrics=RemoteMetrics(link),
         )
-    appender = Appender(engine)
+    appender = Appender(engine, wait_s=settings.append_timeout_s)
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
     if settings.projector:
         appender.folder = runner

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ledger.appender import Appender
+from ledger.appender import Appender, Overdue
 from ledger.commands import AppendEvents, Command, DeliveryOutcome, RecordDelivery
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.events import NewEvent
@@ -295,8 +295,9 @@ def _gone() -> StorageUnavailable:
 class RemoteAppender:
     """What a worker has instead of an appender (ledger.appender.Appender's interface)."""
 
-    def __init__(self, link: LedgerLink) -> None:
+    def __init__(self, link: LedgerLink, wait_s: float | None = None) -> None:
         self._link = link
+        self._overdue = Overdue(wait_s) if wait_s else None  # as the main process's Appender
         self.folder = None
         self.committed = asyncio.Event()  # never set: a worker runs no projector
         # Called when the main process's appender commits a batch (its sizes are not known here).
@@ -304,8 +305,14 @@ class RemoteAppender:
 
     async def submit(self, command: Command) -> Any:
         if isinstance(command, RecordDelivery):
-            return _OUTCOME.made(await self._link.call(DELIVERY, delivery_fields(command)))
-        return await self._link.call(APPEND, command)
+            return _OUTCOME.made(await self._call(DELIVERY, delivery_fields(command)))
+        return await self._call(APPEND, command)
+
+    def _call(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+        future = self._link.call(kind, payload)
+        if self._overdue is not None:
+            self._overdue.watch(future)
+        return future
 
     async def append(self, events_: list[NewEvent], *, expected_version: int | None = None) -> Any:
         return await self.submit(AppendEvents(events=events_, expected_version=expected_version))

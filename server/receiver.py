@@ -21,7 +21,6 @@ from aiohttp import web
 
 from ledger.bodies import Body, content_kind, decode_body
 from ledger.commands import DeliveryOutcome, RecordDelivery
-from ledger.errors import StorageUnavailable
 from ledger.events import WebhookReceived, uuid7
 from ledger.filters import filter_matches
 from ledger.keys import extract_key
@@ -205,27 +204,9 @@ async def receive(
     key = extract_key(
         trigger.source, trigger.idempotency_key_path, headers, body.parsed, body.exact
     )
-    command = _command(trigger, head, headers, raw, body, key)
-    return _answer(trigger.id, key, await _committed(services, command))
-
-
-async def _committed(services: Services, command: RecordDelivery) -> DeliveryOutcome:
-    """The delivery's outcome once it is durable; StorageUnavailable (503 + Retry-After) when
-    that takes longer than `append_timeout_s`: a database that hangs (a network path that drops
-    packets, a lock another process holds) must not hold its senders until they give up. What
-    was still queued is not appended; what was being committed may be, and the sender's retry
-    is then its duplicate: never an acknowledgement of what was not stored."""
-    limit = services.settings.append_timeout_s
-    outcome: DeliveryOutcome
-    if limit <= 0:
-        outcome = await services.appender.submit(command)
-        return outcome
-    try:
-        async with asyncio.timeout(limit):
-            outcome = await services.appender.submit(command)
-            return outcome
-    except TimeoutError:
-        raise StorageUnavailable(TimeoutError(f"not committed within {limit:g} s")) from None
+    # Waited for at most HOOKLEDGER_APPEND_TIMEOUT_S: then a 503 (ledger.appender.Overdue).
+    outcome = await services.appender.submit(_command(trigger, head, headers, raw, body, key))
+    return _answer(trigger.id, key, outcome)
 
 
 # The content codings the body is decoded from (aiohttp's, before the handler reads it): another
