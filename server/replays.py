@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiohttp import web
 
+from ledger.codec import parse_time
 from ledger.errors import StreamVersionConflict
 from ledger.events import ExecutionReplayRequested, NewEvent, execution_stream, uuid7
 from ledger.store import read_last_seq, read_stream
@@ -131,10 +132,9 @@ def _time(payload: dict[str, Any], name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parse_time(str(value))
     except ValueError:
         raise _invalid(f"{name} must be an ISO-8601 time") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
