@@ -155,6 +155,8 @@ class BulkReplay:
         trigger_id, status = payload.get("trigger_id"), payload.get("status", "dead_lettered")
         if not isinstance(trigger_id, str) or not trigger_id:
             raise _invalid("trigger_id is required")
+        if "\x00" in trigger_id:  # PostgreSQL text cannot hold it: no trigger has it
+            raise _invalid("trigger_id must not contain a NUL character")
         if status not in REPLAYABLE:
             raise _invalid(f"status must be one of {', '.join(REPLAYABLE)}")
         limit = payload.get("limit")

@@ -101,6 +101,15 @@ def _text(payload: JSON, name: str, *, limit: int = 255) -> str | None:
     return value
 
 
+def _column_text(payload: JSON, name: str) -> str | None:
+    """A string the triggers projection keeps in a column of its own: PostgreSQL text cannot
+    hold a NUL, and an event its projector cannot fold would stop every projection for good."""
+    value = _text(payload, name)
+    if value is not None and "\x00" in value:
+        raise invalid(f"{name} must not contain a NUL character")
+    return value
+
+
 def generate_secret(source: str) -> str:
     if source == "discord":
         raise invalid("a discord trigger's secret is the application's public key: give it")
@@ -197,7 +206,7 @@ def config_changes(
             payload["destination"], vault, allow_private=allow_private
         )
     if "idempotency_key_path" in payload:
-        changes["idempotency_key_path"] = _text(payload, "idempotency_key_path")
+        changes["idempotency_key_path"] = _column_text(payload, "idempotency_key_path")
     if "filter" in payload:
         changes["filter"] = _filter(payload["filter"])
     if "retry" in payload:
