@@ -29,6 +29,7 @@ from server.admin import json_body, json_response
 from server.catalog import read_trigger
 from server.errors import ApiError
 from server.state import SERVICES, Services
+from server.triggers import unknown_fields
 
 __all__ = ["BulkReplay", "replay_refusal", "routes"]
 
@@ -44,6 +45,9 @@ _NEVER_DISPATCHED = {
 _PAGE = 500
 _MAX_LIMIT = 1_000_000
 _REQUESTER = re.compile(r"^[\x20-\x7e]{1,100}$")
+BULK_FIELDS = frozenset(
+    {"trigger_id", "status", "since", "until", "limit", "dry_run", "requested_by"}
+)
 
 
 def _not_allowed(message: str) -> ApiError:
@@ -152,6 +156,8 @@ class BulkReplay:
     def parse(cls, payload: Any) -> BulkReplay:
         if not isinstance(payload, dict):
             raise _invalid("the body must be a JSON object")
+        if message := unknown_fields(payload, BULK_FIELDS):
+            raise _invalid(message)
         trigger_id, status = payload.get("trigger_id"), payload.get("status", "dead_lettered")
         if not isinstance(trigger_id, str) or not trigger_id:
             raise _invalid("trigger_id is required")

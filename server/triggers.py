@@ -73,23 +73,31 @@ def _shown(name: str) -> str:
     return name if len(name) <= 40 else name[:37] + "..."
 
 
-def refuse_unknown(payload: JSON, accepted: frozenset[str], where: str = "") -> None:
-    """A field the server does not know is refused, never dropped: a typo (`filtre`) or a field
-    set elsewhere (`secret`, `paused`) would otherwise be answered 2xx and change nothing."""
+def unknown_fields(
+    payload: JSON, accepted: frozenset[str], where: str = "", hints: dict[str, str] | None = None
+) -> str | None:
+    """Why `payload` is refused for its fields outside `accepted` (each with its hint, if any),
+    or None when it has none."""
     unknown = sorted(set(payload) - accepted)
     if not unknown:
-        return
+        return None
     names = [_shown(name) for name in unknown[:_SHOWN_NAMES]]
     if len(unknown) > _SHOWN_NAMES:
         names.append(f"and {len(unknown) - _SHOWN_NAMES} more")
-    hints = sorted(
-        {f"{name}: {_NOT_PATCHABLE[name]}" for name in unknown if name in _NOT_PATCHABLE}
-    )
+    hints = hints or {}
+    notes = sorted({f"{name}: {hints[name]}" for name in unknown if name in hints})
     plural = "s" if len(unknown) > 1 else ""
     message = f"field{plural} not accepted{where}: {', '.join(names)}"
-    if hints:
-        message += f" ({'; '.join(hints)})"
-    raise invalid(f"{message}; accepted: {', '.join(sorted(accepted))}")
+    if notes:
+        message += f" ({'; '.join(notes)})"
+    return f"{message}; accepted: {', '.join(sorted(accepted))}"
+
+
+def refuse_unknown(payload: JSON, accepted: frozenset[str], where: str = "") -> None:
+    """A field the server does not know is refused, never dropped: a typo (`filtre`) or a field
+    set elsewhere (`secret`, `paused`) would otherwise be answered 2xx and change nothing."""
+    if message := unknown_fields(payload, accepted, where, _NOT_PATCHABLE):
+        raise invalid(message)
 
 
 def _text(payload: JSON, name: str, *, limit: int = 255) -> str | None:
