@@ -4,7 +4,8 @@ shape, the receiver's outcomes, and the dashboard's caching and content policy.
 One layer rather than one per concern: aiohttp runs each layer as a partial and a coroutine of its
 own, a fair share of what a webhook costs. Inside, the order is the layers' order: the request id
 around everything (errors are logged with it); the admin rate limit before the token check; and
-the outcome counted on the answer the sender gets, after any error became one.
+the outcome counted on the answer the sender gets, after any error became one. An admin
+request's path and query parameters are refused here when they hold a NUL (see _refuse_nul).
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ def _check_admin_token(request: web.Request) -> None:
         raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin token>")
 
 
+def _refuse_nul(request: web.Request) -> None:
+    """A NUL character has no place in an admin path or query parameter, and PostgreSQL text
+    cannot hold one: refused here, once, before any handler passes it to the database."""
+    if "\x00" in request.path:
+        raise ApiError(400, "bad_request", "the path must not contain a NUL character (%00)")
+    for name, value in request.query.items():
+        if "\x00" in name or "\x00" in value:
+            raise ApiError(
+                400, "invalid_query", "query parameters must not contain a NUL character (%00)"
+            )
+
+
 def make_middleware(admin_rate_per_s: float, admin_rate_burst: float) -> Middleware:
     """The middleware; `admin_rate_per_s` <= 0 turns the admin API's rate limit off."""
 
@@ -59,6 +72,7 @@ def make_middleware(admin_rate_per_s: float, admin_rate_burst: float) -> Middlew
                 if path.startswith("/api/"):
                     limit_admin(request, admin_rate_per_s, admin_rate_burst)
                     _check_admin_token(request)
+                    _refuse_nul(request)
                 response = await handler(request)
             except Exception as exc:  # noqa: BLE001 - error_answer shapes any error, or re-raises
                 response = error_answer(request, exc)

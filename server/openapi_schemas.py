@@ -225,17 +225,20 @@ _AUDIT = obj(
     }
 )
 
-_BULK_REPLAY = obj(
-    {"trigger_id": {"type": "string", "minLength": 1}},
-    {
-        "status": {"type": "string", "enum": ["dead_lettered", "succeeded"]},
-        "since": nullable(TIME),
-        "until": nullable(TIME),
-        "limit": nullable({"type": "integer", "minimum": 1, "maximum": 1_000_000}),
-        "dry_run": BOOLEAN,
-        "requested_by": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,100}$"},
-    },
-)
+_BULK_REPLAY = {
+    **obj(
+        {"trigger_id": {"type": "string", "minLength": 1}},
+        {
+            "status": {"type": "string", "enum": ["dead_lettered", "succeeded"]},
+            "since": nullable(TIME),
+            "until": nullable(TIME),
+            "limit": nullable({"type": "integer", "minimum": 1, "maximum": 1_000_000}),
+            "dry_run": BOOLEAN,
+            "requested_by": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,100}$"},
+        },
+    ),
+    "additionalProperties": False,  # any other field: 400 invalid_replay
+}
 
 SCHEMAS: dict[str, Schema] = {
     "Error": _ERROR,

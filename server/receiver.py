@@ -32,6 +32,7 @@ from server.logs import fact, request_id
 from server.metrics import Metrics
 from server.ratelimit import INGEST_LIMITER, RateLimiter, rate_limited
 from server.state import RECEIPT, SERVICES, Services
+from server.triggers import TRIGGER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ async def _read_body(request: web.Request, timeout_s: float) -> bytes:
 
 
 async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
-    trigger = await services.triggers.get(trigger_id)
+    # An id no trigger can have is not looked up: one with a NUL would fail on PostgreSQL.
+    trigger = await services.triggers.get(trigger_id) if TRIGGER_ID.fullmatch(trigger_id) else None
     if trigger is None:
         raise ApiError(404, "trigger_not_found", f"no trigger {trigger_id!r}")
     return trigger

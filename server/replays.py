@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiohttp import web
 
+from ledger.codec import parse_time
 from ledger.errors import StreamVersionConflict
 from ledger.events import ExecutionReplayRequested, NewEvent, execution_stream, uuid7
 from ledger.store import read_last_seq, read_stream
@@ -28,6 +29,7 @@ from server.admin import json_body, json_response
 from server.catalog import read_trigger
 from server.errors import ApiError
 from server.state import SERVICES, Services
+from server.triggers import unknown_fields
 
 __all__ = ["BulkReplay", "replay_refusal", "routes"]
 
@@ -43,6 +45,9 @@ _NEVER_DISPATCHED = {
 _PAGE = 500
 _MAX_LIMIT = 1_000_000
 _REQUESTER = re.compile(r"^[\x20-\x7e]{1,100}$")
+BULK_FIELDS = frozenset(
+    {"trigger_id", "status", "since", "until", "limit", "dry_run", "requested_by"}
+)
 
 
 def _not_allowed(message: str) -> ApiError:
@@ -131,10 +136,9 @@ def _time(payload: dict[str, Any], name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parse_time(str(value))
     except ValueError:
         raise _invalid(f"{name} must be an ISO-8601 time") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,9 +156,13 @@ class BulkReplay:
     def parse(cls, payload: Any) -> BulkReplay:
         if not isinstance(payload, dict):
             raise _invalid("the body must be a JSON object")
+        if message := unknown_fields(payload, BULK_FIELDS):
+            raise _invalid(message)
         trigger_id, status = payload.get("trigger_id"), payload.get("status", "dead_lettered")
         if not isinstance(trigger_id, str) or not trigger_id:
             raise _invalid("trigger_id is required")
+        if "\x00" in trigger_id:  # PostgreSQL text cannot hold it: no trigger has it
+            raise _invalid("trigger_id must not contain a NUL character")
         if status not in REPLAYABLE:
             raise _invalid(f"status must be one of {', '.join(REPLAYABLE)}")
         limit = payload.get("limit")

@@ -73,23 +73,31 @@ def _shown(name: str) -> str:
     return name if len(name) <= 40 else name[:37] + "..."
 
 
-def refuse_unknown(payload: JSON, accepted: frozenset[str], where: str = "") -> None:
-    """A field the server does not know is refused, never dropped: a typo (`filtre`) or a field
-    set elsewhere (`secret`, `paused`) would otherwise be answered 2xx and change nothing."""
+def unknown_fields(
+    payload: JSON, accepted: frozenset[str], where: str = "", hints: dict[str, str] | None = None
+) -> str | None:
+    """Why `payload` is refused for its fields outside `accepted` (each with its hint, if any),
+    or None when it has none."""
     unknown = sorted(set(payload) - accepted)
     if not unknown:
-        return
+        return None
     names = [_shown(name) for name in unknown[:_SHOWN_NAMES]]
     if len(unknown) > _SHOWN_NAMES:
         names.append(f"and {len(unknown) - _SHOWN_NAMES} more")
-    hints = sorted(
-        {f"{name}: {_NOT_PATCHABLE[name]}" for name in unknown if name in _NOT_PATCHABLE}
-    )
+    hints = hints or {}
+    notes = sorted({f"{name}: {hints[name]}" for name in unknown if name in hints})
     plural = "s" if len(unknown) > 1 else ""
     message = f"field{plural} not accepted{where}: {', '.join(names)}"
-    if hints:
-        message += f" ({'; '.join(hints)})"
-    raise invalid(f"{message}; accepted: {', '.join(sorted(accepted))}")
+    if notes:
+        message += f" ({'; '.join(notes)})"
+    return f"{message}; accepted: {', '.join(sorted(accepted))}"
+
+
+def refuse_unknown(payload: JSON, accepted: frozenset[str], where: str = "") -> None:
+    """A field the server does not know is refused, never dropped: a typo (`filtre`) or a field
+    set elsewhere (`secret`, `paused`) would otherwise be answered 2xx and change nothing."""
+    if message := unknown_fields(payload, accepted, where, _NOT_PATCHABLE):
+        raise invalid(message)
 
 
 def _text(payload: JSON, name: str, *, limit: int = 255) -> str | None:
@@ -98,6 +106,15 @@ def _text(payload: JSON, name: str, *, limit: int = 255) -> str | None:
         return None
     if not isinstance(value, str) or not value or len(value) > limit:
         raise invalid(f"{name} must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def _column_text(payload: JSON, name: str) -> str | None:
+    """A string the triggers projection keeps in a column of its own: PostgreSQL text cannot
+    hold a NUL, and an event its projector cannot fold would stop every projection for good."""
+    value = _text(payload, name)
+    if value is not None and "\x00" in value:
+        raise invalid(f"{name} must not contain a NUL character")
     return value
 
 
@@ -197,7 +214,7 @@ def config_changes(
             payload["destination"], vault, allow_private=allow_private
         )
     if "idempotency_key_path" in payload:
-        changes["idempotency_key_path"] = _text(payload, "idempotency_key_path")
+        changes["idempotency_key_path"] = _column_text(payload, "idempotency_key_path")
     if "filter" in payload:
         changes["filter"] = _filter(payload["filter"])
     if "retry" in payload:

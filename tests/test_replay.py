@@ -167,6 +167,20 @@ async def test_bulk_replay_refuses_bad_requests(app: Client) -> None:
         assert (await response.json())["error"]["code"] == code
 
 
+async def test_bulk_replay_refuses_unknown_fields_and_replays_nothing(
+    app: Client, destination: Destination
+) -> None:
+    execution_id = await dead_letter(app, destination)
+    cases = [({"bogus": 1}, "bogus"), ({"dry_run": False, "trigger": "t"}, "trigger")]
+    for body, unknown in cases:
+        response = await bulk(app, trigger_id="t", **body)
+        assert response.status == 400, body
+        error = (await response.json())["error"]
+        assert error["code"] == "invalid_replay"
+        assert error["message"].startswith(f"field not accepted: {unknown}; accepted: ")
+    assert (await wait_until(app, execution_id))["replay_count"] == 0
+
+
 @pytest.fixture
 def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("HOOKLEDGER_DATABASE_URL", settings.database_url)
