@@ -7,9 +7,11 @@ they skip with the reason — unless HOOKLEDGER_REQUIRE_POSTGRES=1 (CI), where t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -186,6 +188,18 @@ async def destination(aiohttp_server: Any) -> AsyncIterator[Any]:
 
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(database_url: str) -> Iterator[None]:
+    """Another process's writer on a SQLite file: its write lock (BEGIN IMMEDIATE) held."""
+    holder = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 async def create_trigger(client: TestClient, **config: Any) -> dict[str, Any]:  # type: ignore[type-arg]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import asyncpg
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-from conftest import AUTH
+from conftest import AUTH, sqlite_write_lock
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_projections import snapshot
 from traffic import mixed_traffic, run_cli, settle
@@ -35,13 +34,8 @@ async def holding_the_swap(database_url: str) -> AsyncIterator[None]:
     """Make a rebuild wait, its claim taken, before it can finish: the SQLite write lock (its
     table is made under it), or the PostgreSQL projector lock (its swap takes it)."""
     if database_url.startswith("sqlite"):
-        holder = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_write_lock(database_url):
             yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         return
     conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
     try:

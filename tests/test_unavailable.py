@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import resource
 import signal
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import aiohttp
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-from conftest import create_trigger, serve_app
+from conftest import create_trigger, serve_app, sqlite_write_lock
 from factories import delivery
 from processes import register, start_server
 from tcpproxy import TcpProxy
@@ -212,13 +211,8 @@ async def _append_lock_held(database_url: str) -> AsyncIterator[None]:
     """Another process's writer holding the append lock: SQLite's write lock (BEGIN IMMEDIATE on
     the file), PostgreSQL's advisory append lock."""
     if database_url.startswith("sqlite"):
-        other = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_write_lock(database_url):
             yield
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         return
     engine = create_engine(database_url)
     try:
