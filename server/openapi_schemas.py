@@ -279,7 +279,8 @@ SCHEMAS: dict[str, Schema] = {
             "duplicate": {"const": True},
         }
     ),
-    "ReplayRequest": obj({}, {"requested_by": _BULK_REPLAY["properties"]["requested_by"]}),
+    "ReplayRequest": obj({}, {"requested_by": _BULK_REPLAY["properties"]["requested_by"]})
+    | {"additionalProperties": False},  # any other field: 400 invalid_replay
     "ReplayAccepted": obj({"execution_id": STRING, "status": {"const": "pending"}}),
     "BulkReplay": _BULK_REPLAY,
     "BulkReplayAccepted": obj({"replayed": COUNT, "bulk_id": UUID}),

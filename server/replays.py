@@ -45,6 +45,7 @@ _NEVER_DISPATCHED = {
 _PAGE = 500
 _MAX_LIMIT = 1_000_000
 _REQUESTER = re.compile(r"^[\x20-\x7e]{1,100}$")
+ONE_FIELDS = frozenset({"requested_by"})
 BULK_FIELDS = frozenset(
     {"trigger_id", "status", "since", "until", "limit", "dry_run", "requested_by"}
 )
@@ -126,7 +127,10 @@ async def request_replay(services: Services, execution_id: str, requester: str) 
 @routes.post("/api/executions/{execution_id}/replay")
 async def replay_execution(request: web.Request) -> web.Response:
     execution_id = request.match_info["execution_id"]
-    requester = _requester(await json_body(request))
+    payload = await json_body(request)
+    if isinstance(payload, dict) and (message := unknown_fields(payload, ONE_FIELDS)):
+        raise _invalid(message)  # its body's only field is requested_by
+    requester = _requester(payload)
     await request_replay(request.app[SERVICES], execution_id, requester)
     return json_response({"execution_id": execution_id, "status": "pending"}, 202)
 

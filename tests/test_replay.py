@@ -181,6 +181,21 @@ async def test_bulk_replay_refuses_unknown_fields_and_replays_nothing(
     assert (await wait_until(app, execution_id))["replay_count"] == 0
 
 
+async def test_a_replay_refuses_a_field_it_does_not_know_and_replays_nothing(
+    app: Client, destination: Destination
+) -> None:
+    execution_id = await dead_letter(app, destination)
+    url = f"/api/executions/{execution_id}/replay"
+    response = await app.post(url, json={"requested_by": "ops", "reason": "x"}, headers=AUTH)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_replay"
+    assert error["message"].startswith("field not accepted: reason; accepted: requested_by")
+    assert (await wait_until(app, execution_id))["replay_count"] == 0
+    response = await app.post(url, json={"requested_by": "ops"}, headers=AUTH)
+    assert response.status == 202, await response.text()
+
+
 @pytest.fixture
 def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("HOOKLEDGER_DATABASE_URL", settings.database_url)
