@@ -22,6 +22,7 @@ import collections
 import sqlite3
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def frames(wal: bytes) -> list[int]:
     return pages
 
 
+async def _empty_wal(reader: sqlite3.Connection, within_s: float = 30.0) -> None:
+    """The WAL emptied before the counted commits. The writer's checkpointer may be running a
+    checkpoint of its own, and then this one answers busy at once (no busy handler for that):
+    tried again until it is done. One that failed unseen would count every frame before (a CI
+    run read 381.8 pages a commit for 28)."""
+    deadline = time.monotonic() + within_s
+    while reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the WAL could not be emptied before the counted commits")
+        await asyncio.sleep(0.001)
+
+
 async def measure(path: Path, batch: int, commits: int, warm: int, pause: float = 0.0) -> Pages:
     body = PAYLOAD.read_text()
     async with folding_appender(sqlite_url(path)) as appender:
@@ -69,8 +82,8 @@ async def measure(path: Path, batch: int, commits: int, warm: int, pause: float 
 
         for round_ in range(warm // batch):  # the B-trees grow past their first pages
             await commit(f"warm{round_}")
-        reader = sqlite3.connect(path, isolation_level=None)
-        reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        reader = sqlite3.connect(path, isolation_level=None, timeout=30)
+        await _empty_wal(reader)
         # A read transaction on the empty WAL: the writer's checkpointer (ledger/writers.py
         # `WalCheckpointer`) restarts the WAL past its frame limit, over the frames to be
         # counted; a reader whose snapshot precedes them keeps every one in place.
