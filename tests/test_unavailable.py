@@ -22,6 +22,7 @@ from conftest import create_trigger, serve_app, sqlite_write_lock
 from factories import delivery
 from processes import register, start_server
 from tcpproxy import TcpProxy
+from test_projections import snapshot
 
 from ledger.appender import Appender
 from ledger.errors import StorageUnavailable
@@ -146,12 +147,6 @@ async def test_sqlite_past_its_file_size_limit_answers_503_stores_what_it_acknow
     assert stored <= answers.keys()  # and a refused one at most stored, never acknowledged
 
 
-async def snapshot_keys(engine: Any) -> list[str]:
-    async with engine.connect() as conn:
-        query = sa.text("SELECT idempotency_key FROM trigger_executions ORDER BY last_seq")
-        return [key for (key,) in await conn.execute(query)]
-
-
 @dataclasses.dataclass(frozen=True)
 class _LosesItsConnection:
     """A projection whose fold writes its rows, then sees its connection to PostgreSQL end
@@ -195,7 +190,8 @@ async def test_a_connection_lost_during_the_inline_fold_is_an_outage_not_a_fold_
         appender.folder = healthy
         await appender.submit(delivery("after"))  # a new connection, as after any outage
         await healthy.catch_up()
-        assert await snapshot_keys(engine) == ["before", "after"]  # folded: nothing half-kept
+        folded = await snapshot(engine, "trigger_executions")  # by execution id: time-ordered
+        assert [row["idempotency_key"] for row in folded] == ["before", "after"]  # none half-kept
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
