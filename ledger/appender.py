@@ -491,8 +491,14 @@ class Appender:
         # SQLite file: one plain connection, BEGIN and COMMIT off the loop (see SqliteWriter).
         self._writes_plain = has_own_file(engine)
         self._writer: SqliteWriter | None = None
-        # PostgreSQL: one connection kept for the appender's transactions (see HeldConnection).
-        self._held = HeldConnection(engine) if engine.dialect.name == "postgresql" else None
+        # PostgreSQL: one connection kept for the appender's transactions (see HeldConnection);
+        # one not done within the wait's limit is closed: its callers were answered, and the
+        # next batch must not queue behind a connection that went silent.
+        self._held = (
+            HeldConnection(engine, limit_s=wait_s or None)
+            if engine.dialect.name == "postgresql"
+            else None
+        )
         # What waits for the next batch; `_arrived` wakes the writer when it waits for work.
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()

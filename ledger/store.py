@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ledger.codec import GENESIS_HASH, loads
 from ledger.events import RecordedEvent
 from ledger.fields import Fields
+from ledger.liveness import SERVER_SETTINGS, watch_peer
 from ledger.rows import fetch_all, in_list, in_values, padded
 from ledger.schema import SQLITE_RECURSIVE_TRIGGERS, events
 
@@ -48,12 +49,21 @@ def create_engine(url: str, **kw: Any) -> AsyncEngine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url, **kw)
-    kw.setdefault("pool_size", 10)
-    kw.setdefault("max_overflow", 10)
-    kw.setdefault("pool_pre_ping", True)
+    if kw.get("poolclass") is not sa.pool.NullPool:
+        kw.setdefault("pool_size", 10)
+        kw.setdefault("max_overflow", 10)
+        kw.setdefault("pool_pre_ping", True)
     # An acknowledged delivery must survive a crash: never let a server default weaken commits.
-    kw.setdefault("connect_args", {"server_settings": {"synchronous_commit": "on"}})
-    return create_async_engine(url, **kw)
+    settings = {"synchronous_commit": "on", **SERVER_SETTINGS}
+    kw.setdefault("connect_args", {"server_settings": settings})
+    engine = create_async_engine(url, **kw)
+    if engine.dialect.name == "postgresql":
+        sa_event.listen(engine.sync_engine, "connect", _watch_peer)
+    return engine
+
+
+def _watch_peer(dbapi_conn: Any, _record: Any) -> None:
+    watch_peer(dbapi_conn.driver_connection)
 
 
 def _sqlite_engine(url: str, **kw: Any) -> AsyncEngine:
@@ -276,6 +286,14 @@ def has_own_file(engine: AsyncEngine) -> bool:
         and url.database not in (None, "", ":memory:")
         and "mode=memory" not in str(url)
     )
+
+
+def unpooled_engine(engine: AsyncEngine) -> AsyncEngine:
+    """An engine on the same PostgreSQL database, configured as `engine`, whose connections are
+    each new: for one kept for long (the appender's), never one the pool hands back after a ping
+    that may wait on a path gone silent."""
+    url = engine.url.render_as_string(hide_password=False)
+    return create_engine(url, poolclass=sa.pool.NullPool)
 
 
 def plain_sqlite_engine(engine: AsyncEngine) -> Engine:

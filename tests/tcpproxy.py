@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 
 class TcpProxy:
@@ -12,6 +11,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._silenced: set[asyncio.StreamWriter] = set()
         self.port = 0
 
     async def start(self) -> None:
@@ -24,10 +24,21 @@ class TcpProxy:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for writer in list(self._writers):
+        for writer in list(self._writers | self._silenced):
             writer.transport.abort()
+        self._silenced.clear()
         for task in list(self._pipes):
             task.cancel()
+
+    async def silence(self) -> None:
+        """Let every open connection go silent, as a network path that drops its packets: what
+        is sent on it is taken and never forwarded, nothing comes back, nothing is closed. New
+        connections are forwarded as before (the path healed for them)."""
+        writers, self._writers = self._writers, set()
+        self._silenced |= writers  # held open, never written to again
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.sleep(0)
 
     async def restore(self) -> None:
         await self.start()
@@ -45,9 +56,14 @@ class TcpProxy:
             task.add_done_callback(self._pipes.discard)
 
     async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError, ConnectionError):
+        try:
             while data := await source.read(65536):
                 sink.write(data)
                 await sink.drain()
+        except asyncio.CancelledError:
+            if sink in self._silenced:
+                return  # silenced: left open
+        except (OSError, ConnectionError):
+            pass
         sink.transport.abort()
         self._writers.discard(sink)
