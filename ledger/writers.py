@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -84,6 +84,7 @@ class HeldConnection:
     ) -> None:
         self._engine = unpooled_engine(engine)  # see `run`
         self._conn: AsyncConnection | None = None
+        self._driver: Any = None  # asyncpg's connection under `_conn`
         self._limit_s = limit_s
         self._begin = _begin_locked(idle_limit_s)
 
@@ -94,13 +95,12 @@ class HeldConnection:
             # above all), the pool's idle ones may be as dead as the one just closed.
             conn = await self._engine.connect()
             self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._driver = (await conn.get_raw_connection()).driver_connection
         conn = self._conn
         timer = None
         if self._limit_s is not None:
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
             # Its pending statement fails, and the transaction with it.
-            timer = asyncio.get_running_loop().call_later(self._limit_s, driver.terminate)
+            timer = asyncio.get_running_loop().call_later(self._limit_s, self._driver.terminate)
         try:
             return await conn.run_sync(_locked_transaction, self._begin, work)
         except BaseException:
