@@ -32,7 +32,8 @@ from ledger.commands import DeliveryOutcome
 from ledger.events import TriggerRegistered
 from ledger.fields import Fields
 from ledger.migrate import upgrade
-from server import catalog, ingest
+from server import catalog
+from server import link as ledger_link
 from server.app import build_services
 from server.cli import tune_gc
 from server.config import Settings
@@ -48,7 +49,7 @@ EVENT_ID, EXECUTION_ID, ORIGINAL_ID = (f"01900000-0000-7000-8000-00000000000{n}"
 class _LinkTransport:
     """The worker's end of the link writes here; each delivery is answered at once."""
 
-    def __init__(self, link: ingest.LedgerLink, duplicates: bool) -> None:
+    def __init__(self, link: ledger_link.LedgerLink, duplicates: bool) -> None:
         self._link = link
         original = ORIGINAL_ID if duplicates else None
         outcome = DeliveryOutcome(EVENT_ID, EXECUTION_ID, duplicates, original, seq=7)
@@ -59,9 +60,9 @@ class _LinkTransport:
 
     def write(self, data: bytes) -> None:
         answers = [
-            ingest.frame((ident, True, self._outcome))
-            for kind, ident, _ in ingest.unframe(bytearray(data))
-            if kind == ingest.DELIVERY
+            ledger_link.frame((ident, True, self._outcome))
+            for kind, ident, _ in ledger_link.unframe(bytearray(data))
+            if kind == ledger_link.DELIVERY
         ]
         if answers:
             asyncio.get_running_loop().call_soon(self._link.data_received, b"".join(answers))
@@ -120,7 +121,7 @@ async def measure(rounds: int, duplicates: bool, payload: Path) -> tuple[float, 
         )
         await ledger.runner.catch_up()
         writing.cancel()
-        link = ingest.LedgerLink()
+        link = ledger_link.LedgerLink()
         link.connection_made(_LinkTransport(link, duplicates))  # type: ignore[arg-type]
         services = build_services(settings, link=link)
         lane = FastLane(services, RateLimiter(), lambda: asyncio.Protocol(), 10.0)

@@ -44,7 +44,7 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
-from server import ingest
+from server import link as ledger_link
 from server.metrics import Metrics
 
 # What wrk sends with bench/lua/deliveries.lua, as the receiver keeps it.
@@ -199,7 +199,7 @@ async def _over_link(
     wall, PostgreSQL's CPU) when counting began."""
     with tempfile.TemporaryDirectory(prefix="hookledger-link-") as tmp:
         path = Path(tmp) / "link.sock"
-        server = await ingest.serve_link(path, appender.enqueue_answered, Metrics(), _no_page)
+        server = await ledger_link.serve_link(path, appender.enqueue_answered, Metrics(), _no_page)
         committed = _Committed(rounds * batch, on_postgres)
         appender.commit_listeners += [server.committed, committed]
         feeder = await asyncio.create_subprocess_exec(
@@ -234,7 +234,9 @@ def feed(path: str, batch: int, deliveries: int, first: int, duplicates: bool, b
         keys = _keys(start, batch, duplicates)
         batches.append(
             b"".join(
-                ingest.frame((ingest.DELIVERY, n, ingest.delivery_fields(delivery(k, body))))
+                ledger_link.frame(
+                    (ledger_link.DELIVERY, n, ledger_link.delivery_fields(delivery(k, body)))
+                )
                 for n, k in enumerate(keys, start=1)
             )
         )
@@ -247,7 +249,7 @@ def feed(path: str, batch: int, deliveries: int, first: int, duplicates: bool, b
             while answered < batch:
                 received += link.recv(1 << 16)
                 answered += sum(
-                    ident != ingest.COMMITTED for ident, _, _ in ingest.unframe(received)
+                    ident != ledger_link.COMMITTED for ident, _, _ in ledger_link.unframe(received)
                 )
 
 

@@ -22,11 +22,12 @@ from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import ApiError
-from server.ingest import LedgerLink, RemoteAppender, RemoteMetrics
+from server.link import LedgerLink
 from server.metrics import Metrics
 from server.middleware import make_middleware
 from server.ratelimit import ADMIN_LIMITER, INGEST_LIMITER, RateLimiter
 from server.receiver import receive_webhook
+from server.remote import RemoteAppender, RemoteMetrics
 from server.secretkey import check_secret_key
 from server.state import SERVICES, Services
 

@@ -39,6 +39,7 @@ from projections.targets import check_target
 from server import cli_readers, ingest, logs, monitoring
 from server.app import build_services, make_app
 from server.config import Settings
+from server.link import READY, LedgerLink
 from server.listener import start_site
 from server.progress import ProgressBar
 
@@ -118,7 +119,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 async def _serve_worker(settings: Settings, link_path: Path) -> None:
     """An ingest worker of `serve --workers N` (server/ingest.py): it stops with its link."""
-    link = await ingest.LedgerLink.connect(link_path)
+    link = await LedgerLink.connect(link_path)
     services = build_services(settings, link=link)
     runner = await start_site(
         make_app(settings, services),
@@ -127,7 +128,7 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
         port=settings.port,
         reuse_port=True,
     )
-    link.send((ingest.READY, 0, os.getpid()))  # the main process waits for every worker's
+    link.send((READY, 0, os.getpid()))  # the main process waits for every worker's
     tune_gc()
     try:
         await link.lost.wait()

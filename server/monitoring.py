@@ -25,10 +25,10 @@ from projections.runner import read_checkpoints
 from projections.trigger_executions import DISPATCHABLE, STATUSES
 from projections.trigger_executions import table as executions
 from server.config import Settings
-from server.ingest import RemoteMetrics
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
 from server.receiver import Receipt, count_answer
+from server.remote import RemoteMetrics
 from server.state import RECEIPT, SERVICES, Services
 
 logger = logging.getLogger(__name__)

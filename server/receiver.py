@@ -27,10 +27,10 @@ from ledger.keys import extract_key
 from ledger.signatures import redact_headers, verify_signature
 from server.catalog import ActiveTrigger
 from server.errors import ApiError
-from server.ingest import RemoteMetrics
 from server.logs import fact, request_id
 from server.metrics import Metrics
 from server.ratelimit import INGEST_LIMITER, RateLimiter, rate_limited
+from server.remote import RemoteMetrics
 from server.state import RECEIPT, SERVICES, Services
 from server.triggers import TRIGGER_ID
 

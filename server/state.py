@@ -14,15 +14,15 @@ from projections.runner import ProjectionRunner
 from server.catalog import TriggerCache
 from server.config import Settings
 from server.dispatcher import Dispatcher
-from server.ingest import RemoteAppender
 from server.metrics import Metrics
+from server.remote import RemoteAppender
 
 
 @dataclass(slots=True)
 class Services:
     settings: Settings
     engine: AsyncEngine
-    appender: Appender | RemoteAppender  # RemoteAppender: an ingest worker (server/ingest.py)
+    appender: Appender | RemoteAppender  # RemoteAppender: an ingest worker (server/remote.py)
     runner: ProjectionRunner
     vault: Vault
     triggers: TriggerCache

@@ -25,8 +25,9 @@ from ledger.events import NewEvent, TriggerRegistered, WebhookReceived, trigger_
 from ledger.migrate import upgrade
 from ledger.store import create_engine, read_events
 from server.config import Settings
-from server.ingest import LedgerLink, RemoteAppender, RemoteMetrics, serve_link
+from server.link import LedgerLink, serve_link
 from server.metrics import Metrics
+from server.remote import RemoteAppender, RemoteMetrics
 
 JSON = {"Content-Type": "application/json"}
 
@@ -249,7 +250,7 @@ async def test_an_answer_that_cannot_cross_the_link_is_an_error_not_a_hang(tmp_p
 
 
 async def test_a_delivery_and_its_outcome_cross_the_link_whole(tmp_path: Path) -> None:
-    # They cross as tuples of their fields (server/ingest.py `_Fields`): every field, none
+    # They cross as tuples of their fields (server/link.py `_DELIVERY`): every field, none
     # at its default, arrives as it was sent.
     outcome = DeliveryOutcome(
         event_id="e-2",
