@@ -118,6 +118,19 @@ projection_checkpoints = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# The tables `rebuild --into` made (projections/target_marks.py): a rebuild replaces one only when
+# its row here names the mark the table still carries (its comment on PostgreSQL, a comment in
+# its CREATE statement on SQLite); the row is written in the transaction that makes the table.
+rebuild_targets = sa.Table(
+    "rebuild_targets",
+    metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("projection", sa.String(64), nullable=False),
+    sa.Column("until_seq", BigInt, nullable=False),
+    sa.Column("mark", sa.String(128), nullable=False),
+    sa.Column("made_at", UTCDateTime, nullable=False),
+)
+
 # Which key seals the secrets in this database (ledger/vault.py `Vault.fingerprint`): one row,
 # written by the first process to start on it, compared by every one after (server/secretkey.py).
 secret_key_check = sa.Table(

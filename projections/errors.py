@@ -2,6 +2,7 @@
 
 ProjectionError
 ├── InvalidRebuildTarget      the table asked for is hookledger's own, or not a plain name
+│   └── RebuildTargetExists   a table (view, index…) of that name exists that no rebuild made
 └── RebuildInProgress         another rebuild is filling the same table now
 """
 
@@ -20,6 +21,24 @@ class InvalidRebuildTarget(ProjectionError):
 
     def __str__(self) -> str:
         return f"cannot rebuild into {self.table!r}: {self.reason}"
+
+
+class RebuildTargetExists(InvalidRebuildTarget):
+    """The user's own table (or view, index…) holds the name: a rebuild would drop it. A table is
+    replaced only when asked (`replace=True`, `--replace`); anything else, never."""
+
+    def __init__(self, table: str, kind: str) -> None:
+        if kind == "table":
+            reason = (
+                "a table of that name exists that no rebuild made; it was left as it is "
+                "(--replace drops it and rebuilds into it)"
+            )
+        else:
+            reason = (
+                f"a {kind} of that name exists; it was left as it is (only a table is replaced)"
+            )
+        super().__init__(table, reason)
+        self.kind = kind
 
 
 class RebuildInProgress(ProjectionError):

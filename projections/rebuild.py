@@ -32,6 +32,7 @@ from ledger.store import (
 )
 from projections.base import IN_WINDOW, BulkFold, Projection
 from projections.runner import _take_projector_lock, set_checkpoint
+from projections.target_marks import make_target
 from projections.targets import check_target, claim, scratch_table
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,17 @@ class RebuildResult:
 
 
 async def _recreate(engine: AsyncEngine, table: sa.Table) -> None:
+    """The scratch table: its name is reserved, so what holds it is a dead rebuild's leftover."""
     async with write_transaction(engine) as conn:
         await conn.run_sync(lambda sync: table.drop(sync, checkfirst=True))
         await conn.run_sync(lambda sync: table.create(sync))
+
+
+async def _make_into(
+    engine: AsyncEngine, projection: Projection, table: sa.Table, until: int, *, replace: bool
+) -> None:
+    async with write_transaction(engine) as conn:
+        await make_target(conn, table, projection=projection.name, until_seq=until, replace=replace)
 
 
 async def _fill(
@@ -234,15 +243,20 @@ async def rebuild(
     into: str | None = None,
     progress: Progress | None = None,
     window: int = WINDOW,
+    replace: bool = False,
 ) -> RebuildResult:
     """Rebuild `projection` from the log up to `until_seq` (default: the head).
 
     With `into`, the result stays in that table and the live one is untouched (point in time);
-    `into` is never one of hookledger's own tables (InvalidRebuildTarget). One rebuild fills a
-    table at a time: another one of the same target raises RebuildInProgress.
+    `into` is never one of hookledger's own tables (InvalidRebuildTarget), and a table of that
+    name is dropped only when a rebuild made it, or when `replace` asks for it
+    (RebuildTargetExists, nothing changed, otherwise: projections.target_marks). One rebuild
+    fills a table at a time: another one of the same target raises RebuildInProgress.
     """
     if into is not None:
         check_target(into)
+    elif replace:
+        raise ValueError("replace is for an `into` table: a swap always replaces the live one")
     target = into or scratch_table(projection.name)
     async with claim(engine, projection.name, target):
         started = time.monotonic()
@@ -250,7 +264,10 @@ async def rebuild(
             head = await read_last_seq(conn)
         until = head if until_seq is None else min(until_seq, head)
         table = projection.shadow_table(target)
-        await _recreate(engine, table)
+        if into is None:
+            await _recreate(engine, table)
+        else:
+            await _make_into(engine, projection, table, until, replace=replace)
         done = await _fill(engine, projection, table, until, progress, window)
         if into is None:
             await _swap(engine, projection, target, until)

@@ -1,8 +1,9 @@
 """The table a rebuild fills: which names it may take, and one rebuild per table at a time.
 
 A rebuild drops and recreates its target, so a name is checked before anything is touched: never
-one of hookledger's own tables (the log, the checkpoints, the projections, Alembic's), never a
-scratch table, never anything but a plain lower-case identifier.
+one of hookledger's own tables (the log, the checkpoints, the projections, the list of rebuilt
+tables, Alembic's), never a scratch table, never anything but a plain lower-case identifier. Of
+the other names, which existing table a rebuild may replace is projections.target_marks's.
 
 The claim on a target is held for the whole rebuild and let go by the database or the kernel
 when its process dies, so a crashed rebuild never blocks the next one (its leftover table is

@@ -18,7 +18,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,14 @@ import orjson
 from aiohttp import web
 
 from ledger.appender import Appender
-from ledger.codec import parse_time
 from ledger.errors import SecretKeyMismatch
 from ledger.migrate import upgrade
-from ledger.store import create_engine, first_seq_at
-from projections.base import Projection
-from projections.errors import ProjectionError
-from projections.rebuild import rebuild
-from projections.registry import PROJECTIONS
-from projections.targets import check_target
-from server import cli_readers, ingest, logs, monitoring
+from ledger.store import create_engine
+from server import cli_readers, cli_rebuild, ingest, logs, monitoring
 from server.app import build_services, make_app
 from server.config import Settings
 from server.link import READY, LedgerLink
 from server.listener import start_site
-from server.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
 
@@ -247,48 +239,6 @@ async def _dispatch(args: argparse.Namespace) -> None:
         await runner.cleanup()
 
 
-async def _rebuild(args: argparse.Namespace) -> None:
-    projection = PROJECTIONS.get(args.name)
-    if projection is None:
-        raise SystemExit(f"error: no projection {args.name!r}; known: {', '.join(PROJECTIONS)}")
-    try:
-        if args.into is not None:
-            check_target(args.into)  # before the schema is touched, too
-        as_of = _as_of(args.as_of) if args.as_of is not None else None
-        await _rebuild_as_asked(args, projection, as_of)
-    except ProjectionError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
-def _as_of(text: str) -> datetime:
-    try:
-        return parse_time(text)
-    except ValueError as exc:  # parse_time's, for a time UTC cannot hold too
-        raise SystemExit(f"error: --as-of {text!r} is not an ISO-8601 time: {exc}") from None
-
-
-async def _rebuild_as_asked(
-    args: argparse.Namespace, projection: Projection, as_of: datetime | None
-) -> None:
-    engine = create_engine(_settings(args).database_url)
-    try:
-        await upgrade(engine)
-        until = args.until_seq
-        if as_of is not None:
-            async with engine.connect() as conn:
-                until = await first_seq_at(conn, as_of)
-        into = args.into or (f"{projection.name}_at_{until}" if until is not None else None)
-        bar = ProgressBar(f"rebuild {projection.name}")
-        result = await rebuild(engine, projection, until_seq=until, into=into, progress=bar.update)
-        bar.close()
-        print(
-            f"rebuilt {result.name} into {result.table}: {result.events} events up to seq "
-            f"{result.until_seq} in {result.seconds:.2f} s"
-        )
-    finally:
-        await engine.dispose()
-
-
 async def _db_upgrade(args: argparse.Namespace) -> None:
     engine = create_engine(_settings(args).database_url)
     try:
@@ -306,16 +256,6 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
         default=default,
         help="default: HOOKLEDGER_DATABASE_URL or ./hookledger.db",
     )
-
-
-def _seq(text: str) -> int:
-    try:
-        seq = int(text)
-    except ValueError:
-        seq = -1
-    if seq < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a seq (a whole number, 0 or more)")
-    return seq
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -368,12 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="bulk: only count")
     dispatch = sub.add_parser("dispatch", help="run only the dispatcher and projector (no HTTP)")
     dispatch.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
-    rebuild_cmd = sub.add_parser("rebuild", help="rebuild a projection from the log")
-    rebuild_cmd.add_argument("name", choices=sorted(PROJECTIONS))
-    past = rebuild_cmd.add_mutually_exclusive_group()
-    past.add_argument("--until-seq", type=_seq, help="the view as it was after this event")
-    past.add_argument("--as-of", help="ISO-8601 time: the view as it was then")
-    rebuild_cmd.add_argument("--into", help="table to build into (default: swap into the live one)")
+    cli_rebuild.add_parser(sub)
     for command in sub.choices.values():
         _add_global_options(command, argparse.SUPPRESS)
     return parser
@@ -385,7 +320,7 @@ COMMANDS = {
     "triggers": _triggers,
     "events": cli_readers.events_command,
     "executions": _executions,
-    "rebuild": _rebuild,
+    "rebuild": cli_rebuild.rebuild_command,
     "replay": _replay,
     "dispatch": _dispatch,
     **cli_readers.COMMANDS,
