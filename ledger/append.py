@@ -20,17 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, PlanState, RecordDelivery, result_of
+from ledger.deferred import defer_writes, discard, flush, stop_deferring
 from ledger.errors import LedgerError
 from ledger.events import NewEvent, RecordedEvent
 from ledger.originals import _read_head_and_originals
-from ledger.rows import (
-    defer_writes,
-    discard,
-    execute_sql,
-    flush,
-    insert_many,
-    stop_deferring,
-)
+from ledger.rows import execute_sql, insert_many
 from ledger.schema import events
 from ledger.store import (
     APPEND_SAVEPOINT,
@@ -127,7 +121,7 @@ def append_and_fold(
     later, and says why it cannot). The savepoint stands from the start, not between the append
     and the fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it
     costs no round trip of its own. On PostgreSQL the writes also wait for the statement after
-    them (`ledger.rows.defer_writes`): the append's rows go with the fold's first statement,
+    them (`ledger.deferred.defer_writes`): the append's rows go with the fold's first statement,
     the fold's rows of all its tables in one, and all is sent before this returns.
     """
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
