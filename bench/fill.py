@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.databases import sqlite_url
 from bench.load import PAYLOAD, TRIGGER_ID
-from ledger.appender import append_commands
+from ledger.append import append_commands
 from ledger.commands import RecordDelivery
 from ledger.events import WebhookReceived, uuid7
 from ledger.migrate import upgrade

@@ -8,7 +8,7 @@ PostgreSQL's own CPU a delivery too (its processes, counted by their user).
     python -m bench.writer --batches 32 --link              # the ledger process with a worker
 
 `--link` measures what the main process of `hookledger serve --workers N` does: the deliveries
-come over a real ledger link (`server.ingest`), as frames a feeder process made beforehand and
+come over a real ledger link (`server.link`), as frames a feeder process made beforehand and
 sends a batch at a time, each once the last was answered; the answers go back as frames. Only
 this process's CPU is counted (and, under valgrind, only its instructions: the feeder is
 another program).

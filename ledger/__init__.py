@@ -1,6 +1,7 @@
 """The append-only event store: events, group-commit appends, reads, keys, signatures, chain."""
 
-from ledger.appender import Appender, append_commands
+from ledger.append import append_commands
+from ledger.appender import Appender
 from ledger.commands import Appended, AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import LedgerError, StorageUnavailable, StreamVersionConflict
 from ledger.events import NewEvent, RecordedEvent

@@ -77,6 +77,25 @@ def _json_text_sqlite(element: json_text, compiler: SQLCompiler, **kw: Any) -> s
     return f"json_extract({compiler.process(column, **kw)}, '$.{path}')"
 
 
+class likely(FunctionElement[bool]):  # noqa: N801 - reads as the SQL function it renders
+    """`likely(x)` on SQLite (a hint that x is not selective), plain `x` elsewhere."""
+
+    inherit_cache = True
+    type = sa.Boolean()
+    name = "likely"
+    _is_implicitly_boolean = True  # a condition as it stands, not `likely(…) = 1`
+
+
+@compiles(likely)
+def likely_plain(element: likely, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(likely, "sqlite")
+def likely_sqlite(element: likely, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"likely({compiler.process(element.clauses, **kw)})"
+
+
 # BIGINT on PostgreSQL, but INTEGER on SQLite so that `seq` is the rowid.
 BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 

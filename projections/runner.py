@@ -146,7 +146,7 @@ class ProjectionRunner:
 
         Otherwise (a projection is behind or rebuilt, another runner is folding) leave them to
         `step`, and say so. A projection that fails here raises: the appender
-        (`ledger.appender.append_and_fold`) rolls the transaction back to its savepoint, keeps
+        (`ledger.append.append_and_fold`) rolls the transaction back to its savepoint, keeps
         the append, and leaves the fold to `step`, which stops on it and says why: a bug in a
         fold never refuses deliveries. It touches nothing but `conn`: the appender reports the
         commit through `folded`.

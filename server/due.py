@@ -16,9 +16,9 @@ import sqlalchemy as sa
 import yarl
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger.appender import likely
 from ledger.codec import loads
 from ledger.events import JSON
+from ledger.schema import likely
 from projections.trigger_executions import DISPATCHABLE
 from projections.trigger_executions import table as executions
 from projections.triggers import table as triggers

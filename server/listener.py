@@ -21,8 +21,9 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from server.config import Settings
+from server.deadlines import HEAD_TIMEOUT_RESPONSE, LINGERING_S, Deadline
 from server.errors import error_response, undecodable_body
-from server.fastlane import HEAD_TIMEOUT_RESPONSE, LINGERING_S, Deadline, FastLane
+from server.fastlane import FastLane
 from server.logs import fact
 from server.ratelimit import INGEST_LIMITER
 from server.state import SERVICES

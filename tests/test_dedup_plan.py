@@ -9,8 +9,9 @@ import pytest
 from factories import delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.appender import ORIGINALS_CHUNK, append_commands, originals_queries
+from ledger.append import append_commands
 from ledger.commands import RecordDelivery
+from ledger.originals import ORIGINALS_CHUNK, originals_queries
 from ledger.schema import IDEMPOTENCY_INDEX
 from ledger.store import write_transaction
 

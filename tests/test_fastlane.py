@@ -623,9 +623,9 @@ async def test_the_lane_answers_a_webhook_as_aiohttps_route_would(
     assert lane[1]["content-type"] == "application/json"
 
 
-# BUG (server/fastlane.py, Connection._webhook): the lane answers heads aiohttp refuses. aiohttp's
-# parser refuses, 400, an HTTP/1.1 request without Host (RFC 9112 3.2: a MUST) and a repeated
-# singleton header (Host, Content-Type, Content-Length, User-Agent, ...: aiohttp's
+# BUG (server/fastlane_connection.py, Connection._webhook): the lane answers heads aiohttp
+# refuses. aiohttp's parser refuses, 400, an HTTP/1.1 request without Host (RFC 9112 3.2: a MUST)
+# and a repeated singleton header (Host, Content-Type, Content-Length, User-Agent, ...: aiohttp's
 # SINGLETON_HEADERS); the lane's module docstring says such a head is handed to aiohttp, but
 # `_webhook` checks neither, so the lane records the delivery (202), or judges it by the last of
 # the repeated Content-Types. Expected to fail until `_webhook` hands these heads over.
@@ -683,14 +683,15 @@ async def test_after_a_lane_answer_a_head_begun_and_not_finished_is_408(site: Si
     assert_error_shape((status, headers, body), 408, "request_timeout")
 
 
-# BUG (server/fastlane.py, Connection._serve and _on_head_timer): when the lane answers before a
-# body has arrived whole (a 404 or 415 checked on the head alone), `_serve` arms the head deadline
-# at once, and the body bytes still arriving count as a next head begun: at the header timeout the
-# lane writes "408 the request head took too long" and closes, though no head was begun. aiohttp's
-# side (server/listener.py, `_on_header_deadline`) looks again later while it is still busy with
-# the previous request's body. Suggested fix: in `_serve`, arm the head deadline only when no body
-# is arriving (`self._request is None`), and in on_message_complete arm it when the request that
-# completes was answered already (no task, empty queue). Expected to fail until then.
+# BUG (server/fastlane_connection.py, Connection._serve and _on_head_timer): when the lane
+# answers before a body has arrived whole (a 404 or 415 checked on the head alone), `_serve` arms
+# the head deadline at once, and the body bytes still arriving count as a next head begun: at the
+# header timeout the lane writes "408 the request head took too long" and closes, though no head
+# was begun. aiohttp's side (server/listener.py, `_on_header_deadline`) looks again later while it
+# is still busy with the previous request's body. Suggested fix: in `_serve`, arm the head
+# deadline only when no body is arriving (`self._request is None`), and in on_message_complete arm
+# it when the request that completes was answered already (no task, empty queue). Expected to
+# fail until then.
 async def test_a_body_still_arriving_after_an_early_answer_is_not_taken_for_a_late_head(
     site: Site,
 ) -> None:
@@ -766,13 +767,13 @@ async def test_shutdown_answers_a_request_under_way_and_closes_idle_ones_meanwhi
 # --- back-pressure ----------------------------------------------------------------------------
 
 
-# BUG (server/fastlane.py, Connection._serve / _resume): a sender that pipelines and never reads
-# its answers is not held back. pause_writing() pauses reading, but `_serve` resumes reading after
-# every answer while its queue is short, whether or not the transport's writing is paused, so the
-# answers pile up in the transport's buffer without bound (160 MB in 20 s in a probe). Suggested
-# fix: a `_writing_paused` flag set in pause_writing and cleared in resume_writing, and `_resume`
-# resuming reading only when it is false (resume_writing resuming when the queue is short).
-# Expected to fail until then.
+# BUG (server/fastlane_connection.py, Connection._serve / _resume): a sender that pipelines and
+# never reads its answers is not held back. pause_writing() pauses reading, but `_serve` resumes
+# reading after every answer while its queue is short, whether or not the transport's writing is
+# paused, so the answers pile up in the transport's buffer without bound (160 MB in 20 s in a
+# probe). Suggested fix: a `_writing_paused` flag set in pause_writing and cleared in
+# resume_writing, and `_resume` resuming reading only when it is false (resume_writing resuming
+# when the queue is short). Expected to fail until then.
 async def test_a_sender_that_never_reads_its_answers_is_held_back(site: Site) -> None:
     sock = socket.socket()
     try:

@@ -18,7 +18,8 @@ from sqlalchemy.util import await_only
 from tcpproxy import TcpProxy
 from test_unavailable import via
 
-from ledger.appender import Appender, append_batch
+from ledger.append import append_batch
+from ledger.appender import Appender
 from ledger.errors import StorageUnavailable
 from ledger.liveness import DEAD_PEER_S, SERVER_SETTINGS, tcp_socket
 from ledger.migrate import upgrade

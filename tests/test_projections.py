@@ -16,7 +16,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.appender import append_and_fold, append_batch, append_commands
+from ledger.append import append_and_fold, append_batch, append_commands
 from ledger.commands import AppendEvents
 from ledger.events import (
     ExecutionFailed,

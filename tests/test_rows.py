@@ -15,17 +15,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.rows import (
-    defer_writes,
-    discard,
-    execute_many,
-    execute_sql,
-    fetch_all,
-    fetch_dicts,
-    flush,
-    insert_many,
-    stop_deferring,
-)
+from ledger.deferred import defer_writes, discard, flush, stop_deferring
+from ledger.rows import execute_many, execute_sql, fetch_all, fetch_dicts, insert_many
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import create_engine
 from projections.trigger_stats import COUNTERS, DayStats

@@ -16,7 +16,8 @@ from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import store
-from ledger.appender import Appender, append_commands
+from ledger.append import append_commands
+from ledger.appender import Appender
 from ledger.codec import GENESIS_HASH, canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import StreamVersionConflict

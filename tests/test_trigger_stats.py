@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 from traffic import mixed_traffic, run_cli, settle
 
-from ledger.appender import append_commands
+from ledger.append import append_commands
 from ledger.commands import RecordDelivery
 from ledger.events import RecordedEvent, WebhookReceived, uuid7
 from ledger.migrate import current_revision, head_revision, upgrade

@@ -19,7 +19,7 @@ from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import store, writers
-from ledger.appender import append_batch
+from ledger.append import append_batch
 from ledger.migrate import upgrade
 from ledger.rows import fetch_all
 from ledger.schema import projection_checkpoints
@@ -413,7 +413,7 @@ async def test_a_fold_failing_on_a_held_transaction_keeps_the_append_and_the_loc
     COMMIT (a lock taken after the savepoint would have gone with the rollback)."""
     from sqlalchemy.util import await_only
 
-    from ledger.appender import append_and_fold
+    from ledger.append import append_and_fold
 
     held = HeldConnection(pg_engine)
     seen: list[int] = []

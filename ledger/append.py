@@ -1,0 +1,206 @@
+"""One append transaction: read the head of the log and what planning needs, plan each command
+(ledger.commands), assign `seq`, `version` and `hash`, insert the rows, and fold the new events
+into the projections in the same transaction (`append_and_fold`), under the append lock.
+
+Plain SQLAlchemy Core on a sync connection, so one call runs a whole transaction on any backend's
+way of running it (ledger.writers); the group commit that batches callers is ledger.appender.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
+from ledger.commands import AppendEvents, Command, PlanState, RecordDelivery, result_of
+from ledger.deferred import defer_writes, discard, flush, stop_deferring
+from ledger.errors import LedgerError
+from ledger.events import NewEvent, RecordedEvent
+from ledger.originals import _read_head_and_originals
+from ledger.rows import execute_sql, insert_many
+from ledger.schema import events
+from ledger.store import (
+    APPEND_SAVEPOINT,
+    SAVEPOINT_AT_BEGIN,
+    read_versions,
+    take_append_lock,
+    to_recorded,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _plan_state(
+    conn: sa.Connection, commands: Sequence[Command]
+) -> tuple[tuple[int, str], PlanState]:
+    """The head of the log, and what planning `commands` reads."""
+    keys = {key for c in commands if isinstance(c, RecordDelivery) and (key := c.key)}
+    head, originals, versions = _read_head_and_originals(conn, keys)
+    streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
+    return head, PlanState(read_versions(conn, streams) | versions, originals)
+
+
+def _rows(
+    planned: list[tuple[NewEvent, int]], head: tuple[int, str], now: datetime
+) -> list[dict[str, Any]]:
+    seq, previous = head
+    rows = []
+    recorded_at = format_time(now)  # one per batch: strftime per row was a tenth of the append
+    for event, version in planned:
+        seq += 1
+        data, meta = dumps(event.data), dumps(event.meta)
+        row: dict[str, Any] = {
+            "seq": seq,
+            "id": event.id,
+            "stream": event.stream,
+            "version": version,
+            "type": event.type,
+            "trigger_id": event.trigger_id,
+            "idempotency_key": event.idempotency_key,
+            "data": data,
+            "meta": meta,
+        }
+        canonical = canonical_bytes(
+            seq=seq,
+            id=event.id,
+            stream=event.stream,
+            version=version,
+            type=event.type,
+            trigger_id=event.trigger_id,
+            idempotency_key=event.idempotency_key,
+            data=data,
+            meta=meta,
+            recorded_at=recorded_at,
+        )
+        previous = chain_hash(previous, canonical)
+        row["recorded_at"], row["hash"] = now, previous
+        rows.append(row)
+    return rows
+
+
+@dataclass(slots=True)
+class Appended:
+    """What one append transaction did: each command's result, and the events it wrote."""
+
+    results: list[Any]
+    before: int  # the head's seq before this transaction
+    events: list[RecordedEvent]
+    rows: list[dict[str, Any]]  # the events' rows as inserted
+
+
+async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
+    """Append every command in the caller's transaction; each result is its outcome or its error.
+
+    The caller's transaction must be a write transaction (see `write_transaction`).
+    """
+    return (await conn.run_sync(append_batch, commands)).results
+
+
+def append_batch(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
+    """The append core (plain SQLAlchemy, so one thread can run a whole transaction): every
+    command's result, and the events written, as a reader of the log sees them."""
+    take_append_lock(conn)
+    return _append_locked(conn, commands)
+
+
+def append_and_fold(
+    conn: sa.Connection, commands: Sequence[Command], folder: Folder | None
+) -> tuple[Appended, bool]:
+    """The appender's transaction: `append_batch`, then the new events folded into the
+    projections by `folder` in the same transaction; True when they were (or there were none).
+
+    A fold that fails must not cost the append: everything after the savepoint opened before
+    the append is rolled back, and the append's rows are written again (the runner folds them
+    later, and says why it cannot). The savepoint stands from the start, not between the append
+    and the fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it
+    costs no round trip of its own. On PostgreSQL the writes also wait for the statement after
+    them (`ledger.deferred.defer_writes`): the append's rows go with the fold's first statement,
+    the fold's rows of all its tables in one, and all is sent before this returns.
+    """
+    take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
+    if not conn.info.get(SAVEPOINT_AT_BEGIN):
+        execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
+    defer_writes(conn)
+    try:
+        appended = _append_locked(conn, commands)
+        if not appended.events or folder is None:
+            flush(conn)
+            return appended, not appended.events
+        try:
+            folded = folder.fold_appended(conn, appended.before, appended.events)
+            flush(conn)  # a fold's error raises here, in this try, not at the COMMIT
+            return appended, folded
+        except Exception as exc:  # noqa: BLE001 - the append stands; the runner retries the fold
+            if conn.invalidated or getattr(exc, "connection_invalidated", False):
+                raise  # the connection went (the database with it): the whole batch is undone
+            # The append's rows may have gone with the fold's first statement, and the error
+            # be theirs: written again alone, they raise it again (and no fold is blamed).
+            discard(conn)
+            execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
+            insert_many(conn, events, appended.rows)
+            flush(conn)
+            logger.exception("evt=inline_fold_failed")
+            return appended, False
+    finally:
+        stop_deferring(conn)
+
+
+def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
+    head, state = _plan_state(conn, commands)
+    planned_all: list[tuple[NewEvent, int]] = []
+    spans: list[tuple[Command, int, int] | LedgerError] = []
+    for command in commands:
+        try:
+            planned = command.plan(state)
+        except LedgerError as exc:
+            spans.append(exc)
+            continue
+        spans.append((command, len(planned_all), len(planned)))
+        planned_all.extend(planned)
+    now = datetime.now(UTC)
+    rows = _rows(planned_all, head, now)
+    if rows:
+        insert_many(conn, events, rows)
+    seqs = [row["seq"] for row in rows]
+    results = [
+        span
+        if isinstance(span, LedgerError)
+        else result_of(
+            span[0], planned_all[span[1] : span[1] + span[2]], seqs[span[1] : span[1] + span[2]]
+        )
+        for span in spans
+    ]
+    return Appended(results, head[0], [_recorded(row) for row in rows], rows)
+
+
+_IN_TABLE_ORDER = operator.itemgetter(*(column.name for column in events.c))
+
+
+def _recorded(row: dict[str, Any]) -> RecordedEvent:
+    # Decoded from the text just written, as every reader of the log does (`to_recorded`), not
+    # taken from the Python objects: a fold sees exactly what a reader will (a datetime in data
+    # is a string there).
+    return to_recorded(_IN_TABLE_ORDER(row))
+
+
+class Folder(Protocol):
+    """Folds the events of an append into the projections inside its transaction."""
+
+    def fold_appended(
+        self, conn: sa.Connection, before: int, appended: list[RecordedEvent]
+    ) -> bool:
+        """In the append's transaction, touching nothing but `conn`, as its last work before the
+        COMMIT: True when it folded them (False: the projections were not at `before`, the head
+        before them; left to the runner). If it raises, `append_and_fold` undoes what it did."""
+        ...
+
+    def folded(self, seq: int) -> None:
+        """On the event loop, after the commit of a transaction whose events were folded."""
+        ...
