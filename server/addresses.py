@@ -203,6 +203,8 @@ def _parse_url(url: str) -> yarl.URL:
         _ = parsed.explicit_port  # parsed lazily; may raise for a bad port
     except (ValueError, TypeError) as exc:  # UnicodeError (IDNA) is a ValueError
         raise DestinationRefused(f"not a valid URL: {exc}") from None
+    except IndexError:  # yarl 1.25's own slip on brackets before an empty host ("http://[]@")
+        raise DestinationRefused("not a valid URL: its host cannot be read") from None
     return parsed
 
 

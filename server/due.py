@@ -154,5 +154,5 @@ def destination_key(due: Due) -> str:
     url = str((due.destination or {}).get("url", ""))
     try:
         return str(yarl.URL(url).origin())
-    except ValueError:
+    except (ValueError, IndexError):  # IndexError: see server/addresses.py `_parse_url`
         return url

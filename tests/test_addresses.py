@@ -237,6 +237,13 @@ def test_metadata_and_link_local_literals_are_refused_even_when_private_is_allow
         check_destination_url(f"http://{host}/latest/meta-data/", allow_private=True)
 
 
+@pytest.mark.parametrize("url", ["http://[]@", "http://[::1]@", "https://x:y@[]@"])
+def test_a_url_yarl_cannot_read_is_refused_not_raised(url: str) -> None:
+    # yarl 1.25 raises IndexError on these (brackets before an empty host), not ValueError.
+    with pytest.raises(DestinationRefused, match="not a valid URL"):
+        check_destination_url(url, allow_private=True)
+
+
 URLISH = st.text(alphabet=st.sampled_from("htps:/@[]%.-_?#\\ \r\n\x00fx0179aAeë:"), max_size=40)
 
 

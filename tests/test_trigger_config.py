@@ -49,6 +49,16 @@ async def test_a_misspelt_field_on_create_is_refused_and_registers_nothing(
     assert await trigger_events(client, "typo") == []
 
 
+async def test_a_destination_url_the_http_client_cannot_read_is_refused_not_a_500(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    body = {"id": "t", "destination": {"url": "http://[]@"}}  # yarl 1.25: IndexError
+    assert "not a valid URL" in await refused(
+        await client.post("/api/triggers", json=body, headers=AUTH)
+    )
+    assert await trigger_events(client, "t") == []
+
+
 @pytest.mark.parametrize(
     ("config", "field"),
     [
