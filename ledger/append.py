@@ -3,7 +3,8 @@
 into the projections in the same transaction (`append_and_fold`), under the append lock.
 
 Plain SQLAlchemy Core on a sync connection, so one call runs a whole transaction on any backend's
-way of running it (ledger.writers); the group commit that batches callers is ledger.appender.
+way of running it (ledger.writers, ledger.held); the group commit that batches callers is
+ledger.appender.
 """
 
 from __future__ import annotations

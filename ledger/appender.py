@@ -22,9 +22,10 @@ from ledger.append import Appended, Folder, append_and_fold
 from ledger.commands import AppendEvents, Command
 from ledger.errors import StorageUnavailable
 from ledger.events import NewEvent
+from ledger.held import HeldConnection
 from ledger.schema import IDEMPOTENCY_INDEX
 from ledger.store import has_own_file, write_transaction
-from ledger.writers import HeldConnection, SqliteWriter
+from ledger.writers import SqliteWriter
 
 logger = logging.getLogger(__name__)
 

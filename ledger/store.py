@@ -112,7 +112,7 @@ def take_append_lock(conn: sa.Connection) -> None:
 
 
 # Set on a connection while its transaction holds the append lock since its BEGIN
-# (ledger.writers.HeldConnection).
+# (ledger.held.HeldConnection).
 LOCKED_AT_BEGIN = "hookledger_append_locked"
 # And while the append's savepoint (`APPEND_SAVEPOINT`) stands since that BEGIN, opened with it.
 SAVEPOINT_AT_BEGIN = "hookledger_append_savepoint"

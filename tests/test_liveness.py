@@ -21,10 +21,10 @@ from test_unavailable import via
 from ledger.append import append_batch
 from ledger.appender import Appender
 from ledger.errors import StorageUnavailable
+from ledger.held import HeldConnection
 from ledger.liveness import DEAD_PEER_S, SERVER_SETTINGS, tcp_socket
 from ledger.migrate import upgrade
 from ledger.store import create_engine, read_events
-from ledger.writers import HeldConnection
 
 
 @pytest.fixture

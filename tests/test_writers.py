@@ -1,6 +1,6 @@
-"""The appender's write transactions (ledger/writers.py): SQLite's writer on the event loop, with
-BEGIN IMMEDIATE and slow COMMITs in a thread; PostgreSQL's held connection, which begins its own
-transactions with the append lock. Real SQLite files, the real PostgreSQL."""
+"""The appender's write transactions: SQLite's writer on the event loop, with BEGIN IMMEDIATE
+and slow COMMITs in a thread (ledger/writers.py); PostgreSQL's held connection, which begins its
+own transactions with the append lock (ledger/held.py). Real SQLite files, the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import store, writers
 from ledger.append import append_batch
+from ledger.held import HeldConnection
 from ledger.migrate import upgrade
 from ledger.rows import fetch_all
 from ledger.schema import projection_checkpoints
 from ledger.store import create_engine, read_events
-from ledger.writers import LOOP_COMMIT_S, HeldConnection, SqliteWriter
+from ledger.writers import LOOP_COMMIT_S, SqliteWriter
 
 # --- the SQLite writer: statements on the loop, BEGIN IMMEDIATE and COMMIT in a thread ---------
 

@@ -1,0 +1,142 @@
+"""PostgreSQL's write transactions for the appender: one connection kept for them, whose
+transactions it begins itself (`HeldConnection`). SQLite's are in ledger/writers.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_sync
+
+from ledger.store import (
+    APPEND_LOCK_ID,
+    APPEND_SAVEPOINT,
+    LOCKED_AT_BEGIN,
+    SAVEPOINT_AT_BEGIN,
+    unpooled_engine,
+)
+
+T = TypeVar("T")
+
+# How long PostgreSQL lets an append transaction of ours sit idle (waiting for its next
+# statement) before it ends it and frees the append lock. A batch's statements follow each other
+# within milliseconds, even on a loaded loop; a process frozen (SIGSTOP, a paused VM) or cut off
+# mid-batch would otherwise hold every other appender until it woke.
+IDLE_IN_APPEND_S = 10.0
+
+
+class HeldConnection:
+    """The write transactions of PostgreSQL on one connection this writer keeps.
+
+    A connection from the pool costs two round trips a transaction (the pre-ping on checkout,
+    the reset on return): on PostgreSQL an append batch is ~12 round trips, each resumed only
+    when the loop gets to it, so those two were an eighth of a batch. And its transactions are
+    begun here, not by the driver: `BEGIN; SELECT pg_advisory_xact_lock(…); SAVEPOINT append`
+    goes as one simple query, one round trip where the driver's BEGIN, the lock and the
+    appender's savepoint were three (the connection is in autocommit for the driver, so it sends
+    no BEGIN of its own; `take_append_lock` and `append_and_fold` know both are in place).
+    After any failure (the database went away, a cancellation) the connection is invalidated,
+    which ends its transaction and lock on the server, and the next one is new.
+
+    Neither side waits for ever on the other. A transaction not done within `limit_s` (a
+    network path that went silent: the kernel would wait ~15 minutes) has its connection closed
+    here, failing it, and the next one connects again. And the server ends a transaction of ours
+    that sits idle for `idle_limit_s` (a process frozen or gone mid-batch), with its lock, which
+    would otherwise stop every appender of every host.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        limit_s: float | None = None,
+        idle_limit_s: float = IDLE_IN_APPEND_S,
+    ) -> None:
+        self._engine = unpooled_engine(engine)  # see `run`
+        self._conn: AsyncConnection | None = None
+        self._driver: Any = None  # asyncpg's connection under `_conn`
+        self._limit_s = limit_s
+        self._begin = _begin_locked(idle_limit_s)
+
+    async def run(self, work: Callable[[sa.Connection], T]) -> T:
+        """`work(conn)` in one write transaction holding the append lock, committed on return."""
+        if self._conn is None:
+            # A new connection, never one of the pool's: after a failure (a path gone silent
+            # above all), the pool's idle ones may be as dead as the one just closed.
+            conn = await self._engine.connect()
+            self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._driver = (await conn.get_raw_connection()).driver_connection
+        conn = self._conn
+        timer = None
+        if self._limit_s is not None:
+            # Its pending statement fails, and the transaction with it.
+            timer = asyncio.get_running_loop().call_later(self._limit_s, self._driver.terminate)
+        try:
+            return await conn.run_sync(_locked_transaction, self._begin, work)
+        except BaseException:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()  # closed for real: the server rolls back and unlocks
+            await _close_quietly(conn)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close_quietly(conn)
+        await self._engine.dispose()
+
+
+def _begin_locked(idle_limit_s: float) -> str:
+    """BEGIN, the idle limit for this transaction only (an export's may wait on its reader),
+    the lock, then the append's savepoint (a lock taken inside a savepoint would go with a
+    rollback to it): one simple query, one round trip."""
+    return (
+        f"BEGIN; SET LOCAL idle_in_transaction_session_timeout = {round(idle_limit_s * 1000):d};"
+        f" SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d}); SAVEPOINT {APPEND_SAVEPOINT}"
+    )
+
+
+def _locked_transaction(conn: sa.Connection, begin: str, work: Callable[[sa.Connection], T]) -> T:
+    """`work(conn)` between our own BEGIN (with the append lock) and COMMIT, in the greenlet
+    of `AsyncConnection.run_sync`: the driver's calls are awaited as the adapter awaits its own."""
+    driver = conn.connection.driver_connection  # asyncpg's connection
+    assert driver is not None
+
+    def run(sql: str) -> str:
+        try:
+            status: str = await_only(driver.execute(sql))
+        except Exception as exc:
+            # asyncpg's own error (the adapter translates only its cursor's): the database
+            # cannot take this write now, as SQLAlchemy would say it (is_unavailable: a 503).
+            raise sa.exc.OperationalError(sql, None, exc) from exc
+        return status
+
+    run(begin)
+    conn.info[LOCKED_AT_BEGIN] = conn.info[SAVEPOINT_AT_BEGIN] = True
+    try:
+        result = work(conn)
+    finally:
+        if not conn.invalidated:  # else gone with its connection: asking would mask the error
+            conn.info.pop(LOCKED_AT_BEGIN, None)
+            conn.info.pop(SAVEPOINT_AT_BEGIN, None)
+    # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
+    # error: nothing of it may be acknowledged then.
+    status = run("COMMIT")
+    if status != "COMMIT":
+        raise sa.exc.OperationalError("COMMIT", None, RuntimeError(f"the commit was a {status}"))
+    return result
+
+
+async def _close_quietly(conn: AsyncConnection) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5):  # a database that went away must not hold a shutdown
+            await conn.close()
