@@ -64,10 +64,19 @@ class json_text(FunctionElement[str]):  # noqa: N801 (an SQL function, named as 
         super().__init__(column, sa.literal_column(f"'{key}'"))
 
 
+# PostgreSQL's JSON functions refuse a text holding the escape \u0000 ("cannot be converted to
+# text"), wherever it stands, though a stored body may hold a NUL (text/plain, a form): every
+# such escape is read as \ufffd instead. The text keeps its shape (a backslash, u, four hex
+# digits), so it stays valid JSON whether that backslash began an escape or was one; only a value
+# that held a NUL (or the text "\u0000") reads differently. It costs a scan of the text.
+_NUL_ESCAPE, _NUL_READ_AS = r"E'\\u0000'", r"E'\\ufffd'"
+
+
 @compiles(json_text, "postgresql")
 def _json_text_postgresql(element: json_text, compiler: SQLCompiler, **kw: Any) -> str:
     column, key = element.clauses
-    return f"(CAST({compiler.process(column, **kw)} AS JSON) ->> {compiler.process(key, **kw)})"
+    text = f"replace({compiler.process(column, **kw)}, {_NUL_ESCAPE}, {_NUL_READ_AS})"
+    return f"(CAST({text} AS JSON) ->> {compiler.process(key, **kw)})"
 
 
 @compiles(json_text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -34,6 +35,20 @@ from server.state import SERVICES, Services
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+
+
+class _DashboardFiles(web.StaticResource):
+    """The dashboard's files, served by aiohttp. A name longer than the file system takes makes
+    aiohttp's look-up raise ENAMETOOLONG, which it lets out: that is no such file, not an OSError
+    for the error mapping to take for the database's (503 storage_unavailable, retry later)."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await super()._handle(request)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise web.HTTPNotFound() from exc
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -144,5 +159,5 @@ def make_app(settings: Settings, services: Services | None = None) -> web.Applic
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", dashboard)
     if STATIC.exists():
-        app.router.add_static("/static/", STATIC)
+        app.router.register_resource(_DashboardFiles("/static", STATIC))
     return app

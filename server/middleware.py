@@ -41,8 +41,9 @@ def _check_admin_token(request: web.Request) -> None:
     expected = request.app[SERVICES].admin_token
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
+    # surrogateescape: the bytes sent, even when they are not UTF-8 (aiohttp decoded them so).
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
+        given.strip().encode("utf-8", "surrogateescape"), expected.encode()
     ):
         raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin token>")
 

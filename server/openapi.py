@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ledger.keys import MAX_KEY_LENGTH
 from projections.registry import PROJECTIONS
 from server.openapi_schemas import COUNT, SCHEMAS, STRING, TIME, TRIGGER_ID, ref
 
@@ -123,7 +124,13 @@ def _receiver() -> Operation:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string", "maxLength": 255},
+                # ledger/keys.py: no C0, DEL or C1 control character.
+                "description": "longer, or with a control character: 400 invalid_idempotency_key",
+                "schema": {
+                    "type": "string",
+                    "maxLength": MAX_KEY_LENGTH,
+                    "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$",
+                },
             },
         ],
         "requestBody": {"required": True, "content": content},
@@ -272,7 +279,12 @@ def _event_paths() -> dict[str, Any]:
                     after,
                     types,
                     trigger,
-                    {"name": "Last-Event-ID", "in": "header", "schema": STRING},
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "a seq, at most 2^62, as `after` (400 invalid_query else)",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                    },
                 ],
             ),
         },

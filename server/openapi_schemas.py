@@ -10,6 +10,7 @@ from typing import Any
 
 from ledger.signatures import SOURCES
 from projections.trigger_executions import STATUSES
+from server.policy import DEFAULT_RETRY_POLICY, MAX_ATTEMPTS, MAX_WAIT_S
 from server.stats import COUNTS
 from server.triggers import (
     DISCORD_KEY_PATTERN,
@@ -52,9 +53,21 @@ _ERROR = obj(
     {"error": obj({"code": {"type": "string", "pattern": "^[a-z0-9_]+$"}, "message": STRING})}
 )
 
+_WAIT_S: Schema = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S}
 _RETRY = {
-    **obj({}, {"max_attempts": INTEGER, "base_s": NUMBER, "cap_s": NUMBER}),
+    **obj(
+        {},
+        {
+            "max_attempts": {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPTS},
+            "base_s": _WAIT_S,
+            "cap_s": _WAIT_S,
+        },
+    ),
     "additionalProperties": False,
+    "description": (
+        "cap_s is at least base_s; a field left out keeps its default "
+        f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_RETRY_POLICY.to_json().items())})"
+    ),
 }
 _RATE_LIMIT = {
     **obj(

@@ -23,6 +23,8 @@ from server.addresses import DestinationRefused
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
+    "MAX_ATTEMPTS",
+    "MAX_WAIT_S",
     "FailureCategory",
     "RetryPolicy",
     "backoff_ceiling",
@@ -33,8 +35,8 @@ __all__ = [
 
 FailureCategory = Literal["transient", "permanent"]
 
-_MAX_ATTEMPTS_LIMIT = 1000
-_MAX_CAP_S = 7 * 24 * 3600.0
+MAX_ATTEMPTS = 1000
+MAX_WAIT_S = 7 * 24 * 3600.0
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _DELTA_SECONDS = re.compile(r"-?[0-9]+", re.ASCII)
 _PERMANENT_ERRORS = (
@@ -55,18 +57,17 @@ class RetryPolicy:
     cap_s: float
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_attempts <= _MAX_ATTEMPTS_LIMIT:
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
             raise ValueError(
-                f"retry.max_attempts must be from 1 to {_MAX_ATTEMPTS_LIMIT},"
-                f" got {self.max_attempts}"
+                f"retry.max_attempts must be from 1 to {MAX_ATTEMPTS}, got {self.max_attempts}"
             )
-        if not 0.0 < self.base_s <= _MAX_CAP_S:  # NaN fails every comparison
+        if not 0.0 < self.base_s <= MAX_WAIT_S:  # NaN fails every comparison
             raise ValueError(
-                f"retry.base_s must be above 0 and at most {_MAX_CAP_S:g} s, got {self.base_s}"
+                f"retry.base_s must be above 0 and at most {MAX_WAIT_S:g} s, got {self.base_s}"
             )
-        if not self.base_s <= self.cap_s <= _MAX_CAP_S:
+        if not self.base_s <= self.cap_s <= MAX_WAIT_S:
             raise ValueError(
-                f"retry.cap_s must be from base_s ({self.base_s:g}) to {_MAX_CAP_S:g} s,"
+                f"retry.cap_s must be from base_s ({self.base_s:g}) to {MAX_WAIT_S:g} s,"
                 f" got {self.cap_s}"
             )
 

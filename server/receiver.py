@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -85,6 +85,25 @@ async def _read_body(request: web.Request, timeout_s: float) -> bytes:
     return await within_body_timeout(request.read(), timeout_s)
 
 
+def _header_text(items: Collection[tuple[str, str]]) -> Collection[tuple[str, str]]:
+    """The head's headers, each value text that a key, a JSON text and a database can hold. Both
+    lanes decode a head as aiohttp does, as UTF-8 with surrogate escapes: a value that is not
+    UTF-8 (HTTP/1.1 took header bytes for Latin-1, and some senders still write it) would come
+    with lone surrogates, which none of them can hold (a 500 on every backend). Such a value is
+    read as Latin-1 instead: each of its bytes one character, none lost."""
+    if all(value.isascii() for _, value in items):  # almost always: nothing to copy
+        return items
+    return [(name, _latin1_unless_utf8(value)) for name, value in items]
+
+
+def _latin1_unless_utf8(value: str) -> str:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+    return value
+
+
 async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
     # An id no trigger can have is not looked up: one with a NUL would fail on PostgreSQL.
     trigger = await services.triggers.get(trigger_id) if TRIGGER_ID.fullmatch(trigger_id) else None
@@ -95,7 +114,7 @@ async def _find_trigger(services: Services, trigger_id: str) -> ActiveTrigger:
 
 def _command(
     trigger: ActiveTrigger,
-    head: Head,
+    items: Iterable[tuple[str, str]],
     headers: dict[str, str],
     raw: bytes,
     body: Body,
@@ -103,7 +122,7 @@ def _command(
 ) -> RecordDelivery:
     received = WebhookReceived(
         execution_id=uuid7(),
-        headers=redact_headers(head.items),
+        headers=redact_headers(items),
         body=body.text,
         content_type=headers.get("content-type", ""),
         body_sha256=hashlib.sha256(raw).hexdigest(),
@@ -158,7 +177,7 @@ class Head:
     trigger_id: str  # from the path
     content_length: int | None
     media_type: str  # the Content-Type's media type, lower-case, without parameters
-    items: Iterable[tuple[str, str]]  # the headers as received, names in any case
+    items: Collection[tuple[str, str]]  # the headers as received, names in any case
 
 
 @dataclass(slots=True)
@@ -197,7 +216,8 @@ async def receive(
             f"{head.media_type!r} is not accepted: send JSON, a form or text/plain",
         )
     raw = await read_body()
-    headers = {name.lower(): value for name, value in head.items}
+    items = _header_text(head.items)
+    headers = {name.lower(): value for name, value in items}
     _check_coding(headers.get("content-encoding"))
     if trigger.requires_signature:
         verify_signature(trigger.source, trigger.secrets, headers, raw)
@@ -207,7 +227,7 @@ async def receive(
         trigger.source, trigger.idempotency_key_path, headers, body.parsed, body.exact
     )
     # Waited for at most HOOKLEDGER_APPEND_TIMEOUT_S: then a 503 (ledger.appender.Overdue).
-    outcome = await services.appender.submit(_command(trigger, head, headers, raw, body, key))
+    outcome = await services.appender.submit(_command(trigger, items, headers, raw, body, key))
     return _answer(trigger.id, key, outcome)
 
 

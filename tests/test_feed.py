@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import AUTH, create_trigger
@@ -104,6 +105,18 @@ async def test_last_event_id_resumes_without_loss_or_repeat(client: TestClient) 
     seen += [seq for seq, _, _ in await again.take(6)]
     assert seen == list(range(1, 10))
     again.response.close()
+
+
+@pytest.mark.parametrize(
+    "last_id", ["\u00b2", "1\u00b2", "-1", "x", "4611686018427387905", "9" * 30]
+)
+async def test_a_last_event_id_that_is_no_seq_is_a_400(client: TestClient, last_id: str) -> None:  # type: ignore[type-arg]
+    # A superscript passed str.isdigit and failed int(): a 500. A number past what a column
+    # holds opened the feed, whose every read then failed: "database unavailable", for ever.
+    response = await client.get("/api/events/stream", headers=AUTH | {"Last-Event-ID": last_id})
+    # Status first, without reading the body: a wrong 200 of the live feed would never end.
+    assert response.status == 400
+    response.close()
 
 
 async def test_filters_by_type_and_trigger(client: TestClient) -> None:  # type: ignore[type-arg]

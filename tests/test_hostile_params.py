@@ -1,7 +1,8 @@
 """Hostile parameters of the admin API, on both backends: a NUL character (which PostgreSQL text
 cannot hold) in a path, a query parameter or a body field that reaches a column, and times whose
 offset puts them outside what a datetime holds in UTC. Each is a 400 in the documented shape,
-never a 500, and nothing it sent reaches the log."""
+never a 500, and nothing it sent reaches the log. Also a dashboard file name longer than a file
+system's names: no such file, never an outage."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -80,6 +82,17 @@ async def test_a_nul_in_the_path_is_a_400_bad_request(
     body = await assert_refused(await client.request(method, url, headers=AUTH), "bad_request")
     assert "NUL" in body["error"]["message"]
     assert await log_types(client) == ["trigger.registered"]
+
+
+@pytest.mark.parametrize("name", ["a" * 256, "\u00e9" * 128])  # 256 bytes: past 255, in bytes
+async def test_a_dashboard_file_name_too_long_for_the_file_system_is_a_404(
+    client: Client, name: str
+) -> None:
+    # The file system answers ENAMETOOLONG (past 255 bytes a name): an OSError, which was taken
+    # for the database's and answered 503 storage_unavailable, as if a retry could help.
+    assert (await client.get(f"/static/{quote(name)}")).status == 404
+    assert (await client.get(f"/static/{quote(name[:-1])}")).status == 404
+    assert (await client.get("/static/app.js")).status == 200
 
 
 async def test_a_webhook_to_a_trigger_id_with_a_nul_is_a_404(client: Client) -> None:

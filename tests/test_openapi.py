@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
+from ledger.errors import InvalidIdempotencyKey
+from ledger.keys import validate_key
 from server.app import make_app
 from server.config import Settings
 from server.openapi import document
+from server.policy import RetryPolicy
 from server.triggers import (
     CONFIG_FIELDS,
     CREATE_FIELDS,
@@ -116,3 +121,66 @@ def test_trigger_input_schemas_take_exactly_the_fields_the_server_accepts(
     found = document()["components"]["schemas"][schema]
     assert set(found["properties"]) == set(accepted)
     assert found["additionalProperties"] is False  # the server refuses any other field
+
+
+def _is_valid(schema: dict[str, Any], value: object) -> bool:
+    return Draft202012Validator(schema).is_valid(value)
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        {"max_attempts": 1},
+        {"max_attempts": 1000},
+        {"max_attempts": 0},
+        {"max_attempts": 1001},
+        {"max_attempts": -5},
+        {"base_s": 0.001, "cap_s": 0.001},
+        {"base_s": 604800, "cap_s": 604800},
+        {"base_s": 0},
+        {"base_s": -1},
+        {"cap_s": 604800.5},
+        {"base_s": 1e308, "cap_s": 1e308},
+    ],
+)
+def test_the_retry_schema_refuses_exactly_what_the_server_refuses(retry: dict[str, Any]) -> None:
+    # It said any integer and any numbers: the server takes 1-1000 attempts, waits up to a week.
+    try:
+        RetryPolicy.from_json(retry)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert _is_valid(document()["components"]["schemas"]["RetryPolicy"], retry) == accepted
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "k",
+        "",
+        "a b~\u00a0\u00e9\u20ac",
+        "a" * 255,
+        "a" * 256,
+        "a\x00",
+        "\t",
+        "\x1f",
+        "\x7f",
+        "\x80",
+        "\x9f",
+    ],
+)
+def test_the_idempotency_key_header_schema_refuses_exactly_what_the_receiver_refuses(
+    key: str,
+) -> None:
+    # It said any string up to 255 characters: the receiver refuses control characters too.
+    [header] = [
+        p
+        for p in document()["paths"]["/webhooks/{trigger_id}"]["post"]["parameters"]
+        if p["name"] == "Idempotency-Key"
+    ]
+    try:
+        validate_key(key)
+        accepted = True
+    except InvalidIdempotencyKey:
+        accepted = False
+    assert _is_valid(header["schema"], key) == accepted

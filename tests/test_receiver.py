@@ -9,6 +9,7 @@ import json
 import logging
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
@@ -404,3 +405,49 @@ async def test_admin_api_requires_the_token(client: TestClient) -> None:  # type
         assert response.status == 401
         assert (await response.json())["error"]["code"] == "unauthorized"
     assert (await client.get("/api/triggers", headers=AUTH)).status == 200
+
+
+async def exchange_raw(client: TestClient, request: bytes) -> tuple[int, bytes]:  # type: ignore[type-arg]
+    """Bytes no HTTP client library sends (header values that are not UTF-8): the status and
+    body of the answer, on a connection of their own."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def raw_request(method: bytes, path: bytes, headers: bytes, body: bytes = b"") -> bytes:
+    return (
+        b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (method, path, len(body), headers, body)
+    )
+
+
+async def test_header_values_that_are_not_utf8_are_kept_as_latin1(
+    client: TestClient, settings: Settings
+) -> None:  # type: ignore[type-arg]
+    # Decoded as aiohttp decodes them (UTF-8, surrogate escapes), they reached the key column and
+    # the event's JSON text with lone surrogates, which neither can hold: a 500 on every backend.
+    await create_trigger(client, id="t")
+    headers = b"Idempotency-Key: k\xe9\r\nX-Note: caf\xe9 \xff\r\nContent-Language: \xe9\r\n"
+    answers = [await exchange_raw(client, raw_request(b"POST", b"/webhooks/t", headers, b"{}"))]
+    answers.append(await exchange_raw(client, raw_request(b"POST", b"/webhooks/t", headers, b"{}")))
+    assert [status for status, _ in answers] == [202, 200], answers
+    received = (await deliveries(settings))[0]
+    assert received.idempotency_key == "k\u00e9"  # every byte kept, one character each
+    assert received.data["headers"]["x-note"] == "caf\u00e9 \u00ff"
+    # A C1 control character, read so, is refused as any control character in a key is.
+    c1 = raw_request(b"POST", b"/webhooks/t", b"Idempotency-Key: \x85\r\n", b"{}")
+    status, body = await exchange_raw(client, c1)
+    assert (status, orjson.loads(body)["error"]["code"]) == (400, "invalid_idempotency_key")
+
+
+async def test_an_admin_token_that_is_not_utf8_is_401(client: TestClient) -> None:  # type: ignore[type-arg]
+    # It was encoded to be compared, and a lone surrogate does not encode: a 500.
+    request = raw_request(b"GET", b"/api/triggers", b"Authorization: Bearer \xff\r\n")
+    status, body = await exchange_raw(client, request)
+    assert (status, orjson.loads(body)["error"]["code"]) == (401, "unauthorized")

@@ -23,7 +23,7 @@ from ledger.commands import AppendEvents, DeliveryOutcome, RecordDelivery
 from ledger.errors import StreamVersionConflict
 from ledger.events import NewEvent, RecordedEvent
 from ledger.migrate import current_revision, head_revision, upgrade
-from ledger.schema import events
+from ledger.schema import events, json_text
 from ledger.store import (
     create_engine,
     plain_sqlite_engine,
@@ -233,6 +233,22 @@ async def test_duplicate_detection_uses_the_idempotency_index(
                 str(r[-1]) for r in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query)
             )
     assert "uq_events_trigger_id_idempotency_key" in plan, plan
+
+
+async def test_the_database_reads_a_field_of_json_text_that_holds_a_nul_elsewhere(
+    engine: AsyncEngine, appender: Appender, backend: str
+) -> None:
+    # PostgreSQL's JSON functions refused a \u0000 escape anywhere in the text (ledger.schema
+    # json_text): a body kept as text may hold a NUL. The escape may follow a backslash, escaped
+    # or not: the text must stay JSON.
+    data = {"body": "a\x00b", "escaped": "\\u0000", "both": "\\\x00", "id": "x"}
+    stored = NewEvent(stream="s-1", type="test.happened", trigger_id="t", data=data)
+    await appender.append([stored], expected_version=0)
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(json_text(events.c.data, "id"))) == "x"
+        escaped = await conn.scalar(sa.select(json_text(events.c.data, "escaped")))
+    # On PostgreSQL every \u0000 escape reads as \ufffd, even one whose backslash was escaped.
+    assert escaped == ("\\ufffd" if backend == "postgres" else "\\u0000")
 
 
 async def test_in_batch_and_cross_batch_duplicates(engine: AsyncEngine) -> None:
