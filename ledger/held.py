@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -59,7 +59,6 @@ class HeldConnection:
     ) -> None:
         self._engine = unpooled_engine(engine)  # see `run`
         self._conn: AsyncConnection | None = None
-        self._driver: Any = None  # asyncpg's connection under `_conn`
         self._limit_s = limit_s
         self._begin = _begin_locked(idle_limit_s)
 
@@ -70,12 +69,13 @@ class HeldConnection:
             # above all), the pool's idle ones may be as dead as the one just closed.
             conn = await self._engine.connect()
             self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            self._driver = (await conn.get_raw_connection()).driver_connection
         conn = self._conn
         timer = None
         if self._limit_s is not None:
+            driver = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+            assert driver is not None
             # Its pending statement fails, and the transaction with it.
-            timer = asyncio.get_running_loop().call_later(self._limit_s, self._driver.terminate)
+            timer = asyncio.get_running_loop().call_later(self._limit_s, driver.terminate)
         try:
             return await conn.run_sync(_locked_transaction, self._begin, work)
         except BaseException:

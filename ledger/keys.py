@@ -35,7 +35,8 @@ _GENERAL_HEADERS = ("idempotency-key", "webhook-id")
 _GENERAL_BODY_PATHS = ("idempotency_key", "messageId", "data.messageId", "data.idempotency_key")
 # orjson reads an integer past 64 bits (>= 2**64, < -2**63) as a float, of this size or more.
 _WIDE = 2.0**63
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+CONTROL_CHARACTERS = r"\x00-\x1f\x7f-\x9f"  # C0, DEL and C1, as a regex class's inside
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
 
 
 def body_value(body: Any, path: str) -> Any:

@@ -1,8 +1,7 @@
 """The server's errors and the one place that turns any error into the documented HTTP shape.
 
 ApiError(status, code, message)       raised by handlers for documented outcomes
-ledger.errors.*                        mapped by `error_answer` (see _LEDGER_ERRORS)
-projections.errors.*                   mapped the same way (see _PROJECTION_ERRORS)
+ledger.errors.*, projections.errors.*  mapped by `error_answer` (see _DOCUMENTED_ERRORS)
 a body aiohttp could not decode        400 invalid_content_encoding (`undecodable_body`)
 anything else                          500 internal_error, logged with its cause
 
@@ -60,15 +59,12 @@ def error_response(
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
-_LEDGER_ERRORS: dict[type[Exception], tuple[int, str]] = {
+_DOCUMENTED_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ledger_errors.InvalidIdempotencyKey: (400, "invalid_idempotency_key"),
     ledger_errors.InvalidBody: (400, "invalid_json"),
     ledger_errors.InvalidSignature: (401, "invalid_signature"),
     ledger_errors.DuplicateTrigger: (409, "trigger_exists"),
     ledger_errors.StreamVersionConflict: (409, "conflict"),
-}
-
-_PROJECTION_ERRORS: dict[type[Exception], tuple[int, str]] = {
     projection_errors.RebuildInProgress: (409, "rebuild_in_progress"),
 }
 
@@ -112,7 +108,7 @@ def documented(exc: Exception, path: str) -> ApiError:
     if isinstance(exc, ledger_errors.StorageUnavailable):
         return _unavailable(exc.cause)
     if isinstance(exc, ledger_errors.LedgerError | projection_errors.ProjectionError):
-        for kind, (status, code) in (_LEDGER_ERRORS | _PROJECTION_ERRORS).items():
+        for kind, (status, code) in _DOCUMENTED_ERRORS.items():
             if isinstance(exc, kind):
                 return ApiError(status, code, str(exc))
         return _internal(path, exc)

@@ -22,9 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.events import RecordedEvent
 from ledger.store import read_events, read_last_seq
-from server.errors import ApiError
 from server.logs import fact
-from server.queries import event_json, int_param
+from server.queries import bad_query, event_json, int_param
 from server.state import SERVICES
 
 logger = logging.getLogger(__name__)
@@ -114,9 +113,9 @@ def _start(request: web.Request) -> int | None:
     """Where to resume: Last-Event-ID (a reconnecting client), else ?after, else the head."""
     last_id = request.headers.get("Last-Event-ID", "").strip()
     if last_id:
-        # ASCII: str.isdigit takes superscripts, which int() refuses (a 500).
+        # Digits alone, ASCII ones (str.isdigit takes superscripts; int() would take "+5").
         if not (last_id.isascii() and last_id.isdigit()):
-            raise ApiError(400, "invalid_query", "Last-Event-ID must be a seq")
+            raise bad_query("Last-Event-ID must be a seq")
         # Bounded as ?after is: past what a column holds, every read of the feed would fail, and
         # the feed would say for ever that the database is unavailable.
         return int_param({"Last-Event-ID": last_id}, "Last-Event-ID", 0)

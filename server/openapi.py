@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ledger.keys import MAX_KEY_LENGTH
+from ledger.keys import CONTROL_CHARACTERS, MAX_KEY_LENGTH
 from projections.registry import PROJECTIONS
 from server.openapi_schemas import COUNT, SCHEMAS, STRING, TIME, TRIGGER_ID, ref
 
@@ -124,12 +124,11 @@ def _receiver() -> Operation:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                # ledger/keys.py: no C0, DEL or C1 control character.
                 "description": "longer, or with a control character: 400 invalid_idempotency_key",
                 "schema": {
                     "type": "string",
                     "maxLength": MAX_KEY_LENGTH,
-                    "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$",
+                    "pattern": f"^[^{CONTROL_CHARACTERS}]*$",  # ledger/keys.py's check
                 },
             },
         ],
