@@ -14,6 +14,7 @@ from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS
 from server import queries
 from server.catalog import config_of, list_triggers, public_view, read_trigger, trigger_counts
+from server.codings import decoded
 from server.errors import ApiError
 from server.state import SERVICES, Services
 from server.triggers import (
@@ -41,7 +42,8 @@ def json_response(
 
 
 async def json_body(request: web.Request) -> Any:
-    raw = await request.read()
+    limit = request.app[SERVICES].settings.max_body_bytes
+    raw = decoded(await request.read(), request.headers.get("Content-Encoding"), limit)
     if not raw:
         return {}
     try:

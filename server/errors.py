@@ -2,7 +2,7 @@
 
 ApiError(status, code, message)       raised by handlers for documented outcomes
 ledger.errors.*, projections.errors.*  mapped by `error_answer` (see _DOCUMENTED_ERRORS)
-a body aiohttp could not decode        400 invalid_content_encoding (`undecodable_body`)
+a body its coding does not decode     400 invalid_content_encoding (`undecodable_body`)
 anything else                          500 internal_error, logged with its cause
 
 `error_answer` is called by the request middleware (server.middleware) for whatever a handler
@@ -120,10 +120,9 @@ def documented(exc: Exception, path: str) -> ApiError:
 
 
 def undecodable_body() -> ApiError:
-    """The answer to a body its Content-Encoding does not decode: aiohttp's RequestPayloadError
-    from the read (gzip or deflate data that is not), here; its parser's ContentEncodingError (a
-    deflate stream that does not end; br or zstd, which it cannot decode here) in the listener.
-    The client's mistake, not ours; the connection is closed: its parser stopped reading it."""
+    """The answer to a body its Content-Encoding does not decode (server/codings.py: gzip or
+    deflate data that is not, or is cut short), or whose chunked framing aiohttp could not read
+    (RequestPayloadError). The client's mistake, not ours; the connection is closed."""
     return ApiError(
         400,
         "invalid_content_encoding",

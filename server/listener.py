@@ -1,7 +1,7 @@
 """The HTTP listener `hookledger serve` runs: the fast lane for webhook POSTs (server/fastlane.py)
 in front of aiohttp's server, which gets every other request; a header deadline on both; and the
-protocol's own errors (bad request line, too many or too long headers, a Content-Encoding that
-cannot be decoded) in the API's error shape.
+protocol's own errors (bad request line, too many or too long headers) in the API's error shape.
+Bodies are not decoded by aiohttp here (`auto_decompress=False`): server/codings.py does it.
 
 aiohttp bounds a request head's size, not the time it takes: a client trickling a byte a second
 would hold its connection for ever. Here a connection must deliver a complete request head within
@@ -16,13 +16,13 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, ContentEncodingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from server.config import Settings
 from server.deadlines import HEAD_TIMEOUT_RESPONSE, LINGERING_S, Deadline
-from server.errors import error_response, undecodable_body
+from server.errors import error_response
 from server.fastlane import FastLane
 from server.logs import fact
 from server.ratelimit import INGEST_LIMITER
@@ -39,9 +39,6 @@ def _protocol_error(exc: BaseException | None) -> tuple[int, str, str]:
         isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower()
     ):
         return 431, "headers_too_large", "the request line or headers are too long or too many"
-    if isinstance(exc, ContentEncodingError):
-        error = undecodable_body()
-        return error.status, error.code, error.message
     return 400, "bad_request", "the request is not well-formed HTTP/1.1"
 
 
@@ -178,6 +175,9 @@ def make_runner(app: web.Application, settings: Settings) -> GuardedAppRunner:
         # goes on reading and dropping it this long so the sender can read the answer; then it
         # closes. Its default, 10 s, would hold a trickler that long again.
         lingering_time=LINGERING_S,
+        # Bodies are decoded by server/codings.py, which refuses one cut short (aiohttp's own
+        # decoding took a gzip stream as far as it went for the whole).
+        auto_decompress=False,
     )
 
 

@@ -131,6 +131,14 @@ class ListenerServer(TestServer):
         return make_runner(self.app, self._settings)
 
 
+class AiohttpServer(TestServer):
+    """The app served by aiohttp alone, with aiohttp's body decoding off as make_runner has it:
+    the app decodes bodies itself (server/codings.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return web.AppRunner(self.app, auto_decompress=False, **kwargs)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # A module marked `lanes` runs its tests on both ways to the receiver: the listener's fast
     # lane (what serve runs) and aiohttp's route (a connection the fast lane handed over).
@@ -149,7 +157,7 @@ async def serve_app(
     each takes the lane its own kind takes (a webhook POST the fast lane); on aiohttp's, the app
     is served by aiohttp alone."""
     if lane == "aiohttp":
-        return cast(TestClient[Any, Any], await aiohttp_client(app))
+        return cast(TestClient[Any, Any], await aiohttp_client(AiohttpServer(app)))
     settings = app[SERVICES].settings
     client = await aiohttp_client(
         ListenerServer(app, settings), connector=TCPConnector(force_close=True)

@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import logging
+import zlib
 from typing import Any
 
 import orjson
@@ -253,12 +254,19 @@ def _corrupted(compressed: bytes) -> bytes:
     return compressed[:middle] + bytes([compressed[middle] ^ 0xFF]) + compressed[middle + 1 :]
 
 
+TRUNCATED_TEXT = b'{"a": "' + bytes(range(65, 91)) * 20 + b'"}'
+
 UNDECODABLE = [
     pytest.param("gzip", b"{}", id="gzip-not-gzip"),
     pytest.param(
         "gzip", _corrupted(gzip.compress(b'{"a": "' + b"x" * 64 + b'"}')), id="gzip-bad-data"
     ),
     pytest.param("deflate", b"\x78\x9c\xff\xff\xff", id="deflate-bad-block"),
+    # Cut short: what arrived decodes, but the stream never ends (or its trailer, with the
+    # check of the whole, is missing): a part of a body is not the body.
+    pytest.param("gzip", gzip.compress(TRUNCATED_TEXT)[:40], id="gzip-truncated"),
+    pytest.param("gzip", gzip.compress(TRUNCATED_TEXT)[:-4], id="gzip-trailer-cut"),
+    pytest.param("deflate", zlib.compress(TRUNCATED_TEXT)[:40], id="deflate-truncated"),
 ]
 
 
