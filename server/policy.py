@@ -91,9 +91,23 @@ class RetryPolicy:
         return {"max_attempts": self.max_attempts, "base_s": self.base_s, "cap_s": self.cap_s}
 
 
-def _json_int(name: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+def json_integer(value: object) -> int | None:
+    """`value` as an integer when JSON wrote one: an int, or a number with no fraction (`3.0`,
+    an integer to JSON Schema, and what some clients write for every number); else None
+    (booleans too)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
         return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _json_int(name: str, value: object) -> int:
+    integer = json_integer(value)
+    if integer is not None:
+        return integer
     raise ValueError(f"retry.{name} must be an integer, got {_shorten(value)}")
 
 

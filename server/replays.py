@@ -28,6 +28,7 @@ from projections.trigger_executions import table as executions
 from server.admin import json_body, json_response
 from server.catalog import read_trigger
 from server.errors import ApiError
+from server.policy import json_integer
 from server.state import SERVICES, Services
 from server.triggers import unknown_fields
 
@@ -170,10 +171,10 @@ class BulkReplay:
         if status not in REPLAYABLE:
             raise _invalid(f"status must be one of {', '.join(REPLAYABLE)}")
         limit = payload.get("limit")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_LIMIT
-        ):
-            raise _invalid(f"limit must be an integer from 1 to {_MAX_LIMIT}")
+        if limit is not None:
+            limit = json_integer(limit)
+            if limit is None or not 1 <= limit <= _MAX_LIMIT:
+                raise _invalid(f"limit must be an integer from 1 to {_MAX_LIMIT}")
         if not isinstance(payload.get("dry_run", False), bool):
             raise _invalid("dry_run must be true or false")
         return cls(

@@ -163,6 +163,13 @@ def test_policy_from_json_takes_ints_and_floats() -> None:
     assert RetryPolicy.from_json(policy.to_json()) == policy
 
 
+def test_an_integer_written_with_a_zero_fraction_is_an_integer() -> None:
+    # JSON Schema's integer (the OpenAPI document's type), and what some clients write.
+    policy = RetryPolicy.from_json({"max_attempts": 5.0})
+    assert policy.max_attempts == 5 and isinstance(policy.max_attempts, int)
+    assert policy.to_json()["max_attempts"] == 5
+
+
 def test_policy_from_json_keeps_defaults_for_missing_fields() -> None:
     assert RetryPolicy.from_json({}) == DEFAULT_RETRY_POLICY
     policy = RetryPolicy.from_json({"max_attempts": 3})
@@ -176,7 +183,8 @@ def test_policy_from_json_keeps_defaults_for_missing_fields() -> None:
         ("retry", "must be an object"),
         ({"max_attempts": 5, "jitter": "full"}, "unknown fields: jitter"),
         ({"max_attempts": True}, "max_attempts must be an integer"),
-        ({"max_attempts": 5.0}, "max_attempts must be an integer"),
+        ({"max_attempts": 5.5}, "max_attempts must be an integer"),
+        ({"max_attempts": math.inf}, "max_attempts must be an integer"),
         ({"max_attempts": "5"}, "max_attempts must be an integer"),
         ({"max_attempts": 0}, "max_attempts must be from 1 to 1000, got 0"),
         ({"max_attempts": 1001}, "max_attempts must be from 1 to 1000"),

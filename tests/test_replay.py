@@ -132,9 +132,10 @@ async def test_bulk_replay_counts_then_replays_each_dead_letter_once(
 ) -> None:
     ids = [await dead_letter(app, destination) for _ in range(3)]
     assert await (await bulk(app, trigger_id="t", dry_run=True)).json() == {"would_replay": 3}
-    assert await (await bulk(app, trigger_id="t", dry_run=True, limit=2)).json() == {
-        "would_replay": 2
-    }
+    for limit in (2, 2.0):  # 2.0: an integer to JSON Schema
+        assert await (await bulk(app, trigger_id="t", dry_run=True, limit=limit)).json() == {
+            "would_replay": 2
+        }
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert await (await bulk(app, trigger_id="t", dry_run=True, since=future)).json() == {
         "would_replay": 0
@@ -159,6 +160,8 @@ async def test_bulk_replay_refuses_bad_requests(app: Client) -> None:
         ({}, 400, "invalid_replay"),
         ({"trigger_id": "t", "status": "pending"}, 400, "invalid_replay"),
         ({"trigger_id": "t", "limit": 0}, 400, "invalid_replay"),
+        ({"trigger_id": "t", "limit": 1.5}, 400, "invalid_replay"),
+        ({"trigger_id": "t", "limit": True}, 400, "invalid_replay"),
         ({"trigger_id": "t", "since": "yesterday"}, 400, "invalid_replay"),
     ]
     for body, status, code in cases:
