@@ -36,12 +36,15 @@ from destinations import (
 )
 from standardwebhooks.webhooks import Webhook
 
+from ledger.codec import format_time
+from ledger.events import ExecutionStarted, NewEvent, execution_stream
 from ledger.store import create_engine
 from projections.rebuild import rebuild
 from projections.registry import TRIGGER_EXECUTIONS
 from projections.trigger_executions import table as executions
 from server.app import make_app
 from server.config import Settings
+from server.state import SERVICES
 
 FAST = {"max_attempts": 5, "base_s": 0.01, "cap_s": 0.05}
 HOOKLEDGER = str(Path(sys.executable).parent / "hookledger")
@@ -283,6 +286,35 @@ async def test_a_deleted_trigger_dead_letters_its_waiting_executions(
         assert (row["status"], row["error_category"]) == ("dead_lettered", "permanent")
         assert event(row, "execution.dead_lettered")["reason"] == "trigger_deleted"
     assert destination.count(pending) == 0 and destination.count(retrying) == 1
+
+
+async def test_a_lease_run_out_under_a_paused_then_deleted_trigger_is_dead_lettered(
+    app: Client,
+    destination: Destination,
+) -> None:
+    # A worker died mid-attempt; its trigger was paused, then deleted (never to be resumed).
+    # Its lease still runs out and the execution ends dead-lettered (it stayed running for
+    # good: a paused trigger's rows were never due, and deletion took only the waiting ones).
+    await trigger_to(app, destination.script("/ok", Reply(200)))
+    assert (await app.post("/api/triggers/t/pause", headers=AUTH)).status == 200
+    execution_id = await send(app, "t")
+    await wait_until(app, execution_id, ("pending",))
+    services = app.app[SERVICES]
+    lost = ExecutionStarted(
+        attempt=1,
+        lease_until=format_time(datetime.now(UTC) - timedelta(seconds=1)),
+        worker="gone:1:dead",
+    )
+    stream = execution_stream(execution_id)
+    appended = await services.appender.append([NewEvent.of(stream, "t", lost)], expected_version=1)
+    await services.runner.wait_for(appended[-1].seq)
+    assert (await app.delete("/api/triggers/t", headers=AUTH)).status == 204
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"]) == ("dead_lettered", 1)
+    assert types(row)[-2:] == ["execution.failed", "execution.dead_lettered"]
+    assert "lease expired" in event(row, "execution.failed")["error"]
+    assert event(row, "execution.dead_lettered")["reason"] == "trigger_deleted"
+    assert destination.received == []
 
 
 async def test_a_backlog_drains_at_a_bounded_concurrency_per_destination(
