@@ -254,6 +254,34 @@ async def test_connection_refused_is_transient(app: Client) -> None:
     assert "Connect" in row["last_error"] or "connect" in row["last_error"]
 
 
+async def test_an_answer_that_cannot_be_parsed_is_transient(app: Client) -> None:
+    # aiohttp reports an answer it cannot parse as a ClientResponseError with status 400, its
+    # own code and not the destination's: that was taken for a 4xx and dead-lettered at once.
+    answers = [
+        b"HTTP/1.1 garbled\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    ]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *([0-9]+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(answers.pop(0) if len(answers) > 1 else answers[0])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        await trigger_to(app, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+        row = await wait_until(app, await send(app, "t"))
+    finally:
+        server.close()
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    failed = event(row, "execution.failed")
+    assert (failed["error_category"], failed["status_code"]) == ("transient", None)
+    assert failed["retry_at"] is not None
+
+
 async def test_a_paused_trigger_holds_its_executions_and_drains_them_on_resume(
     app: Client,
     destination: Destination,
