@@ -81,8 +81,11 @@ def _branches(now: datetime) -> list[sa.ColumnElement[bool]]:
     # time order that stops at the page's size: O(page) a poll, however many are due (after an
     # outage, all of them). An OR of the statuses made both planners visit every pending and
     # retrying row at each poll; one IN made them sort every due row for the first page.
+    # A deleted trigger is never resumed: its pause holds nothing any more (a lease that ran out
+    # under a paused, then deleted trigger would stay running for good).
+    held = sa.and_(t.paused, sa.not_(t.deleted))
     runnable = [
-        sa.and_(e.status == status, e.next_attempt_at <= now, sa.not_(t.paused))
+        sa.and_(e.status == status, e.next_attempt_at <= now, sa.not_(held))
         for status in DISPATCHABLE
     ]
     # A deleted trigger's waiting executions are dead-lettered at once, paused or not

@@ -18,6 +18,7 @@ from email.utils import parsedate_to_datetime
 from typing import Literal
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.addresses import DestinationRefused
 
@@ -169,7 +170,10 @@ def _classify_status(status_code: int) -> FailureCategory:
 def _classify_error(error: BaseException) -> FailureCategory:
     if _is_caused_by(error, _PERMANENT_ERRORS):
         return "permanent"
-    if isinstance(error, aiohttp.ClientResponseError):
+    # An answer aiohttp cannot parse comes as a ClientResponseError with aiohttp's own code (400),
+    # not one the destination sent: a broken answer, as transient as a dropped connection.
+    is_unparsed = _is_caused_by(error, (HttpProcessingError,))
+    if isinstance(error, aiohttp.ClientResponseError) and not is_unparsed:
         return _classify_status(error.status)
     # Timeouts, connection errors (OSError, ClientConnectionError), truncated bodies and the
     # unforeseen: a wrong "transient" costs attempts, a wrong "permanent" costs a delivery.

@@ -36,12 +36,15 @@ from destinations import (
 )
 from standardwebhooks.webhooks import Webhook
 
+from ledger.codec import format_time
+from ledger.events import ExecutionStarted, NewEvent, execution_stream
 from ledger.store import create_engine
 from projections.rebuild import rebuild
 from projections.registry import TRIGGER_EXECUTIONS
 from projections.trigger_executions import table as executions
 from server.app import make_app
 from server.config import Settings
+from server.state import SERVICES
 
 FAST = {"max_attempts": 5, "base_s": 0.01, "cap_s": 0.05}
 HOOKLEDGER = str(Path(sys.executable).parent / "hookledger")
@@ -251,6 +254,34 @@ async def test_connection_refused_is_transient(app: Client) -> None:
     assert "Connect" in row["last_error"] or "connect" in row["last_error"]
 
 
+async def test_an_answer_that_cannot_be_parsed_is_transient(app: Client) -> None:
+    # aiohttp reports an answer it cannot parse as a ClientResponseError with status 400, its
+    # own code and not the destination's: that was taken for a 4xx and dead-lettered at once.
+    answers = [
+        b"HTTP/1.1 garbled\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    ]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *([0-9]+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(answers.pop(0) if len(answers) > 1 else answers[0])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        await trigger_to(app, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+        row = await wait_until(app, await send(app, "t"))
+    finally:
+        server.close()
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    failed = event(row, "execution.failed")
+    assert (failed["error_category"], failed["status_code"]) == ("transient", None)
+    assert failed["retry_at"] is not None
+
+
 async def test_a_paused_trigger_holds_its_executions_and_drains_them_on_resume(
     app: Client,
     destination: Destination,
@@ -283,6 +314,35 @@ async def test_a_deleted_trigger_dead_letters_its_waiting_executions(
         assert (row["status"], row["error_category"]) == ("dead_lettered", "permanent")
         assert event(row, "execution.dead_lettered")["reason"] == "trigger_deleted"
     assert destination.count(pending) == 0 and destination.count(retrying) == 1
+
+
+async def test_a_lease_run_out_under_a_paused_then_deleted_trigger_is_dead_lettered(
+    app: Client,
+    destination: Destination,
+) -> None:
+    # A worker died mid-attempt; its trigger was paused, then deleted (never to be resumed).
+    # Its lease still runs out and the execution ends dead-lettered (it stayed running for
+    # good: a paused trigger's rows were never due, and deletion took only the waiting ones).
+    await trigger_to(app, destination.script("/ok", Reply(200)))
+    assert (await app.post("/api/triggers/t/pause", headers=AUTH)).status == 200
+    execution_id = await send(app, "t")
+    await wait_until(app, execution_id, ("pending",))
+    services = app.app[SERVICES]
+    lost = ExecutionStarted(
+        attempt=1,
+        lease_until=format_time(datetime.now(UTC) - timedelta(seconds=1)),
+        worker="gone:1:dead",
+    )
+    stream = execution_stream(execution_id)
+    appended = await services.appender.append([NewEvent.of(stream, "t", lost)], expected_version=1)
+    await services.runner.wait_for(appended[-1].seq)
+    assert (await app.delete("/api/triggers/t", headers=AUTH)).status == 204
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["attempts"]) == ("dead_lettered", 1)
+    assert types(row)[-2:] == ["execution.failed", "execution.dead_lettered"]
+    assert "lease expired" in event(row, "execution.failed")["error"]
+    assert event(row, "execution.dead_lettered")["reason"] == "trigger_deleted"
+    assert destination.received == []
 
 
 async def test_a_backlog_drains_at_a_bounded_concurrency_per_destination(
