@@ -269,11 +269,12 @@ class SafeResolver(AbstractResolver):
 class _SafeConnector(aiohttp.TCPConnector):
     """A TCPConnector that also closes the resolver it was given (aiohttp leaves that to us)."""
 
-    def __init__(self, *, allow_private: bool, limit_per_host: int) -> None:
+    def __init__(self, *, allow_private: bool, limit: int, limit_per_host: int) -> None:
         self._safe_resolver = SafeResolver(allow_private=allow_private)
         super().__init__(
             resolver=self._safe_resolver,
             socket_factory=_guarded_socket_factory(allow_private=allow_private),
+            limit=limit,
             limit_per_host=limit_per_host,
         )
 
@@ -300,6 +301,10 @@ def _guarded_socket_factory(*, allow_private: bool) -> SocketFactoryType:
     return create_socket
 
 
-def make_connector(*, allow_private: bool, limit_per_host: int = 8) -> aiohttp.TCPConnector:
-    """The connector every dispatch goes through; call it inside the running event loop."""
-    return _SafeConnector(allow_private=allow_private, limit_per_host=limit_per_host)
+def make_connector(
+    *, allow_private: bool, limit: int = 100, limit_per_host: int = 8
+) -> aiohttp.TCPConnector:
+    """The connector every dispatch goes through; call it inside the running event loop.
+    `limit`: connections in all (aiohttp's own default, 100, unless the caller's concurrency is
+    more: an attempt past it would wait for a connection inside its own timeout)."""
+    return _SafeConnector(allow_private=allow_private, limit=limit, limit_per_host=limit_per_host)

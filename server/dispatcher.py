@@ -79,6 +79,7 @@ class Dispatcher:
     async def run(self) -> None:
         connector = make_connector(
             allow_private=self._settings.private_destinations_allowed,
+            limit=self._settings.dispatch_concurrency,
             limit_per_host=self._settings.destination_concurrency,
         )
         jar = aiohttp.DummyCookieJar()  # one destination's cookies never reach another request

@@ -358,6 +358,22 @@ async def test_a_backlog_drains_at_a_bounded_concurrency_per_destination(
     assert destination.max_in_flight == 2
 
 
+async def test_the_concurrency_set_is_the_concurrency_reached_past_a_hundred(
+    aiohttp_client: MakeClient, dispatching: Settings, destination: Destination
+) -> None:
+    # aiohttp's connector holds at most 100 connections unless told otherwise: attempts past
+    # that waited for one inside their own timeout, below the concurrency the settings asked for.
+    wide = replace(dispatching, dispatch_concurrency=120, destination_concurrency=120)
+    app = await aiohttp_client(make_app(wide))
+    await trigger_to(app, destination.script("/slow", Reply(200, delay_s=1.5)))
+    assert (await app.post("/api/triggers/t/pause", headers=AUTH)).status == 200
+    ids = [await send(app, "t", f'{{"n": {n}}}') for n in range(115)]
+    assert (await app.post("/api/triggers/t/resume", headers=AUTH)).status == 200
+    for execution_id in ids:
+        assert (await wait_until(app, execution_id))["status"] == "succeeded"
+    assert destination.max_in_flight == 115
+
+
 async def test_a_repeat_during_an_attempt_keeps_its_outcome_and_sends_once(
     app: Client, destination: Destination, caplog: pytest.LogCaptureFixture
 ) -> None:
