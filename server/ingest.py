@@ -1,14 +1,14 @@
 """Ingest workers: more processes answering HTTP on the same port, still one writer.
 
 `hookledger serve --workers N` starts N worker processes beside itself (the main process). The
-workers listen on the port with SO_REUSEPORT, so the kernel spreads connections over them, and
-each serves the whole app: reads go to the database directly. The main process answers no HTTP
-then: it is the ledger's (the appender, the projector, the dispatcher). A worker has no
-appender of its own: what it appends (deliveries, admin commands) goes over the *ledger link*
-(server/link.py) to the one appender of the main process (server/remote.py is a worker's side of
-it), and the worker answers when that appender has committed, exactly as in one process. Group commit stays
-one writer per database, and a worker moves what a process spends most of its time on (HTTP,
-parsing, validation) to another core.
+workers listen on the port with SO_REUSEPORT, so the kernel spreads connections over them, and each
+serves the whole app: reads go to the database directly. The main process answers no HTTP then: it
+is the ledger's (the appender, the projector, the dispatcher). A worker has no appender of its own:
+what it appends (deliveries, admin commands) goes over the *ledger link* (server/link.py) to the one
+appender of the main process (server/remote.py is a worker's side of it), and the worker answers
+when that appender has committed, exactly as in one process. Group commit stays one writer per
+database, and a worker moves what a process spends most of its time on (HTTP, parsing, validation)
+to another core.
 
 A worker whose link is lost (the main process died) stops: it cannot acknowledge anything, and a
 sender whose connection is refused retries. The main process restarts a worker that dies.
