@@ -164,3 +164,20 @@ async def test_rebuild_refuses_a_negative_seq_and_a_time_it_cannot_read(tmp_path
         assert said in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
         assert not database.exists()  # refused before the database was opened
+
+
+async def test_readers_on_a_database_without_the_log_say_so_without_a_traceback(
+    database_url: str,
+) -> None:
+    # No hookledger has set this database up: `events`, `verify` and `export` read it as it is
+    # (a read-only role may run them), so they say what is missing instead of a traceback.
+    for args, said in [
+        (["events"], "error: no hookledger log in this database yet"),
+        (["events", "--follow"], "error: no hookledger log in this database yet"),
+        (["verify"], "error: no hookledger log in this database yet"),
+        (["export", "events"], "error: no table 'events' in this database"),
+    ]:
+        refused = await run_cli(database_url, *args)
+        assert refused.returncode == 1, (args, refused.stdout)
+        assert said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
