@@ -353,3 +353,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             runner(COMMANDS[args.command](args))
         except SecretKeyMismatch as exc:  # before anything was served: said, not a traceback
             raise SystemExit(f"error: {exc}") from None
+        except BrokenPipeError:
+            # The reader of stdout left (`hookledger events | head`): stop quietly, as other
+            # tools do. stdout points at /dev/null so that the flush at exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None

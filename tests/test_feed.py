@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -210,3 +211,39 @@ async def test_events_follow_prints_the_backlog_then_new_events_filtered(
     assert (second["seq"], second["data"]["body"]) == (6, '{"n": 4}')
     page = await (await client.get("/api/events?after=3&limit=1", headers=AUTH)).json()
     assert first == page["events"][0]
+
+
+async def test_events_follow_stops_quietly_when_its_reader_leaves(
+    client: TestClient[Any, Any],
+    settings: Settings,
+) -> None:
+    await create_trigger(client, id="t")
+    read_end, write_end = os.pipe()
+    code = "from server.cli import main; main()"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        "--database-url",
+        settings.database_url,
+        "events",
+        "--follow",
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write_end)
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            # `hookledger events --follow | head -1`: the reader is gone before the next event.
+            with os.fdopen(read_end, "rb") as reader:
+                await asyncio.to_thread(reader.readline)
+            await deliver(client, "t")
+            said = (await process.stderr.read()).decode()
+            status = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+    assert "Traceback" not in said and "BrokenPipeError" not in said, said
+    assert status == 1
