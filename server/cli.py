@@ -65,9 +65,7 @@ async def _serve(args: argparse.Namespace) -> None:
     app = make_app(settings, services)
     async with contextlib.AsyncExitStack() as stack:
         if workers == 0:
-            runner: web.AppRunner = await start_site(
-                app, settings, host=settings.host, port=settings.port
-            )
+            runner: web.AppRunner = await _listen(app, settings)
         else:
             # The workers answer HTTP, all of it; this process is the ledger's: the one
             # appender (their appends come over the link), the projector and the dispatcher.
@@ -113,19 +111,29 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
     """An ingest worker of `serve --workers N` (server/ingest.py): it stops with its link."""
     link = await LedgerLink.connect(link_path)
     services = build_services(settings, link=link)
-    runner = await start_site(
-        make_app(settings, services),
-        settings,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=True,
-    )
+    runner = await _listen(make_app(settings, services), settings, reuse_port=True)
     link.send((READY, 0, os.getpid()))  # the main process waits for every worker's
     tune_gc()
     try:
         await link.lost.wait()
     finally:
         await runner.cleanup()
+
+
+async def _listen(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False
+) -> web.AppRunner:
+    try:
+        return await start_site(
+            app, settings, host=settings.host, port=settings.port, reuse_port=reuse_port
+        )
+    except OSError as exc:  # the port is taken, say: one line that says so, not a traceback
+        # errno's own words: the event loop's message repeats the address (a resolver's
+        # error has a negative errno and its words in strerror).
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
+        raise SystemExit(
+            f"error: cannot listen on {settings.host}:{settings.port}: {reason}"
+        ) from None
 
 
 @contextlib.asynccontextmanager

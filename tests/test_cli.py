@@ -11,6 +11,8 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
+from conftest import ADMIN_TOKEN
 from processes import free_port, register, start_server
 from traffic import run_cli
 
@@ -181,3 +183,39 @@ async def test_readers_on_a_database_without_the_log_say_so_without_a_traceback(
         assert refused.returncode == 1, (args, refused.stdout)
         assert said in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+async def test_serve_on_a_port_taken_says_so_in_a_line(
+    database_url: str, tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            workers,  # 1: the worker binds, and its output is the main process's too
+            cwd=tmp_path,
+            env=os.environ
+            | {
+                "HOOKLEDGER_DATABASE_URL": database_url,
+                "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
+                "HOOKLEDGER_SECRET_KEY": "test-secret-key",
+                "HOOKLEDGER_LOG_FORMAT": "json",
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(60):
+            out, _ = await process.communicate()
+    said = out.decode()
+    assert process.returncode == 1, said
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in said, said
+    assert "Traceback" not in said
