@@ -139,6 +139,21 @@ async def test_filters_by_type_and_trigger(client: TestClient) -> None:  # type:
     reader.response.close()
 
 
+async def test_the_events_page_takes_a_repeated_type_as_the_feed_does(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    await create_trigger(client, id="t")
+    await deliver(client, "t", key="k")
+    await deliver(client, "t", key="k")
+    query = "?after=0&type=trigger.registered&type=webhook.duplicate"
+    page = await (await client.get(f"/api/events{query}", headers=AUTH)).json()
+    reader = await open_stream(client, query)
+    streamed = await reader.take(2)
+    reader.response.close()
+    assert [e["type"] for e in page["events"]] == ["trigger.registered", "webhook.duplicate"]
+    assert page["events"] == [data for _, _, data in streamed]
+
+
 async def test_two_readers_see_the_exact_log_while_writers_race(
     client: TestClient[Any, Any],
     settings: Settings,
