@@ -196,6 +196,7 @@ async def _executions(args: argparse.Namespace) -> None:
             ("trigger_id", args.trigger),
             ("status", args.status),
             ("limit", str(args.limit)),
+            ("cursor", args.cursor),
         )
         if v
     }
@@ -306,6 +307,7 @@ def _parser() -> argparse.ArgumentParser:
     executions.add_argument("--trigger")
     executions.add_argument("--status")
     executions.add_argument("--limit", type=int, default=50)
+    executions.add_argument("--cursor", help="the next_cursor of the page before: the next page")
     replay = sub.add_parser("replay", help="replay an execution, or a trigger's dead letters")
     replay.add_argument("id", nargs="?", help="the execution to replay")
     replay.add_argument("--dead-lettered", action="store_true", help="bulk: dead letters")

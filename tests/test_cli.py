@@ -12,9 +12,12 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from conftest import ADMIN_TOKEN
+from aiohttp.test_utils import TestClient
+from conftest import ADMIN_TOKEN, create_trigger
 from processes import free_port, register, start_server
-from traffic import run_cli
+from traffic import deliver, run_cli
+
+from server.config import Settings
 
 
 def sqlite_url(path: Path) -> str:
@@ -219,3 +222,40 @@ async def test_serve_on_a_port_taken_says_so_in_a_line(
     assert process.returncode == 1, said
     assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in said, said
     assert "Traceback" not in said
+
+
+async def test_executions_pages_on_with_the_cursor_it_prints(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await create_trigger(client, id="t")
+    delivered = {(await deliver(client, "t", f'{{"i": {i}}}'))["execution_id"] for i in range(5)}
+    seen: list[str] = []
+    cursor: list[str] = []
+    for _ in range(3):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            "executions",
+            "--limit",
+            "2",
+            *cursor,
+            cwd=tmp_path,
+            env=os.environ
+            | {
+                "HOOKLEDGER_DATABASE_URL": settings.database_url,
+                "HOOKLEDGER_SECRET_KEY": "test-secret-key",  # the test app's
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        page = orjson.loads(out)
+        seen += [row["execution_id"] for row in page["executions"]]
+        cursor = ["--cursor", page["next_cursor"]] if page["next_cursor"] else []
+    assert cursor == []
+    assert sorted(seen) == sorted(delivered) and len(seen) == 5  # none skipped, none repeated
