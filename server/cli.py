@@ -208,9 +208,12 @@ async def _executions(args: argparse.Namespace) -> None:
 
 def _requester() -> str:
     try:
-        return f"cli:{getpass.getuser()}"
+        name = getpass.getuser()
     except (OSError, KeyError):  # no login name in some containers
         return "cli"
+    # The API takes printable ASCII of at most 100 characters: a login name of other letters
+    # (josé) is kept escaped, rather than every replay from this account refused.
+    return f"cli:{ascii(name)[1:-1]}"[:100]
 
 
 async def _replay(args: argparse.Namespace) -> None:

@@ -15,9 +15,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN_TOKEN, create_trigger
 from processes import free_port, register, start_server
-from traffic import deliver, run_cli
+from traffic import DESTINATION, CliResult, append_outcome, deliver, run_cli
 
+from ledger.events import ExecutionDeadLettered
 from server.config import Settings
+from server.state import SERVICES
 
 
 def sqlite_url(path: Path) -> str:
@@ -224,6 +226,29 @@ async def test_serve_on_a_port_taken_says_so_in_a_line(
     assert "Traceback" not in said
 
 
+async def cli_beside(settings: Settings, workdir: Path, *args: str, **env: str) -> CliResult:
+    """`hookledger …` on the database of the test's app, with its secret key."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=workdir,
+        env=os.environ
+        | {
+            "HOOKLEDGER_DATABASE_URL": settings.database_url,
+            "HOOKLEDGER_SECRET_KEY": "test-secret-key",
+        }
+        | env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())
+
+
 async def test_executions_pages_on_with_the_cursor_it_prints(
     client: TestClient,  # type: ignore[type-arg]
     settings: Settings,
@@ -234,28 +259,28 @@ async def test_executions_pages_on_with_the_cursor_it_prints(
     seen: list[str] = []
     cursor: list[str] = []
     for _ in range(3):
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            "executions",
-            "--limit",
-            "2",
-            *cursor,
-            cwd=tmp_path,
-            env=os.environ
-            | {
-                "HOOKLEDGER_DATABASE_URL": settings.database_url,
-                "HOOKLEDGER_SECRET_KEY": "test-secret-key",  # the test app's
-            },
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(60):
-            out, err = await process.communicate()
-        assert process.returncode == 0, err.decode()
-        page = orjson.loads(out)
+        listed = await cli_beside(settings, tmp_path, "executions", "--limit", "2", *cursor)
+        assert listed.returncode == 0, listed.stderr
+        page = orjson.loads(listed.stdout)
         seen += [row["execution_id"] for row in page["executions"]]
         cursor = ["--cursor", page["next_cursor"]] if page["next_cursor"] else []
     assert cursor == []
     assert sorted(seen) == sorted(delivered) and len(seen) == 5  # none skipped, none repeated
+
+
+async def test_replay_from_an_account_whose_name_is_not_ascii(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await create_trigger(client, id="t", destination=DESTINATION)
+    execution_id = (await deliver(client, "t"))["execution_id"]
+    dead = [ExecutionDeadLettered(reason="permanent", error_category="permanent")]
+    await append_outcome(client.app[SERVICES].appender, "t", execution_id, dead)
+    name = {"USER": "jos\u00e9", "LOGNAME": "jos\u00e9"}  # getpass reads these first
+    replayed = await cli_beside(settings, tmp_path, "replay", execution_id, **name)
+    assert replayed.returncode == 0, replayed.stderr
+    assert orjson.loads(replayed.stdout)["status"] == "pending"
+    shown = await cli_beside(settings, tmp_path, "executions", execution_id)
+    [request] = [e for e in orjson.loads(shown.stdout)["events"] if e["type"].endswith("requested")]
+    assert request["data"]["requested_by"] == "cli:jos\\xe9"
