@@ -65,9 +65,7 @@ async def _serve(args: argparse.Namespace) -> None:
     app = make_app(settings, services)
     async with contextlib.AsyncExitStack() as stack:
         if workers == 0:
-            runner: web.AppRunner = await start_site(
-                app, settings, host=settings.host, port=settings.port
-            )
+            runner: web.AppRunner = await _listen(app, settings)
         else:
             # The workers answer HTTP, all of it; this process is the ledger's: the one
             # appender (their appends come over the link), the projector and the dispatcher.
@@ -113,19 +111,29 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
     """An ingest worker of `serve --workers N` (server/ingest.py): it stops with its link."""
     link = await LedgerLink.connect(link_path)
     services = build_services(settings, link=link)
-    runner = await start_site(
-        make_app(settings, services),
-        settings,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=True,
-    )
+    runner = await _listen(make_app(settings, services), settings, reuse_port=True)
     link.send((READY, 0, os.getpid()))  # the main process waits for every worker's
     tune_gc()
     try:
         await link.lost.wait()
     finally:
         await runner.cleanup()
+
+
+async def _listen(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False
+) -> web.AppRunner:
+    try:
+        return await start_site(
+            app, settings, host=settings.host, port=settings.port, reuse_port=reuse_port
+        )
+    except OSError as exc:  # the port is taken, say: one line that says so, not a traceback
+        # errno's own words: the event loop's message repeats the address (a resolver's
+        # error has a negative errno and its words in strerror).
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
+        raise SystemExit(
+            f"error: cannot listen on {settings.host}:{settings.port}: {reason}"
+        ) from None
 
 
 @contextlib.asynccontextmanager
@@ -188,6 +196,7 @@ async def _executions(args: argparse.Namespace) -> None:
             ("trigger_id", args.trigger),
             ("status", args.status),
             ("limit", str(args.limit)),
+            ("cursor", args.cursor),
         )
         if v
     }
@@ -199,9 +208,12 @@ async def _executions(args: argparse.Namespace) -> None:
 
 def _requester() -> str:
     try:
-        return f"cli:{getpass.getuser()}"
+        name = getpass.getuser()
     except (OSError, KeyError):  # no login name in some containers
         return "cli"
+    # The API takes printable ASCII of at most 100 characters: a login name of other letters
+    # (josé) is kept escaped, rather than every replay from this account refused.
+    return f"cli:{ascii(name)[1:-1]}"[:100]
 
 
 async def _replay(args: argparse.Namespace) -> None:
@@ -298,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     executions.add_argument("--trigger")
     executions.add_argument("--status")
     executions.add_argument("--limit", type=int, default=50)
+    executions.add_argument("--cursor", help="the next_cursor of the page before: the next page")
     replay = sub.add_parser("replay", help="replay an execution, or a trigger's dead letters")
     replay.add_argument("id", nargs="?", help="the execution to replay")
     replay.add_argument("--dead-lettered", action="store_true", help="bulk: dead letters")
@@ -353,3 +366,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             runner(COMMANDS[args.command](args))
         except SecretKeyMismatch as exc:  # before anything was served: said, not a traceback
             raise SystemExit(f"error: {exc}") from None
+        except BrokenPipeError:
+            # The reader of stdout left (`hookledger events | head`): stop quietly, as other
+            # tools do. stdout points at /dev/null so that the flush at exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None

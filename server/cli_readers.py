@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.chain import verify_chain
 from ledger.migrate import upgrade
+from ledger.schema import events
 from ledger.store import create_engine
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
@@ -42,10 +44,22 @@ async def _engine(args: argparse.Namespace) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+async def _require_log(engine: AsyncEngine) -> None:
+    """Readers do not migrate (a read-only role may run them): a database that no hookledger has
+    set up yet is said so, not shown as a traceback."""
+    async with engine.connect() as conn:
+        if not await conn.run_sync(lambda sync: sa.inspect(sync).has_table(events.name)):
+            raise SystemExit(
+                "error: no hookledger log in this database yet "
+                "(`hookledger db upgrade` or `hookledger serve` creates it)"
+            )
+
+
 async def events_command(args: argparse.Namespace) -> None:
     """The log as JSON lines (the shape of GET /api/events items); --follow keeps tailing it."""
     filters = event_filters(args.type or [], args.trigger)
     async with _engine(args) as engine:
+        await _require_log(engine)
         batches = follow_events(
             engine,
             after=args.after,
@@ -98,6 +112,7 @@ async def verify_command(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {exc}") from None
     bar = ProgressBar("verify")
     async with _engine(args) as engine:
+        await _require_log(engine)
         result = await verify_chain(engine, start=start, progress=bar.update)
     bar.close()
     if args.json:

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.codec import format_time
 from ledger.schema import events
@@ -142,6 +142,23 @@ class _Writer:
         self._out.write(buffer.getvalue())
 
 
+async def _check_source(conn: AsyncConnection, source: sa.Table, name: str) -> None:
+    """A table that is not there, or not one of `name`'s (`--table events`), is refused by name
+    before anything is written, not left to fail in the database's words."""
+
+    def columns(sync: sa.Connection) -> set[str] | None:
+        inspector = sa.inspect(sync)
+        if not inspector.has_table(source.name):
+            return None
+        return {str(column["name"]) for column in inspector.get_columns(source.name)}
+
+    found = await conn.run_sync(columns)
+    if found is None:
+        raise ValueError(f"no table {source.name!r} in this database")
+    if not set(source.c.keys()) <= found:
+        raise ValueError(f"table {source.name!r} is not a table of {name}")
+
+
 async def export(
     engine: AsyncEngine,
     name: str,
@@ -157,10 +174,11 @@ async def export(
     source = spec.table_for(table)
     cursor = source.c[spec.cursor_column]
     where = cursor > after
-    writer = _Writer(spec, fmt, out)
-    writer.header()
     done = 0
     async with engine.connect() as conn:
+        await _check_source(conn, source, name)
+        writer = _Writer(spec, fmt, out)
+        writer.header()
         total = (
             await conn.execute(sa.select(sa.func.count()).where(where).select_from(source))
         ).scalar_one()

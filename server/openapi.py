@@ -246,7 +246,7 @@ def _execution_paths() -> dict[str, Any]:
 
 def _event_paths() -> dict[str, Any]:
     after = _query("after", COUNT, "the seq to read after")
-    types = _query("type", STRING, "event types, comma-separated")
+    types = _query("type", STRING, "event types, comma-separated; the parameter may repeat")
     trigger = _query("trigger_id", STRING)
     stream = {
         "description": "Server-Sent Events, one `data:` line per event (an Event as JSON)",

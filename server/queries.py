@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from multidict import MultiMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.codec import parse_time
@@ -111,10 +112,12 @@ async def get_execution(conn: AsyncConnection, execution_id: str) -> JSON | None
     return execution_row(row) | {"events": [event_json(e) for e in timeline]}
 
 
-async def list_events(conn: AsyncConnection, query: Mapping[str, str]) -> JSON:
+async def list_events(conn: AsyncConnection, query: MultiMapping[str]) -> JSON:
     after = int_param(query, "after", 0)
     limit = int_param(query, "limit", 100, low=1, high=MAX_LIMIT)
-    types = [t for t in query.get("type", "").split(",") if t] or None
+    # `type` may repeat, as on the live feed: a page that read only the first would skip the
+    # others' events for a reader that pages, then follows, with the same query.
+    types = [t for value in query.getall("type", []) for t in value.split(",") if t] or None
     page = await read_events(
         conn, after=after, limit=limit, types=types, trigger_id=query.get("trigger_id") or None
     )

@@ -11,8 +11,15 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import ADMIN_TOKEN, create_trigger
 from processes import free_port, register, start_server
-from traffic import run_cli
+from traffic import DESTINATION, CliResult, append_outcome, deliver, run_cli
+
+from ledger.events import ExecutionDeadLettered
+from server.config import Settings
+from server.state import SERVICES
 
 
 def sqlite_url(path: Path) -> str:
@@ -164,3 +171,116 @@ async def test_rebuild_refuses_a_negative_seq_and_a_time_it_cannot_read(tmp_path
         assert said in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
         assert not database.exists()  # refused before the database was opened
+
+
+async def test_readers_on_a_database_without_the_log_say_so_without_a_traceback(
+    database_url: str,
+) -> None:
+    # No hookledger has set this database up: `events`, `verify` and `export` read it as it is
+    # (a read-only role may run them), so they say what is missing instead of a traceback.
+    for args, said in [
+        (["events"], "error: no hookledger log in this database yet"),
+        (["events", "--follow"], "error: no hookledger log in this database yet"),
+        (["verify"], "error: no hookledger log in this database yet"),
+        (["export", "events"], "error: no table 'events' in this database"),
+    ]:
+        refused = await run_cli(database_url, *args)
+        assert refused.returncode == 1, (args, refused.stdout)
+        assert said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+async def test_serve_on_a_port_taken_says_so_in_a_line(
+    database_url: str, tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            workers,  # 1: the worker binds, and its output is the main process's too
+            cwd=tmp_path,
+            env=os.environ
+            | {
+                "HOOKLEDGER_DATABASE_URL": database_url,
+                "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
+                "HOOKLEDGER_SECRET_KEY": "test-secret-key",
+                "HOOKLEDGER_LOG_FORMAT": "json",
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(60):
+            out, _ = await process.communicate()
+    said = out.decode()
+    assert process.returncode == 1, said
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in said, said
+    assert "Traceback" not in said
+
+
+async def cli_beside(settings: Settings, workdir: Path, *args: str, **env: str) -> CliResult:
+    """`hookledger …` on the database of the test's app, with its secret key."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=workdir,
+        env=os.environ
+        | {
+            "HOOKLEDGER_DATABASE_URL": settings.database_url,
+            "HOOKLEDGER_SECRET_KEY": "test-secret-key",
+        }
+        | env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())
+
+
+async def test_executions_pages_on_with_the_cursor_it_prints(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await create_trigger(client, id="t")
+    delivered = {(await deliver(client, "t", f'{{"i": {i}}}'))["execution_id"] for i in range(5)}
+    seen: list[str] = []
+    cursor: list[str] = []
+    for _ in range(3):
+        listed = await cli_beside(settings, tmp_path, "executions", "--limit", "2", *cursor)
+        assert listed.returncode == 0, listed.stderr
+        page = orjson.loads(listed.stdout)
+        seen += [row["execution_id"] for row in page["executions"]]
+        cursor = ["--cursor", page["next_cursor"]] if page["next_cursor"] else []
+    assert cursor == []
+    assert sorted(seen) == sorted(delivered) and len(seen) == 5  # none skipped, none repeated
+
+
+async def test_replay_from_an_account_whose_name_is_not_ascii(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await create_trigger(client, id="t", destination=DESTINATION)
+    execution_id = (await deliver(client, "t"))["execution_id"]
+    dead = [ExecutionDeadLettered(reason="permanent", error_category="permanent")]
+    await append_outcome(client.app[SERVICES].appender, "t", execution_id, dead)
+    name = {"USER": "jos\u00e9", "LOGNAME": "jos\u00e9"}  # getpass reads these first
+    replayed = await cli_beside(settings, tmp_path, "replay", execution_id, **name)
+    assert replayed.returncode == 0, replayed.stderr
+    assert orjson.loads(replayed.stdout)["status"] == "pending"
+    shown = await cli_beside(settings, tmp_path, "executions", execution_id)
+    [request] = [e for e in orjson.loads(shown.stdout)["events"] if e["type"].endswith("requested")]
+    assert request["data"]["requested_by"] == "cli:jos\\xe9"

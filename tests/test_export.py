@@ -136,6 +136,30 @@ async def test_export_rejects_what_it_does_not_know(settings: Settings) -> None:
     assert aside.returncode == 1 and "own table" in aside.stderr
 
 
+async def test_export_of_a_table_not_there_or_not_the_projections_says_so(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+) -> None:
+    await mixed_traffic(client, deliveries=2)
+    for table, said in [
+        ("trigger_executions_at_5", "error: no table 'trigger_executions_at_5' in this database"),
+        ("events", "error: table 'events' is not a table of trigger_executions"),
+    ]:
+        refused = await run_cli(
+            settings.database_url,
+            "export",
+            "trigger_executions",
+            "--format",
+            "csv",
+            "--table",
+            table,
+        )
+        assert refused.returncode == 1, refused.stdout
+        assert said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert refused.stdout == ""  # not even the CSV header
+
+
 def analytics_sql(role: str, database: str, owner: str) -> list[str]:
     """The statements of docs/analytics.md's analytics-role block, for this test's names."""
     block = re.search(r"```sql\n-- analytics-role\n(.*?)```", DOCS.read_text(), re.S)

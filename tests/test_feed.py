@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -138,6 +139,21 @@ async def test_filters_by_type_and_trigger(client: TestClient) -> None:  # type:
     reader.response.close()
 
 
+async def test_the_events_page_takes_a_repeated_type_as_the_feed_does(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    await create_trigger(client, id="t")
+    await deliver(client, "t", key="k")
+    await deliver(client, "t", key="k")
+    query = "?after=0&type=trigger.registered&type=webhook.duplicate"
+    page = await (await client.get(f"/api/events{query}", headers=AUTH)).json()
+    reader = await open_stream(client, query)
+    streamed = await reader.take(2)
+    reader.response.close()
+    assert [e["type"] for e in page["events"]] == ["trigger.registered", "webhook.duplicate"]
+    assert page["events"] == [data for _, _, data in streamed]
+
+
 async def test_two_readers_see_the_exact_log_while_writers_race(
     client: TestClient[Any, Any],
     settings: Settings,
@@ -210,3 +226,39 @@ async def test_events_follow_prints_the_backlog_then_new_events_filtered(
     assert (second["seq"], second["data"]["body"]) == (6, '{"n": 4}')
     page = await (await client.get("/api/events?after=3&limit=1", headers=AUTH)).json()
     assert first == page["events"][0]
+
+
+async def test_events_follow_stops_quietly_when_its_reader_leaves(
+    client: TestClient[Any, Any],
+    settings: Settings,
+) -> None:
+    await create_trigger(client, id="t")
+    read_end, write_end = os.pipe()
+    code = "from server.cli import main; main()"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        "--database-url",
+        settings.database_url,
+        "events",
+        "--follow",
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write_end)
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            # `hookledger events --follow | head -1`: the reader is gone before the next event.
+            with os.fdopen(read_end, "rb") as reader:
+                await asyncio.to_thread(reader.readline)
+            await deliver(client, "t")
+            said = (await process.stderr.read()).decode()
+            status = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+    assert "Traceback" not in said and "BrokenPipeError" not in said, said
+    assert status == 1
