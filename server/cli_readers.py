@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -134,8 +135,20 @@ def _output(path: str | None) -> Any:
     if path is None or path == "-":
         yield sys.stdout
         return
-    with Path(path).open("w", encoding="utf-8", newline="") as handle:
-        yield handle
+    target = Path(path)
+    if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: written as they are
+        with target.open("w", encoding="utf-8", newline="") as handle:
+            yield handle
+        return
+    # Written beside it and renamed once whole: an export that fails or is interrupted leaves
+    # the file that was there (an earlier export, say) as it was, never emptied or half new.
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as handle:
+            yield handle
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 async def export_command(args: argparse.Namespace) -> None:

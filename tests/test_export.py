@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -158,6 +159,25 @@ async def test_export_of_a_table_not_there_or_not_the_projections_says_so(
         assert said in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
         assert refused.stdout == ""  # not even the CSV header
+
+
+async def test_an_export_that_fails_leaves_the_file_it_would_have_replaced(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await mixed_traffic(client, deliveries=2)
+    output = tmp_path / "executions.csv"
+    output.write_text("yesterday's export\n")
+    args = ("export", "trigger_executions", "--format", "csv", "--output", str(output))
+    refused = await run_cli(settings.database_url, *args, "--table", "no_such_table")
+    assert refused.returncode == 1, refused.stderr
+    assert output.read_text() == "yesterday's export\n"  # not emptied by the failed one
+    done = await run_cli(settings.database_url, *args)
+    assert done.returncode == 0, done.stderr
+    to_stdout = await run_cli(settings.database_url, *args[:4])
+    assert output.read_text() == to_stdout.stdout != ""
+    assert not [name for name in os.listdir(tmp_path) if "partial" in name]  # none left behind
 
 
 def analytics_sql(role: str, database: str, owner: str) -> list[str]:
