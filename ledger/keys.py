@@ -2,7 +2,7 @@
 
 1. the trigger's own `idempotency_key_path` (`header:NAME`, `body:PATH`, or a bare name: a header
    of that name when present, else a dotted body path);
-2. header `Idempotency-Key`;  3. header `webhook-id`;
+2. header `Idempotency-Key`;  3. header `webhook-id` (Svix's `svix-id`);
 4. the source's own delivery id;  5. body `idempotency_key`, `messageId`, `data.messageId`,
    `data.idempotency_key`.
 A key is a non-empty string or an integer written in decimal (the key is its exact decimal text,
@@ -31,7 +31,8 @@ SOURCE_KEYS: Mapping[str, tuple[str, str]] = {
 }
 # Header ids are unambiguous, so a generic or standard trigger honours them too.
 _ANY_SOURCE_HEADERS = ("x-github-delivery", "linear-delivery")
-_GENERAL_HEADERS = ("idempotency-key", "webhook-id")
+# svix-id: Svix's name for webhook-id, unless the account has its headers white-labelled.
+_GENERAL_HEADERS = ("idempotency-key", "webhook-id", "svix-id")
 _GENERAL_BODY_PATHS = ("idempotency_key", "messageId", "data.messageId", "data.idempotency_key")
 # orjson reads an integer past 64 bits (>= 2**64, < -2**63) as a float, of this size or more.
 _WIDE = 2.0**63

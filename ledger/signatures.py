@@ -213,12 +213,19 @@ def _linear_timestamp_ms(body: bytes) -> float | None:
 
 
 def _verify_standard(secrets: _Secrets, headers: _Headers, body: bytes, now: float) -> None:
-    message_id = _header(headers, "webhook-id")
-    sent_at = _header(headers, "webhook-timestamp")
-    candidates = _parse_standard(_header(headers, "webhook-signature"))
+    message_id = _standard_header(headers, "id")
+    sent_at = _standard_header(headers, "timestamp")
+    candidates = _parse_standard(_standard_header(headers, "signature"))
     _check_age(_seconds(sent_at, "webhook-timestamp"), now, _TOLERANCE_S)
     message = b".".join((_raw(message_id), sent_at.encode(), body))
     _match_hmac(_standard_keys(secrets), message, candidates)
+
+
+def _standard_header(headers: _Headers, suffix: str) -> str:
+    # Svix names the same headers svix-*: only accounts that have them white-labelled send
+    # webhook-*, so most Svix deliveries carry no webhook-* header at all.
+    name, branded = "webhook-" + suffix, "svix-" + suffix
+    return _header(headers, branded if name not in headers and branded in headers else name)
 
 
 def _parse_standard(value: str) -> list[bytes]:

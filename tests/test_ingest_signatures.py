@@ -222,3 +222,22 @@ async def test_a_standard_secret_with_or_without_padding_is_accepted(
     stored = secret if padded else secret.rstrip("=")
     await create_trigger(client, id="t", source="standard", secret=stored)
     assert (await deliver(client, "t", sign("standard", secret, BODY))).status == 202
+
+
+async def test_a_svix_delivery_with_its_own_header_names_is_accepted_and_keyed(
+    client: TestClient,
+    settings: Settings,  # type: ignore[type-arg]
+) -> None:
+    # Svix sends svix-id, svix-timestamp and svix-signature; only accounts that have them
+    # white-labelled get the webhook-* names. A retry keeps its svix-id and is signed anew.
+    key = new_key("standard")
+    await create_trigger(client, id="t", source="standard", secret=key.stored)
+    statuses = []
+    for offset_s in (0, 60):
+        sent_at = time.time() - offset_s
+        signed = sign("standard", key.signing, BODY, now=sent_at, extra={"webhook-id": "msg_2abc"})
+        svix = {name.replace("webhook-", "svix-"): value for name, value in signed.items()}
+        statuses.append((await deliver(client, "t", svix)).status)
+    assert statuses == [202, 200]
+    [received, duplicate] = await deliveries(settings)
+    assert received.idempotency_key == duplicate.idempotency_key == "msg_2abc"
