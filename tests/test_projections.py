@@ -128,6 +128,25 @@ async def test_filters_and_cursor_paging(client: TestClient) -> None:  # type: i
     assert bad.status == 400 and (await bad.json())["error"]["code"] == "invalid_query"
 
 
+async def test_the_key_filter_is_case_sensitive_on_both_backends(client: TestClient) -> None:  # type: ignore[type-arg]
+    """Keys are case-sensitive (`evt_ABC` and `evt_abc` are two deliveries), and so is the
+    substring the key filter looks for, as the dashboard's own matching: SQLite's LIKE is not."""
+    await create_trigger(client, id="t")
+    for key in ("evt_abc", "evt_ABC", "EVT_x%_1"):
+        await deliver(client, key=key)
+    await settled(client)
+
+    async def keys(part: str) -> list[str]:
+        answer = await client.get("/api/executions", params={"key": part}, headers=AUTH)
+        page = await answer.json()
+        return sorted(r["idempotency_key"] for r in page["executions"])
+
+    assert await keys("ABC") == ["evt_ABC"]
+    assert await keys("abc") == ["evt_abc"]
+    assert await keys("evt_") == ["evt_ABC", "evt_abc"]
+    assert await keys("x%_") == ["EVT_x%_1"]
+
+
 async def test_events_page_through_the_log(client: TestClient) -> None:  # type: ignore[type-arg]
     await create_trigger(client, id="t")
     for i in range(5):
