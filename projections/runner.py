@@ -218,6 +218,8 @@ class ProjectionRunner:
     async def lag(self) -> dict[str, int]:
         """Events each projection is behind the head of the log."""
         async with self.engine.connect() as conn:
-            head = await read_last_seq(conn)
+            # Checkpoints first: on PostgreSQL each statement sees what committed before it, and
+            # a head read first would miss events folded meanwhile (a negative lag).
             positions = await read_checkpoints(conn)
+            head = await read_last_seq(conn)
         return {p.name: head - positions.get(p.name, 0) for p in self.projections}

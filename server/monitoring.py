@@ -43,8 +43,8 @@ Lag = dict[str, tuple[int, float]]  # projection -> (events behind, seconds behi
 
 async def read_lag(conn: AsyncConnection, names: Sequence[str]) -> Lag:
     """How far each projection is behind: events, and the age of the oldest one not folded in."""
+    positions = await read_checkpoints(conn)  # before the head: see ProjectionRunner.lag
     head = await read_last_seq(conn)
-    positions = await read_checkpoints(conn)
     now = datetime.now(UTC)
     lag: Lag = {}
     for name in names:

@@ -60,7 +60,16 @@ def event_json(event: RecordedEvent) -> JSON:
     return dataclasses.asdict(event)
 
 
-def _execution_filters(query: Mapping[str, str]) -> list[sa.ColumnElement[bool]]:
+def _key_contains(part: str, dialect: str) -> sa.ColumnElement[bool]:
+    # Keys are case-sensitive, and so is the filter (as the dashboard's matching): SQLite's LIKE
+    # folds ASCII case, its instr() does not.
+    if dialect == "sqlite":
+        return sa.func.instr(executions.c.idempotency_key, part) > 0
+    escaped = part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return executions.c.idempotency_key.like(f"%{escaped}%", escape="\\")
+
+
+def _execution_filters(query: Mapping[str, str], dialect: str) -> list[sa.ColumnElement[bool]]:
     clauses = []
     for name in ("trigger_id", "status", "error_category"):
         if query.get(name):
@@ -70,8 +79,7 @@ def _execution_filters(query: Mapping[str, str]) -> list[sa.ColumnElement[bool]]
     if query.get("error_category") and query["error_category"] not in ERROR_CATEGORIES:
         raise bad_query(f"error_category must be one of {', '.join(ERROR_CATEGORIES)}")
     if query.get("key"):
-        escaped = query["key"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        clauses.append(executions.c.idempotency_key.like(f"%{escaped}%", escape="\\"))
+        clauses.append(_key_contains(query["key"], dialect))
     if since := time_param(query, "since"):
         clauses.append(executions.c.received_at >= since)
     if until := time_param(query, "until"):
@@ -89,7 +97,7 @@ async def list_executions(conn: AsyncConnection, query: Mapping[str, str]) -> JS
     if direction not in ("asc", "desc"):
         raise bad_query("order must be asc or desc")
     ascending = direction == "asc"
-    statement = sa.select(*PUBLIC_COLUMNS).where(*_execution_filters(query))
+    statement = sa.select(*PUBLIC_COLUMNS).where(*_execution_filters(query, conn.dialect.name))
     if cursor := query.get("cursor"):
         column = executions.c.execution_id
         statement = statement.where(column > cursor if ascending else column < cursor)

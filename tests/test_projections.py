@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_only
 
 from ledger.append import append_and_fold, append_batch, append_commands
 from ledger.commands import AppendEvents
@@ -36,6 +37,7 @@ from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS
 from projections.runner import ProjectionRunner, read_checkpoints
 from server.config import Settings
+from server.monitoring import read_lag
 
 SPEC_COLUMNS = {
     "execution_id",
@@ -126,6 +128,25 @@ async def test_filters_and_cursor_paging(client: TestClient) -> None:  # type: i
     assert [r["idempotency_key"] for r in by_key["executions"]] == ["k3"]
     bad = await client.get("/api/executions?limit=zero", headers=AUTH)
     assert bad.status == 400 and (await bad.json())["error"]["code"] == "invalid_query"
+
+
+async def test_the_key_filter_is_case_sensitive_on_both_backends(client: TestClient) -> None:  # type: ignore[type-arg]
+    """Keys are case-sensitive (`evt_ABC` and `evt_abc` are two deliveries), and so is the
+    substring the key filter looks for, as the dashboard's own matching: SQLite's LIKE is not."""
+    await create_trigger(client, id="t")
+    for key in ("evt_abc", "evt_ABC", "EVT_x%_1"):
+        await deliver(client, key=key)
+    await settled(client)
+
+    async def keys(part: str) -> list[str]:
+        answer = await client.get("/api/executions", params={"key": part}, headers=AUTH)
+        page = await answer.json()
+        return sorted(r["idempotency_key"] for r in page["executions"])
+
+    assert await keys("ABC") == ["evt_ABC"]
+    assert await keys("abc") == ["evt_abc"]
+    assert await keys("evt_") == ["evt_ABC", "evt_abc"]
+    assert await keys("x%_") == ["EVT_x%_1"]
 
 
 async def test_events_page_through_the_log(client: TestClient) -> None:  # type: ignore[type-arg]
@@ -522,6 +543,40 @@ async def test_the_live_fold_of_duplicates_equals_evolve_event_by_event(
         assert [dict(row) for row in rows] == [expected]
     assert expected is not None and expected["duplicate_count"] == 4
     assert expected["last_seq"] == 6 and expected["status"] == "running"
+
+
+async def test_lag_is_never_negative_when_events_are_folded_while_it_reads(
+    database_url: str,
+) -> None:
+    """The lag (`GET /api/projections`, `/metrics`, `/readyz`) reads the checkpoints and the head
+    of the log in two statements; on PostgreSQL each sees what committed before it. Events
+    appended and folded in between (another process) must not put a projection ahead of the
+    log: negative events behind."""
+    engine, writer = create_engine(database_url), create_engine(database_url)
+    try:
+        await upgrade(engine)
+        folder = ProjectionRunner(writer, list(PROJECTIONS.values()))
+        await _append_and_fold(writer, folder, "a")
+        await folder.catch_up()  # the checkpoints exist: the next append is folded inline
+        keys = iter(["b", "c"])
+        armed: list[bool] = []
+
+        def fold_one_more(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if armed:  # after the first statement of each read
+                armed.clear()
+                assert await_only(_append_and_fold(writer, folder, next(keys)))
+
+        sa.event.listen(engine.sync_engine, "after_cursor_execute", fold_one_more)
+        armed.append(True)
+        lag = await ProjectionRunner(engine, list(PROJECTIONS.values())).lag()
+        assert not armed and all(behind >= 0 for behind in lag.values()), lag
+        armed.append(True)
+        async with engine.connect() as conn:
+            measured = await read_lag(conn, list(PROJECTIONS))
+        assert not armed and all(behind >= 0 for behind, _ in measured.values()), measured
+    finally:
+        await engine.dispose()
+        await writer.dispose()
 
 
 async def test_a_runner_with_nothing_to_do_takes_no_lock(database_url: str) -> None:
