@@ -48,6 +48,7 @@ CONFIG_FIELDS = frozenset({"destination", "idempotency_key_path", "filter", "ret
 CREATE_FIELDS = CONFIG_FIELDS | {"id", "source", "secret", "generate_secret"}
 DESTINATION_FIELDS = frozenset({"url", "timeout_s", "secret", "headers"})
 RATE_LIMIT_FIELDS = frozenset({"per_s", "burst"})
+ROTATE_FIELDS = frozenset({"secret", "grace_s"})
 # Fields a GET shows (or a create takes) that a PATCH cannot set, and how each is changed. A
 # client that sends a trigger back as it read it learns why, instead of having them ignored.
 _ROTATE = "a secret is changed only by POST /api/triggers/{id}/rotate-secret"

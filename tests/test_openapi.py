@@ -22,6 +22,7 @@ from server.triggers import (
     CREATE_FIELDS,
     DESTINATION_FIELDS,
     RATE_LIMIT_FIELDS,
+    ROTATE_FIELDS,
 )
 
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
@@ -113,6 +114,7 @@ async def test_the_document_is_served_as_json(aiohttp_client: object, app: web.A
         ("DestinationInput", DESTINATION_FIELDS),
         ("RateLimit", RATE_LIMIT_FIELDS),
         ("RetryPolicy", {"max_attempts", "base_s", "cap_s"}),
+        ("RotateSecret", ROTATE_FIELDS),
     ],
 )
 def test_trigger_input_schemas_take_exactly_the_fields_the_server_accepts(
