@@ -159,7 +159,9 @@ def _destination(payload: Any, vault: Vault, *, allow_private: bool) -> JSON | N
     return {
         "url": url,
         "timeout_s": float(timeout),
-        "headers": headers,
+        # Sealed as the secret is: a header's value is most often the destination's own
+        # credential (Authorization, X-Api-Key), and the log is read by whoever reads events.
+        "sealed_headers": {name: vault.encrypt(value) for name, value in headers.items()},
         "secret_ciphertext": vault.encrypt(secret) if secret else None,
     }
 
