@@ -91,7 +91,7 @@ class TriggerConfigured(EventData):
     id: str
     source: str
     secrets: list[JSON] = field(default_factory=list)  # [{"ciphertext", "expires_at"}], never clear
-    destination: JSON | None = None  # {"url", "timeout_s", "secret_ciphertext"}
+    destination: JSON | None = None  # {"url", "timeout_s", "sealed_headers", "secret_ciphertext"}
     idempotency_key_path: str | None = None
     filter: JSON | None = None
     retry: JSON | None = None

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -43,12 +44,22 @@ class Vault:
 
 
 def load_or_create_key(path: Path) -> str:
-    """The key kept in `path`, created (mode 0600) on first use."""
+    """The key kept in `path`, created (mode 0600) on first use, or the one another process put
+    there first. The file appears whole (a hard link to a complete draft): a process starting
+    meanwhile never reads it empty, which would seal its secrets under the key "" and record a
+    fingerprint that no later start, reading the whole key, could match."""
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Fernet.generate_key().decode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        draft.unlink()
     return key

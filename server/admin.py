@@ -18,12 +18,14 @@ from server.codings import decoded
 from server.errors import ApiError
 from server.state import SERVICES, Services
 from server.triggers import (
+    ROTATE_FIELDS,
     STATE_EVENTS,
     check_secret,
     config_changes,
     event_for,
     generate_secret,
     new_config,
+    refuse_unknown,
     registered,
     sealed_secrets,
     updated,
@@ -128,7 +130,12 @@ async def rotate_secret(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     row = await _trigger_row(services, request.match_info["trigger_id"])
     payload = await json_body(request)
-    grace = payload.get("grace_s", 3600) if isinstance(payload, dict) else None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_trigger", "the body must be a JSON object")
+    # A misspelt grace_s ({"grace": 0}, to revoke a leaked secret now) would otherwise leave the
+    # old secret verifying for the default hour, answered 200.
+    refuse_unknown(payload, ROTATE_FIELDS)
+    grace = payload.get("grace_s", 3600)
     if (
         isinstance(grace, bool)
         or not isinstance(grace, int | float)

@@ -150,6 +150,12 @@ class TriggerCache:
         self._entries.pop(trigger_id, None)
 
 
+def destination_header_names(destination: JSON) -> list[str]:
+    """Names of a destination's headers: sealed, or in clear as configurations before sealing
+    kept them."""
+    return [*(destination.get("sealed_headers") or {}), *(destination.get("headers") or {})]
+
+
 def public_view(row: Any, counts: dict[str, int] | None = None) -> JSON:
     """A trigger as the admin API shows it: never a secret, only whether there is one."""
     config = config_of(row)
@@ -164,7 +170,7 @@ def public_view(row: Any, counts: dict[str, int] | None = None) -> JSON:
             "url": destination["url"],
             "timeout_s": destination.get("timeout_s"),
             "has_secret": bool(destination.get("secret_ciphertext")),
-            "headers": sorted(destination.get("headers") or {}),
+            "headers": sorted(destination_header_names(destination)),
         },
         "idempotency_key_path": row.idempotency_key_path,
         "filter": config["filter"],

@@ -43,7 +43,14 @@ class Delivery:
 
     @classmethod
     def of(
-        cls, received: JSON, destination: JSON, *, message_id: str, key: str, secret: str | None
+        cls,
+        received: JSON,
+        destination: JSON,
+        *,
+        message_id: str,
+        key: str,
+        secret: str | None,
+        headers: dict[str, str],
     ) -> Delivery:
         body = received["body"]
         raw = base64.b64decode(body) if received.get("body_encoding") == "base64" else body.encode()
@@ -55,7 +62,7 @@ class Delivery:
             idempotency_key=key,
             timeout_s=float(destination.get("timeout_s") or 10.0),
             secret=secret,
-            extra_headers=dict(destination.get("headers") or {}),
+            extra_headers=headers,
         )
 
 

@@ -256,12 +256,16 @@ class Dispatcher:
             query = sa.select(events.c.data).where(events.c.id == due.received_event_id)
             received = loads((await conn.execute(query)).scalar_one())
         ciphertext = destination.get("secret_ciphertext")
+        sealed = destination.get("sealed_headers") or {}
         return Delivery.of(
             received,
             destination,
             message_id=due.execution_id,
             key=due.idempotency_key or due.execution_id,
             secret=self._vault.decrypt(ciphertext) if ciphertext else None,
+            # Configured before header values were sealed: kept in clear.
+            headers=dict(destination.get("headers") or {})
+            | {name: self._vault.decrypt(value) for name, value in sealed.items()},
         )
 
 

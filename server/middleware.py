@@ -39,6 +39,15 @@ def _dashboard_headers(path: str, response: web.StreamResponse) -> None:
 
 def _check_admin_token(request: web.Request) -> None:
     expected = request.app[SERVICES].admin_token
+    if not expected:
+        # An empty token file reads as the token "", which a bare "Bearer" would match: the
+        # API stays shut until there is a real token, never open to anyone.
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this server's admin token is empty: set HOOKLEDGER_ADMIN_TOKEN, or delete the empty "
+            "hookledger.token and restart to have one generated",
+        )
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     # surrogateescape: the bytes sent, even when they are not UTF-8 (aiohttp decoded them so).

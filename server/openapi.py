@@ -79,7 +79,10 @@ def admin(
     parameters: list[dict[str, Any]] | None = None,
     body: dict[str, Any] | None = None,
 ) -> Operation:
-    """An /api/ operation: bearer token, per-client limit, and a database behind it."""
+    """An /api/ operation: bearer token, per-client limit, and a database behind it; one that
+    takes a body refuses one over HOOKLEDGER_MAX_BODY_BYTES (413), as the receiver does."""
+    if body is not None:
+        errors = (*errors, 413)
     operation: Operation = {
         "summary": summary,
         "description": _ADMIN,

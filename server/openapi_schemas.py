@@ -260,13 +260,16 @@ SCHEMAS: dict[str, Schema] = {
     "DestinationInput": _DESTINATION_IN,
     "TriggerCreate": _TRIGGER_CREATE,
     "TriggerPatch": _TRIGGER_PATCH,
-    "RotateSecret": obj(
-        {},
-        {
-            "secret": nullable(_SECRET),  # null or absent: a new one is generated
-            "grace_s": {"type": "number", "minimum": 0, "maximum": 30 * 86400},
-        },
-    ),
+    "RotateSecret": {
+        **obj(
+            {},
+            {
+                "secret": nullable(_SECRET),  # null or absent: a new one is generated
+                "grace_s": {"type": "number", "minimum": 0, "maximum": 30 * 86400},
+            },
+        ),
+        "additionalProperties": False,
+    },
     "Trigger": _TRIGGER,
     "TriggerWithSecret": {"allOf": [ref("Trigger"), obj({}, {"secret": STRING})]},
     "RotatedTrigger": {"allOf": [ref("Trigger"), obj({"secret": STRING, "grace_s": NUMBER})]},

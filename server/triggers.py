@@ -48,6 +48,7 @@ CONFIG_FIELDS = frozenset({"destination", "idempotency_key_path", "filter", "ret
 CREATE_FIELDS = CONFIG_FIELDS | {"id", "source", "secret", "generate_secret"}
 DESTINATION_FIELDS = frozenset({"url", "timeout_s", "secret", "headers"})
 RATE_LIMIT_FIELDS = frozenset({"per_s", "burst"})
+ROTATE_FIELDS = frozenset({"secret", "grace_s"})
 # Fields a GET shows (or a create takes) that a PATCH cannot set, and how each is changed. A
 # client that sends a trigger back as it read it learns why, instead of having them ignored.
 _ROTATE = "a secret is changed only by POST /api/triggers/{id}/rotate-secret"
@@ -158,7 +159,9 @@ def _destination(payload: Any, vault: Vault, *, allow_private: bool) -> JSON | N
     return {
         "url": url,
         "timeout_s": float(timeout),
-        "headers": headers,
+        # Sealed as the secret is: a header's value is most often the destination's own
+        # credential (Authorization, X-Api-Key), and the log is read by whoever reads events.
+        "sealed_headers": {name: vault.encrypt(value) for name, value in headers.items()},
         "secret_ciphertext": vault.encrypt(secret) if secret else None,
     }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import AUTH, create_trigger
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
@@ -22,6 +24,7 @@ from server.triggers import (
     CREATE_FIELDS,
     DESTINATION_FIELDS,
     RATE_LIMIT_FIELDS,
+    ROTATE_FIELDS,
 )
 
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
@@ -113,6 +116,7 @@ async def test_the_document_is_served_as_json(aiohttp_client: object, app: web.A
         ("DestinationInput", DESTINATION_FIELDS),
         ("RateLimit", RATE_LIMIT_FIELDS),
         ("RetryPolicy", {"max_attempts", "base_s", "cap_s"}),
+        ("RotateSecret", ROTATE_FIELDS),
     ],
 )
 def test_trigger_input_schemas_take_exactly_the_fields_the_server_accepts(
@@ -184,3 +188,30 @@ def test_the_idempotency_key_header_schema_refuses_exactly_what_the_receiver_ref
     except InvalidIdempotencyKey:
         accepted = False
     assert _is_valid(header["schema"], key) == accepted
+
+
+async def test_an_admin_body_over_the_limit_is_a_documented_413(
+    client: TestClient,  # type: ignore[type-arg]
+    settings: Settings,
+) -> None:
+    await create_trigger(client, id="t")
+    over = b'{"id": "' + b"x" * settings.max_body_bytes + b'"}'
+    taking_bodies = [
+        (method, path)
+        for path, item in document()["paths"].items()
+        for method, operation in item.items()
+        if method in METHODS and "requestBody" in operation and path.startswith("/api/")
+    ]
+    assert len(taking_bodies) == 5
+    for method, path in taking_bodies:
+        concrete = path.replace("{trigger_id}", "t").replace("{execution_id}", "e")
+        response = await client.request(
+            method,
+            concrete,
+            data=io.BytesIO(over),
+            headers=AUTH | {"Content-Type": "application/json"},
+        )
+        assert response.status == 413, (method, path, await response.text())
+        assert (await response.json())["error"]["code"] == "payload_too_large"
+        operation = document()["paths"][path][method]
+        assert "413" in operation["responses"], f"{method} {path}: 413 is not documented"

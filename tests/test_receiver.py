@@ -8,15 +8,17 @@ import io
 import json
 import logging
 import zlib
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
-from conftest import AUTH, create_trigger
+from conftest import AUTH, MakeClient, create_trigger, serve_app
 
 from ledger.store import create_engine, read_events
+from server.app import make_app
 from server.config import Settings
 
 # Every test here runs on both ways to the receiver: the listener's fast lane and aiohttp's route.
@@ -413,6 +415,24 @@ async def test_admin_api_requires_the_token(client: TestClient) -> None:  # type
         assert response.status == 401
         assert (await response.json())["error"]["code"] == "unauthorized"
     assert (await client.get("/api/triggers", headers=AUTH)).status == 200
+
+
+async def test_an_empty_token_file_locks_the_admin_api_rather_than_opening_it(
+    aiohttp_client: MakeClient, settings: Settings, lane: str
+) -> None:
+    # An empty hookledger.token (truncated, or made by hand) read as the token "": a bare
+    # "Bearer" matched it, and anyone could register, delete or replay.
+    (settings.data_dir / "hookledger.token").write_text("\n")
+    app = make_app(replace(settings, admin_token=None))
+    client = await serve_app(aiohttp_client, app, lane)
+    for headers in ({"Authorization": "Bearer"}, {"Authorization": "Bearer "}, {}):
+        response = await client.get("/api/triggers", headers=headers)
+        assert response.status == 401, await response.text()
+        error = (await response.json())["error"]
+        assert error["code"] == "unauthorized"
+    assert "hookledger.token" in error["message"]
+    bare = {"Authorization": "Bearer"}
+    assert (await client.post("/api/triggers", json={"id": "t"}, headers=bare)).status == 401
 
 
 async def exchange_raw(client: TestClient, request: bytes) -> tuple[int, bytes]:  # type: ignore[type-arg]

@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from ledger.errors import SecretKeyMismatch
 from ledger.migrate import upgrade
 from ledger.schema import secret_key_check
 from ledger.store import create_engine
-from ledger.vault import Vault
+from ledger.vault import Vault, load_or_create_key
 from server.app import make_app
 from server.catalog import TriggerCache
 from server.config import Settings
@@ -193,3 +195,24 @@ async def test_a_secret_the_key_cannot_open_is_logged_once(
     assert len(said) == 1, caplog.text
     assert said[0].levelno == logging.ERROR
     assert said[0].fields == {"trigger_id": "signed", "secrets": 1}  # type: ignore[attr-defined]
+
+
+def _load_together(path: Path, callers: int) -> list[str]:
+    start = threading.Barrier(callers)
+
+    def load(_: int) -> str:
+        start.wait()
+        return load_or_create_key(path)
+
+    with ThreadPoolExecutor(callers) as pool:
+        return list(pool.map(load, range(callers)))
+
+
+def test_starts_creating_the_key_file_together_all_read_the_one_key(tmp_path: Path) -> None:
+    # The file used to be created empty, then written: a process starting in between read ""
+    # as its key (secrets sealed under a key anyone can derive, and a fingerprint no later
+    # start matches) or failed on the exclusive create.
+    for attempt in range(100):
+        keys = _load_together(tmp_path / str(attempt) / "hookledger.key", 4)
+        assert len(set(keys)) == 1, keys
+        assert keys[0], keys

@@ -21,13 +21,17 @@ from conftest import AUTH, MakeClient
 from destinations import Client, Reply, start_destination
 from signing import discord_keypair, sign, standard_secret
 
+from ledger.events import TriggerRegistered
 from ledger.signatures import SOURCES
 from ledger.store import create_engine
 from server.app import make_app
 from server.config import Settings
 from server.logs import JsonFormatter, TextFormatter
+from server.state import SERVICES
+from server.triggers import event_for
 
 BODY = b'{"event":"paid","data":{"amount":1200}}'
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -252,3 +256,51 @@ def test_the_search_forms_cover_raw_hex_and_base64() -> None:
     assert (b"k" * 24).hex() in found
     assert base64.b64encode(secret.encode()).decode().rstrip("=") in found
     assert binascii.hexlify(secret.encode()).decode() in found
+
+
+async def test_a_destination_header_value_is_sent_yet_kept_and_shown_nowhere(
+    aiohttp_client: MakeClient, aiohttp_server: Any, settings: Settings, tmp_path: Path
+) -> None:
+    # A GET shows a destination's headers by name only, for their values are most often the
+    # destination's own credentials; the log (`GET /api/events`) and the database held them.
+    credential = f"Bearer dest-token-{secrets.token_hex(16)}"
+    dispatching = replace(settings, dispatch=True, dispatch_poll_s=0.05, lease_s=2.0)
+    async for destination in start_destination(aiohttp_server):
+        api = Recorder(await aiohttp_client(make_app(dispatching)))
+        headers = {"Authorization": credential, "X-Team": "ops"}
+        config = {"id": "h", "destination": {"url": destination.url("/h"), "headers": headers}}
+        await api.admin("POST", "/api/triggers", config)
+        response = await api.call("POST", "/webhooks/h", data=BODY, headers=JSON_TYPE)
+        assert response.status == 202
+        await wait_dispatched(api, [(await response.json())["execution_id"]])
+        assert [r.headers.get("Authorization") for r in destination.received] == [credential]
+        shown = await api.admin("GET", "/api/triggers/h")
+        assert shown["destination"]["headers"] == ["Authorization", "X-Team"]
+        patch = {"destination": {"url": destination.url("/h"), "headers": {"X-Team": "ops"}}}
+        await api.admin("PATCH", "/api/triggers/h", patch)
+        for path in ("/api/triggers", "/api/events?limit=1000", "/api/events/1"):
+            await api.admin("GET", path)
+        database = await database_text(settings, tmp_path)
+    secret = credential.removeprefix("Bearer ")
+    assert secret not in database
+    assert [request for request, answer in api.answers if secret in answer] == []
+
+
+async def test_a_destination_whose_headers_were_kept_in_clear_still_sends_them(
+    aiohttp_client: MakeClient, aiohttp_server: Any, settings: Settings
+) -> None:
+    dispatching = replace(settings, dispatch=True, dispatch_poll_s=0.05, lease_s=2.0)
+    async for destination in start_destination(aiohttp_server):
+        app = make_app(dispatching)
+        api = Recorder(await aiohttp_client(app))
+        services = app[SERVICES]
+        before = {"url": destination.url("/old"), "timeout_s": 5.0, "headers": {"X-Team": "ops"}}
+        registered = TriggerRegistered(id="old", source="generic", destination=before)
+        appended = await services.appender.append([event_for("old", registered)])
+        await services.runner.wait_for(appended[-1].seq)
+        shown = await api.admin("GET", "/api/triggers/old")
+        assert shown["destination"]["headers"] == ["X-Team"]
+        response = await api.call("POST", "/webhooks/old", data=BODY, headers=JSON_TYPE)
+        assert response.status == 202
+        await wait_dispatched(api, [(await response.json())["execution_id"]])
+        assert [r.headers.get("X-Team") for r in destination.received] == ["ops"]

@@ -137,3 +137,33 @@ async def test_a_patch_that_changes_nothing_records_nothing(
     response = await client.patch("/api/triggers/same", json={"filter": None}, headers=AUTH)
     assert response.status == 200
     assert await trigger_events(client, "same") == ["trigger.registered", "trigger.updated"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"secret": "new-secret", "grace": 0}, "grace"),  # meant: the leaked one stops now
+        ({"grace_seconds": 0}, "grace_seconds"),
+        ({"secret": "new-secret", "grace_s": 0, "paused": True}, "paused"),
+    ],
+)
+async def test_a_rotation_with_an_unknown_field_is_refused_and_rotates_nothing(
+    client: TestClient,  # type: ignore[type-arg]
+    body: dict[str, Any],
+    field: str,
+) -> None:
+    await create_trigger(client, id="rot", secret="old-secret")
+    response = await client.post("/api/triggers/rot/rotate-secret", json=body, headers=AUTH)
+    message = await refused(response)
+    assert field in message
+    assert "grace_s" in message  # the accepted fields are listed
+    assert await trigger_events(client, "rot") == ["trigger.registered"]
+
+
+async def test_a_rotation_body_that_is_not_an_object_is_refused_for_what_it_is(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    await create_trigger(client, id="rot", secret="old-secret")
+    response = await client.post("/api/triggers/rot/rotate-secret", json=[], headers=AUTH)
+    assert "JSON object" in await refused(response)
+    assert await trigger_events(client, "rot") == ["trigger.registered"]
