@@ -39,11 +39,15 @@ class _Pending:
     command: Command
     future: asyncio.Future[Any] | None = None
     answer: Callable[[Any], None] | None = None
+    # An answered command's: its caller (a worker) stops waiting then, as `Overdue` does here.
+    deadline: float | None = None
 
     @property
     def waiting(self) -> bool:
-        """False once nobody waits for it (its caller cancelled the future)."""
-        return self.future is None or not self.future.done()
+        """False once nobody waits for it (its caller cancelled the future, or gave up)."""
+        if self.future is not None:
+            return not self.future.done()
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def resolve(self, result: Any) -> None:
         """Hand over `result` (an exception for an error)."""
@@ -121,6 +125,7 @@ class Appender:
         self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH, wait_s: float | None = None
     ) -> None:
         self._engine = engine
+        self._wait_s = wait_s or None
         self._overdue = Overdue(wait_s) if wait_s else None
         # Set by the projection runner: the projections are folded in the append's own
         # transaction, so they are never behind an acknowledged delivery (see projections.runner).
@@ -159,8 +164,14 @@ class Appender:
         """Queue `command`; `answer` is called with its result (an exception for an error) once
         committed, at once, inside the appender's own step: a caller answering over a socket
         (the ledger link) writes its answer before the loop turns to anything else, instead of
-        a future's callback one loop iteration later, after whatever input came meanwhile."""
-        self._put(_Pending(command, answer=answer))
+        a future's callback one loop iteration later, after whatever input came meanwhile.
+
+        Its caller waits as long as `submit`'s (a worker's RemoteAppender has the same limit,
+        started earlier): one still queued then is never appended, as a future's is not, for
+        the caller answered 503 and the sender's retry is the command."""
+        wait_s = self._wait_s
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        self._put(_Pending(command, answer=answer, deadline=deadline))
 
     def _put(self, pending: _Pending) -> None:
         self._queue.append(pending)  # unbounded: never waits
@@ -184,6 +195,8 @@ class Appender:
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if p.waiting]
+        if len(live) < len(batch):
+            self._give_up(batch, live)
         if not live:
             return
         try:
@@ -247,6 +260,15 @@ class Appender:
             return
         for pending in batch:
             await self._commit_batch([pending])
+
+    def _give_up(self, batch: list[_Pending], live: list[_Pending]) -> None:
+        # Answered commands left out for their deadline still owe an answer (a worker's link
+        # keeps each call until answered); their caller has said 503 already.
+        kept = {id(p) for p in live}
+        late = StorageUnavailable(TimeoutError(f"not committed within {self._wait_s:g} s"))
+        for pending in batch:
+            if pending.answer is not None and id(pending) not in kept:
+                pending.resolve(late)
 
     def _fail_all(self, batch: list[_Pending], exc: BaseException) -> None:
         error: BaseException = StorageUnavailable(exc) if is_unavailable(exc) else exc

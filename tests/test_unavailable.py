@@ -280,3 +280,45 @@ async def test_a_worker_answers_503_when_the_ledger_cannot_commit_in_time(tmp_pa
                 assert r.status in (200, 202), await r.text()
     finally:
         server.stop()
+
+
+async def test_a_delivery_a_worker_gave_up_on_while_it_was_queued_is_never_appended(
+    database_url: str, tmp_path: Path
+) -> None:
+    # As in one process (`_Pending.waiting`): a delivery still queued behind a batch that waits
+    # for the append lock when its wait runs out is answered 503, and its sender's retry is the
+    # delivery. Appended once the lock goes, it would be recorded twice (no key: every delivery
+    # is new). On PostgreSQL the held connection ends the waiting batch at the same limit, so
+    # the queued one begins before its own runs out; on SQLite the batch waits for the lock.
+    server = await start_server(
+        database_url,
+        tmp_path,
+        "--workers",
+        "1",
+        "--no-dispatch",
+        env={"HOOKLEDGER_APPEND_TIMEOUT_S": "1"},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await register(session, server, "t")
+
+            async def deliver(body: str) -> int:
+                url, headers = server.url + "/webhooks/t", {"Content-Type": "application/json"}
+                async with session.post(url, data=body, headers=headers) as r:
+                    return r.status
+
+            async with _append_lock_held(database_url):
+                committing = asyncio.create_task(deliver('{"n": 1}'))  # its batch waits
+                await asyncio.sleep(0.3)
+                queued = await deliver('{"n": 2}')  # behind that batch
+                assert (await committing, queued) == (503, 503)
+                await asyncio.sleep(1.5)  # past any batch that began before it gave up
+            assert await deliver('{"n": 3}') == 202  # what was queued before it was decided
+    finally:
+        server.stop()
+    engine = create_engine(database_url)
+    async with engine.connect() as conn:
+        bodies = [e.data["body"] for e in await read_events(conn, types=["webhook.received"])]
+    await engine.dispose()
+    assert '{"n": 2}' not in bodies
+    assert bodies[-1] == '{"n": 3}'
