@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,7 +24,7 @@ from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, PlanState, RecordDelivery, result_of
 from ledger.deferred import defer_writes, discard, flush, stop_deferring
 from ledger.errors import LedgerError
-from ledger.events import NewEvent, RecordedEvent
+from ledger.events import Encoded, NewEvent, RecordedEvent
 from ledger.originals import _read_head_and_originals
 from ledger.rows import execute_sql, insert_many
 from ledger.schema import events
@@ -156,11 +157,11 @@ def append_and_fold(
 def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
     head, state = _plan_state(conn, commands)
     planned_all: list[tuple[NewEvent, int]] = []
-    spans: list[tuple[Command, int, int] | LedgerError] = []
+    spans: list[tuple[Command, int, int] | Exception] = []
     for command in commands:
         try:
-            planned = command.plan(state)
-        except LedgerError as exc:
+            planned = _encoded(command).plan(state)
+        except (LedgerError, orjson.JSONEncodeError) as exc:
             spans.append(exc)
             continue
         spans.append((command, len(planned_all), len(planned)))
@@ -172,13 +173,26 @@ def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended
     seqs = [row["seq"] for row in rows]
     results = [
         span
-        if isinstance(span, LedgerError)
+        if isinstance(span, Exception)
         else result_of(
             span[0], planned_all[span[1] : span[1] + span[2]], seqs[span[1] : span[1] + span[2]]
         )
         for span in spans
     ]
     return Appended(results, head[0], [_recorded(row) for row in rows], rows)
+
+
+def _encoded(command: Command) -> Command:
+    """`command` with its events' data and meta encoded as stored, before it is planned: what
+    orjson cannot write (nested past 254 levels, though it reads 1,024: FACTS.md) fails that
+    command alone, not every command of its batch in `_rows`. A delivery comes encoded."""
+    if isinstance(command, RecordDelivery):
+        return command
+    encoded = [
+        replace(event, data=Encoded(dumps(event.data)), meta=Encoded(dumps(event.meta)))
+        for event in command.events
+    ]
+    return AppendEvents(events=encoded, expected_version=command.expected_version)
 
 
 _IN_TABLE_ORDER = operator.itemgetter(*(column.name for column in events.c))

@@ -251,6 +251,36 @@ async def test_the_database_reads_a_field_of_json_text_that_holds_a_nul_elsewher
     assert escaped == ("\\ufffd" if backend == "postgres" else "\\u0000")
 
 
+async def test_an_event_that_cannot_be_encoded_fails_its_own_command_not_its_batch(
+    engine: AsyncEngine, appender: Appender
+) -> None:
+    # orjson reads 1,024 levels of nesting but writes 254 (FACTS.md): data parsed from a request
+    # (an admin's trigger filter) can be deeper than it can store. Its command fails alone; the
+    # deliveries and appends of its batch (the same loop turn: one batch) are committed.
+    deep: Any = "x"
+    for _ in range(300):
+        deep = [deep]
+    unwritable = NewEvent(stream="s-2", type="test.happened", trigger_id="t", data={"deep": deep})
+    before, bad, after, delivered = await asyncio.gather(
+        appender.append([event("s-1", 1)]),
+        appender.append([unwritable]),
+        appender.append([event("s-1", 2)]),
+        appender.submit(delivery("k")),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, TypeError), bad
+    assert isinstance(delivered, DeliveryOutcome), delivered
+    assert not delivered.is_duplicate
+    assert [a.version for a in before + after] == [1, 2]
+    async with engine.connect() as conn:
+        logged = await read_events(conn)
+    assert [(e.seq, e.stream) for e in logged] == [
+        (1, "s-1"),
+        (2, "s-1"),
+        (3, f"execution-{delivered.execution_id}"),
+    ]
+
+
 async def test_in_batch_and_cross_batch_duplicates(engine: AsyncEngine) -> None:
     async with write_transaction(engine) as conn:
         first = await append_commands(
