@@ -12,6 +12,8 @@ import secrets as random_secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from ledger.events import (
     JSON,
     EventData,
@@ -200,6 +202,12 @@ def _rate_limit(value: Any) -> JSON | None:
 def _filter(value: Any) -> JSON | None:
     if value is not None and not isinstance(value, dict):
         raise invalid("filter must be an object of dotted paths to values")
+    try:
+        # orjson reads JSON nested 1,024 deep but writes only 254 levels: a filter it cannot
+        # write into the trigger's event is refused here, not failed as the append's 500.
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise invalid("filter is nested too deep (at most 250 levels)") from None
     return value
 
 

@@ -167,3 +167,23 @@ async def test_a_rotation_body_that_is_not_an_object_is_refused_for_what_it_is(
     response = await client.post("/api/triggers/rot/rotate-secret", json=[], headers=AUTH)
     assert "JSON object" in await refused(response)
     assert await trigger_events(client, "rot") == ["trigger.registered"]
+
+
+async def test_a_filter_nested_deeper_than_the_log_can_write_is_400_and_changes_nothing(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    # orjson reads JSON nested 1,024 deep but writes 254 levels: such a filter failed in the
+    # append, a 500 internal_error, where it is the request's mistake.
+    deep: Any = "x"
+    for _ in range(300):
+        deep = {"a": deep}
+    body = {"id": "deep", "filter": {"a": deep}}
+    response = await client.post("/api/triggers", json=body, headers=AUTH)
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_trigger" and "too deep" in error["message"]
+    assert (await client.get("/api/triggers/deep", headers=AUTH)).status == 404
+    await create_trigger(client, id="shallow")
+    response = await client.patch("/api/triggers/shallow", json={"filter": deep}, headers=AUTH)
+    assert response.status == 400
+    assert await trigger_events(client, "shallow") == ["trigger.registered"]
