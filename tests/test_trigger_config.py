@@ -187,3 +187,16 @@ async def test_a_filter_nested_deeper_than_the_log_can_write_is_400_and_changes_
     response = await client.patch("/api/triggers/shallow", json={"filter": deep}, headers=AUTH)
     assert response.status == 400
     assert await trigger_events(client, "shallow") == ["trigger.registered"]
+
+
+async def test_a_filter_just_within_the_depth_allowed_is_stored(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    deep: Any = "x"
+    for _ in range(239):  # with the filter object itself, 240 levels
+        deep = {"a": deep}
+    created = await create_trigger(client, id="deep", filter={"a": deep})
+    assert created["filter"] == {"a": deep}
+    deeper = {"a": {"a": deep}}
+    response = await client.patch("/api/triggers/deep", json={"filter": deeper}, headers=AUTH)
+    assert response.status == 400
