@@ -4,7 +4,7 @@ Each event's `hash` is SHA-256 over the previous event's hash and the event's ca
 (`ledger.codec`). The verifier reads the stored columns as stored (data and meta as text, never
 re-serialised) in bounded batches, so memory stays flat whatever the log's length. It can start
 from a checkpoint an auditor kept (the seq of an event and its hash), so that verifying new events
-does not reread the whole log.
+does not reread the whole log; the checkpoint's own event is checked against that hash too.
 
 Deleting the newest events leaves a shorter chain that is still valid: only a checkpoint kept
 outside the database (or the auditor's last known head) can show that.
@@ -140,18 +140,28 @@ async def _check_start(conn: AsyncConnection, start: Checkpoint) -> Break | None
             if start.hash == GENESIS_HASH
             else Break(0, CHECKPOINT_MISMATCH, "seq 0 is the genesis: its hash is 64 zeros")
         )
-    stored = (
-        await conn.execute(sa.select(events.c.hash).where(events.c.seq == start.seq))
-    ).scalar()
-    if stored is None:
+    # The checkpoint's event and the one before it: the event's content is checked too, for
+    # the events after it chain from its stored hash alone, and would verify had its content
+    # been rewritten with its hash left as it was.
+    rows = await _read_batch(conn, start.seq - 2, start.seq, 2)
+    if not rows or rows[-1].seq != start.seq:
         return Break(
             start.seq, CHECKPOINT_MISSING, f"the checkpoint's event seq {start.seq} is gone"
         )
+    stored = rows[-1].hash
     if stored != start.hash:
         return Break(
             start.seq,
             CHECKPOINT_MISMATCH,
             f"seq {start.seq} now has hash {stored[:16]}…, the checkpoint says {start.hash[:16]}…",
+        )
+    previous = GENESIS_HASH if start.seq == 1 else rows[0].hash if len(rows) == 2 else None
+    if previous is None or recompute(previous, rows[-1]) != stored:
+        return Break(
+            start.seq,
+            CHECKPOINT_MISMATCH,
+            f"seq {start.seq} carries the checkpoint's hash, but its content (or the event "
+            "before it) is not what was signed off",
         )
     return None
 

@@ -98,6 +98,27 @@ async def test_a_checkpoint_skips_what_was_verified_and_must_still_match(
     assert (again.first_bad.seq, again.first_bad.reason) == (13, CHECKPOINT_MISMATCH)
 
 
+async def test_a_checkpoints_own_event_rewritten_under_its_hash_is_found(
+    client: TestClient,
+    engine: AsyncEngine,  # type: ignore[type-arg]
+) -> None:
+    # The events after a checkpoint chain from its stored hash alone: its own content must be
+    # checked, or an edit of it that left the hash as it was would verify from there.
+    await fill(client)
+    first = await verify_chain(engine)
+    await fill_more(client)
+    assert first.last_good.seq == 13
+    await tamper(engine, "UPDATE events SET meta = replace(meta, '\"', '\" ') WHERE seq = 13")
+    resumed = await verify_chain(engine, start=first.last_good)
+    assert resumed.first_bad is not None
+    assert (resumed.first_bad.seq, resumed.first_bad.reason) == (13, CHECKPOINT_MISMATCH)
+    assert not resumed.ok and resumed.checked == 0
+    # From the genesis, the same edit is the event's own hash mismatch.
+    whole = await verify_chain(engine)
+    assert whole.first_bad is not None
+    assert (whole.first_bad.seq, whole.first_bad.reason) == (13, HASH_MISMATCH)
+
+
 async def fill_more(client: TestClient) -> None:  # type: ignore[type-arg]
     for i in range(4):
         await deliver(client, "t", f'{{"more": {i}}}')
