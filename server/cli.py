@@ -31,7 +31,7 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine
 from server import cli_readers, cli_rebuild, ingest, logs, monitoring
 from server.app import build_services, make_app
-from server.config import Settings
+from server.config import InvalidSetting, Settings
 from server.link import READY, LedgerLink
 from server.listener import start_site
 
@@ -270,18 +270,33 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def _port(text: str) -> int:
+    # The kernel takes a port modulo 65536: 70000 would listen on 4464 and announce 70000.
+    port = int(text) if text.isdigit() else 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return port
+
+
+def _workers(text: str) -> int:
+    # Below 0, serve would listen neither itself nor through workers, yet say it listens.
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (0 or more)")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookledger", description=__doc__.splitlines()[0])
     _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the receiver, admin API, projector and dispatcher")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--no-dispatch", action="store_true", help="do not forward deliveries here")
     serve.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=None,
         help="ingest worker processes beside this one, sharing the port (default: "
         "HOOKLEDGER_WORKERS, else 1 with two or more cores, 0 with one)",
@@ -364,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         try:
             runner(COMMANDS[args.command](args))
-        except SecretKeyMismatch as exc:  # before anything was served: said, not a traceback
+        except (SecretKeyMismatch, InvalidSetting) as exc:  # said in a line, not a traceback
             raise SystemExit(f"error: {exc}") from None
         except BrokenPipeError:
             # The reader of stdout left (`hookledger events | head`): stop quietly, as other
