@@ -226,6 +226,43 @@ async def test_serve_on_a_port_taken_says_so_in_a_line(
     assert "Traceback" not in said
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        # Said "cannot listen on 127.0.0.1:PORT: Connection refused": the port was free.
+        ["serve", "--workers", "0"],
+        ["serve", "--workers", "1"],  # a traceback
+        ["triggers", "list"],  # a traceback
+        ["db", "upgrade"],  # a traceback
+    ],
+)
+async def test_a_database_that_refuses_connections_is_named_in_a_line(
+    tmp_path: Path, args: list[str]
+) -> None:
+    nobody = f"postgresql://postgres:pw@127.0.0.1:{free_port()}/hookledger"  # nothing listens
+    if args[0] == "serve":
+        args = [*args, "--port", str(free_port())]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=tmp_path,
+        env=without_settings()
+        | {"PYTHONPATH": os.pathsep.join(sys.path), "HOOKLEDGER_DATABASE_URL": nobody},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        out, _ = await process.communicate()
+    said = out.decode()
+    assert process.returncode == 1, said
+    shown = nobody.replace(":pw@", ":***@").replace("postgresql:", "postgresql+asyncpg:")
+    assert f"error: cannot open the database {shown}: " in said, said
+    assert "cannot listen" not in said
+    assert "Traceback" not in said
+
+
 async def serve_refused(workdir: Path, *args: str, env: dict[str, str]) -> tuple[int, str]:
     """`hookledger serve …` in `workdir`, expected to refuse to start: its exit status and what
     it printed; a failure when it serves instead."""
