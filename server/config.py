@@ -8,6 +8,9 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from ledger.store import normalise_url
 from ledger.vault import load_or_create_key
 
@@ -17,6 +20,7 @@ TOKEN_FILE = "hookledger.token"  # noqa: S105 - a file name, not a secret
 
 
 LOG_FORMATS = ("auto", "text", "json")
+DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
 class InvalidSetting(ValueError):
@@ -60,6 +64,23 @@ def _count(name: str, default: int, *, minimum: int) -> int:
     if value < minimum:
         raise InvalidSetting(f"{name}={text!r}: expected a whole number >= {minimum}")
     return value
+
+
+def _database_url(given: str) -> str:
+    """`given` with its asyncio driver, when it names a backend hookledger runs on: another (or
+    no URL at all) would fail at its first connection with a traceback from deep inside."""
+    url = normalise_url(given)
+    try:
+        driver = make_url(url).drivername
+    except ArgumentError:
+        driver = ""
+    if driver not in DRIVERS:
+        # Not shown: a URL may carry a password, and this one may not parse to hide it.
+        raise InvalidSetting(
+            "the database URL (HOOKLEDGER_DATABASE_URL or --database-url) is neither "
+            "sqlite:///FILE nor postgresql://USER@HOST/DATABASE"
+        )
+    return url
 
 
 def _log_format(name: str) -> str:
@@ -128,7 +149,7 @@ class Settings:
             workers=_count("HOOKLEDGER_WORKERS", default_workers(), minimum=0),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
-        return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()
+        return replace(settings, database_url=_database_url(settings.database_url)).with_data_dir()
 
     def with_data_dir(self) -> Settings:
         """State files (key, token) live beside the SQLite file, or in ./.hookledger otherwise."""

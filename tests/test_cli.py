@@ -319,6 +319,19 @@ async def test_serve_refuses_a_setting_it_cannot_use_in_a_line(
 
 
 @pytest.mark.parametrize(
+    "url", ["not a url", "mysql://me:hunter2@db/hooks", "postgresql+psycopg://me:hunter2@db/x"]
+)
+async def test_serve_refuses_a_database_url_of_another_backend_in_a_line(
+    tmp_path: Path, url: str
+) -> None:
+    status, said = await serve_refused(tmp_path, env={"HOOKLEDGER_DATABASE_URL": url})
+    assert status == 1, said
+    assert "error: the database URL (HOOKLEDGER_DATABASE_URL or --database-url) is neither" in said
+    assert "Traceback" not in said
+    assert "hunter2" not in said
+
+
+@pytest.mark.parametrize(
     ("args", "said"),
     [
         # The kernel takes a port modulo 65536: this one listened on 4464, announcing 70000.
