@@ -23,7 +23,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+import sqlalchemy as sa
 from aiohttp import web
+from sqlalchemy.engine import make_url
 
 from ledger.appender import Appender
 from ledger.errors import SecretKeyMismatch
@@ -31,9 +33,9 @@ from ledger.migrate import upgrade
 from ledger.store import create_engine
 from server import cli_readers, cli_rebuild, ingest, logs, monitoring
 from server.app import build_services, make_app
-from server.config import Settings
+from server.config import InvalidSetting, Settings
 from server.link import READY, LedgerLink
-from server.listener import start_site
+from server.listener import bind, make_runner
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ async def _serve(args: argparse.Namespace) -> None:
             # The workers answer HTTP, all of it; this process is the ledger's: the one
             # appender (their appends come over the link), the projector and the dispatcher.
             runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
+            async with opening_database(settings):
+                await runner.setup()
         stack.push_async_callback(runner.cleanup)
         if workers > 0:  # stopped before the runner's cleanup: their appends still commit
             pages = functools.partial(monitoring.metrics_page, services)
@@ -123,11 +126,16 @@ async def _serve_worker(settings: Settings, link_path: Path) -> None:
 async def _listen(
     app: web.Application, settings: Settings, *, reuse_port: bool = False
 ) -> web.AppRunner:
+    runner = make_runner(app, settings)
+    # Apart from the binding: a database refusing connections raises OSError too, and is not
+    # the port's fault.
+    async with opening_database(settings):
+        await runner.setup()
     try:
-        return await start_site(
-            app, settings, host=settings.host, port=settings.port, reuse_port=reuse_port
-        )
+        await bind(runner, host=settings.host, port=settings.port, reuse_port=reuse_port)
+        return runner
     except OSError as exc:  # the port is taken, say: one line that says so, not a traceback
+        await runner.cleanup()
         # errno's own words: the event loop's message repeats the address (a resolver's
         # error has a negative errno and its words in strerror).
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
@@ -137,13 +145,26 @@ async def _listen(
 
 
 @contextlib.asynccontextmanager
+async def opening_database(settings: Settings) -> AsyncIterator[None]:
+    """Around a command's first use of its database (the schema's upgrade): a database that
+    cannot be reached or opened is said in one line, naming it (without its password)."""
+    try:
+        yield
+    except (OSError, sa.exc.DBAPIError) as exc:
+        url = make_url(settings.database_url).render_as_string(hide_password=True)
+        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        raise SystemExit(f"error: cannot open the database {url}: {cause}") from None
+
+
+@contextlib.asynccontextmanager
 async def local_api(args: argparse.Namespace) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
     """The admin API of this database, served in-process on a loopback port for one command."""
     settings = _settings(args, dispatch=False, host="127.0.0.1")
     token = settings.resolved_admin_token()
     settings = replace(settings, admin_token=token)
     runner = web.AppRunner(make_app(settings), access_log=None)
-    await runner.setup()
+    async with opening_database(settings):
+        await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
@@ -240,7 +261,8 @@ async def _dispatch(args: argparse.Namespace) -> None:
     settings = _settings(args, dispatch=True, log_format=args.log_format)
     logs.configure(settings.log_format)
     runner = web.AppRunner(make_app(settings), access_log=None)
-    await runner.setup()  # runs the app's cleanup contexts: schema, appender, projector, dispatcher
+    async with opening_database(settings):
+        await runner.setup()  # the app's cleanup contexts: schema, appender, projector, dispatcher
     tune_gc()
     print(f"hookledger dispatching from {settings.database_url.split('://', 1)[0]}", flush=True)
     if settings.private_destinations_allowed:
@@ -252,9 +274,12 @@ async def _dispatch(args: argparse.Namespace) -> None:
 
 
 async def _db_upgrade(args: argparse.Namespace) -> None:
-    engine = create_engine(_settings(args).database_url)
+    settings = _settings(args)
+    engine = create_engine(settings.database_url)
     try:
-        print(f"schema at revision {await upgrade(engine)}")
+        async with opening_database(settings):
+            revision = await upgrade(engine)
+        print(f"schema at revision {revision}")
     finally:
         await engine.dispose()
 
@@ -270,18 +295,33 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def _port(text: str) -> int:
+    # The kernel takes a port modulo 65536: 70000 would listen on 4464 and announce 70000.
+    port = int(text) if text.isdigit() else 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return port
+
+
+def _workers(text: str) -> int:
+    # Below 0, serve would listen neither itself nor through workers, yet say it listens.
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (0 or more)")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookledger", description=__doc__.splitlines()[0])
     _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the receiver, admin API, projector and dispatcher")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--no-dispatch", action="store_true", help="do not forward deliveries here")
     serve.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=None,
         help="ingest worker processes beside this one, sharing the port (default: "
         "HOOKLEDGER_WORKERS, else 1 with two or more cores, 0 with one)",
@@ -364,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         try:
             runner(COMMANDS[args.command](args))
-        except SecretKeyMismatch as exc:  # before anything was served: said, not a traceback
+        except (SecretKeyMismatch, InvalidSetting) as exc:  # said in a line, not a traceback
             raise SystemExit(f"error: {exc}") from None
         except BrokenPipeError:
             # The reader of stdout left (`hookledger events | head`): stop quietly, as other

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from ledger.store import normalise_url
 from ledger.vault import load_or_create_key
@@ -15,9 +19,75 @@ MAX_BODY_BYTES = 1024 * 1024
 TOKEN_FILE = "hookledger.token"  # noqa: S105 - a file name, not a secret
 
 
-def _flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+LOG_FORMATS = ("auto", "text", "json")
+DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+class InvalidSetting(ValueError):
+    """A HOOKLEDGER_* variable whose value cannot be used; `hookledger` says it in one line."""
+
+
+def _flag(name: str) -> bool:
+    value = os.environ[name].strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    # A typo ("ture") must not quietly mean off: it is refused as other bad values are.
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise InvalidSetting(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
+def _number(name: str, default: float, *, minimum: float = 0.0, above: bool = False) -> float:
+    """`name` as a finite number at least `minimum` (more than it when `above`): NaN, an
+    infinity or a negative time would otherwise start a server that misbehaves quietly."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (above and value == minimum):
+        bound = f"{'>' if above else '>='} {minimum:g}"
+        raise InvalidSetting(f"{name}={text!r}: expected a number {bound}")
+    return value
+
+
+def _count(name: str, default: int, *, minimum: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise InvalidSetting(f"{name}={text!r}: expected a whole number >= {minimum}")
+    return value
+
+
+def _database_url(given: str) -> str:
+    """`given` with its asyncio driver, when it names a backend hookledger runs on: another (or
+    no URL at all) would fail at its first connection with a traceback from deep inside."""
+    url = normalise_url(given)
+    try:
+        driver = make_url(url).drivername
+    except ArgumentError:
+        driver = ""
+    if driver not in DRIVERS:
+        # Not shown: a URL may carry a password, and this one may not parse to hide it.
+        raise InvalidSetting(
+            "the database URL (HOOKLEDGER_DATABASE_URL or --database-url) is neither "
+            "sqlite:///FILE nor postgresql://USER@HOST/DATABASE"
+        )
+    return url
+
+
+def _log_format(name: str) -> str:
+    text = os.environ.get(name, "auto")
+    if text not in LOG_FORMATS:
+        raise InvalidSetting(f"{name}={text!r}: expected one of {', '.join(LOG_FORMATS)}")
+    return text
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,28 +125,31 @@ class Settings:
             database_url=env.get("HOOKLEDGER_DATABASE_URL", DEFAULT_DATABASE_URL),
             admin_token=env.get("HOOKLEDGER_ADMIN_TOKEN") or None,
             secret_key=env.get("HOOKLEDGER_SECRET_KEY") or None,
-            max_body_bytes=int(env.get("HOOKLEDGER_MAX_BODY_BYTES", MAX_BODY_BYTES)),
+            max_body_bytes=_count("HOOKLEDGER_MAX_BODY_BYTES", MAX_BODY_BYTES, minimum=1),
             allow_private_destinations=(
                 _flag("HOOKLEDGER_ALLOW_PRIVATE_DESTINATIONS")
                 if "HOOKLEDGER_ALLOW_PRIVATE_DESTINATIONS" in env
                 else None
             ),
-            replay_interval_s=float(env.get("HOOKLEDGER_REPLAY_INTERVAL_S", "60")),
-            lease_s=float(env.get("HOOKLEDGER_LEASE_S", "30")),
-            dispatch_poll_s=float(env.get("HOOKLEDGER_DISPATCH_POLL_S", "1")),
-            dispatch_concurrency=int(env.get("HOOKLEDGER_DISPATCH_CONCURRENCY", "64")),
-            destination_concurrency=int(env.get("HOOKLEDGER_DESTINATION_CONCURRENCY", "8")),
-            log_format=env.get("HOOKLEDGER_LOG_FORMAT", "auto"),
-            ready_max_lag_s=float(env.get("HOOKLEDGER_READY_MAX_LAG_S", "60")),
-            header_timeout_s=float(env.get("HOOKLEDGER_HEADER_TIMEOUT_S", "10")),
-            body_timeout_s=float(env.get("HOOKLEDGER_BODY_TIMEOUT_S", "30")),
-            append_timeout_s=float(env.get("HOOKLEDGER_APPEND_TIMEOUT_S", "10")),
-            admin_rate_per_s=float(env.get("HOOKLEDGER_ADMIN_RATE_PER_S", "50")),
-            admin_rate_burst=float(env.get("HOOKLEDGER_ADMIN_RATE_BURST", "200")),
-            workers=int(env.get("HOOKLEDGER_WORKERS", default_workers())),
+            replay_interval_s=_number("HOOKLEDGER_REPLAY_INTERVAL_S", 60),
+            lease_s=_number("HOOKLEDGER_LEASE_S", 30),
+            # 0 would have the dispatcher query the database in a busy loop.
+            dispatch_poll_s=_number("HOOKLEDGER_DISPATCH_POLL_S", 1, above=True),
+            # 0 would start no attempt ever, without a word.
+            dispatch_concurrency=_count("HOOKLEDGER_DISPATCH_CONCURRENCY", 64, minimum=1),
+            destination_concurrency=_count("HOOKLEDGER_DESTINATION_CONCURRENCY", 8, minimum=1),
+            log_format=_log_format("HOOKLEDGER_LOG_FORMAT"),
+            ready_max_lag_s=_number("HOOKLEDGER_READY_MAX_LAG_S", 60),
+            header_timeout_s=_number("HOOKLEDGER_HEADER_TIMEOUT_S", 10),
+            body_timeout_s=_number("HOOKLEDGER_BODY_TIMEOUT_S", 30),
+            append_timeout_s=_number("HOOKLEDGER_APPEND_TIMEOUT_S", 10),
+            admin_rate_per_s=_number("HOOKLEDGER_ADMIN_RATE_PER_S", 50),
+            # A bucket that holds less than one token never lets a request through.
+            admin_rate_burst=_number("HOOKLEDGER_ADMIN_RATE_BURST", 200, minimum=1),
+            workers=_count("HOOKLEDGER_WORKERS", default_workers(), minimum=0),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
-        return replace(settings, database_url=normalise_url(settings.database_url)).with_data_dir()
+        return replace(settings, database_url=_database_url(settings.database_url)).with_data_dir()
 
     def with_data_dir(self) -> Settings:
         """State files (key, token) live beside the SQLite file, or in ./.hookledger otherwise."""

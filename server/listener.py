@@ -28,7 +28,7 @@ from server.logs import fact
 from server.ratelimit import INGEST_LIMITER
 from server.state import SERVICES
 
-__all__ = ["LINGERING_S", "GuardedAppRunner", "make_runner", "start_site"]
+__all__ = ["LINGERING_S", "GuardedAppRunner", "bind", "make_runner", "start_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,12 @@ async def start_site(
     """Run `app` on host:port the way `hookledger serve` does; the caller cleans the runner up."""
     runner = make_runner(app, settings)
     await runner.setup()
+    await bind(runner, host=host, port=port, reuse_port=reuse_port)
+    return runner
+
+
+async def bind(runner: web.AppRunner, *, host: str, port: int, reuse_port: bool = False) -> None:
+    """Listen on host:port with a runner already set up (its app's database opened)."""
     # reuse_port: the processes of one `serve --workers N` share the port (server/ingest.py).
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
-    return runner

@@ -24,6 +24,7 @@ from ledger.store import read_last_seq
 from projections.runner import read_checkpoints
 from projections.trigger_executions import DISPATCHABLE, STATUSES
 from projections.trigger_executions import table as executions
+from projections.triggers import table as triggers
 from server.config import Settings
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
@@ -67,8 +68,13 @@ async def read_executions_by_status(conn: AsyncConnection) -> dict[str, int]:
 
 async def read_backlog(conn: AsyncConnection) -> int:
     """Executions due now: pending or retrying whose time has come, or running past their lease."""
+    # A paused trigger holds its executions (server/due.py): they wait for a resume, not for the
+    # dispatcher, and a backlog that counted them would never drain.
+    held = sa.select(triggers.c.id).where(triggers.c.paused, sa.not_(triggers.c.deleted))
     query = sa.select(sa.func.count()).where(
-        executions.c.status.in_(DISPATCHABLE), executions.c.next_attempt_at <= datetime.now(UTC)
+        executions.c.status.in_(DISPATCHABLE),
+        executions.c.next_attempt_at <= datetime.now(UTC),
+        executions.c.trigger_id.not_in(held),
     )
     return int((await conn.execute(query)).scalar_one())
 

@@ -226,6 +226,129 @@ async def test_serve_on_a_port_taken_says_so_in_a_line(
     assert "Traceback" not in said
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        # Said "cannot listen on 127.0.0.1:PORT: Connection refused": the port was free.
+        ["serve", "--workers", "0"],
+        ["serve", "--workers", "1"],  # a traceback
+        ["triggers", "list"],  # a traceback
+        ["db", "upgrade"],  # a traceback
+    ],
+)
+async def test_a_database_that_refuses_connections_is_named_in_a_line(
+    tmp_path: Path, args: list[str]
+) -> None:
+    nobody = f"postgresql://postgres:pw@127.0.0.1:{free_port()}/hookledger"  # nothing listens
+    if args[0] == "serve":
+        args = [*args, "--port", str(free_port())]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=tmp_path,
+        env=without_settings()
+        | {"PYTHONPATH": os.pathsep.join(sys.path), "HOOKLEDGER_DATABASE_URL": nobody},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        out, _ = await process.communicate()
+    said = out.decode()
+    assert process.returncode == 1, said
+    shown = nobody.replace(":pw@", ":***@").replace("postgresql:", "postgresql+asyncpg:")
+    assert f"error: cannot open the database {shown}: " in said, said
+    assert "cannot listen" not in said
+    assert "Traceback" not in said
+
+
+async def serve_refused(workdir: Path, *args: str, env: dict[str, str]) -> tuple[int, str]:
+    """`hookledger serve …` in `workdir`, expected to refuse to start: its exit status and what
+    it printed; a failure when it serves instead."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        str(free_port()),
+        "--workers",
+        "0",
+        *args,
+        cwd=workdir,
+        env=without_settings() | {"PYTHONPATH": os.pathsep.join(sys.path)} | env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(20):
+            out, _ = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"serve {args} with {env} started instead of refusing")
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("HOOKLEDGER_MAX_BODY_BYTES", "1MB", "a whole number >= 1"),
+        ("HOOKLEDGER_WORKERS", "-1", "a whole number >= 0"),  # would listen nowhere
+        ("HOOKLEDGER_ADMIN_RATE_BURST", "0.5", "a number >= 1"),  # would refuse every /api/
+        ("HOOKLEDGER_ADMIN_RATE_PER_S", "-1", "a number >= 0"),
+        ("HOOKLEDGER_DISPATCH_CONCURRENCY", "0", "a whole number >= 1"),  # would never dispatch
+        ("HOOKLEDGER_DISPATCH_POLL_S", "0", "a number > 0"),  # would poll in a busy loop
+        ("HOOKLEDGER_BODY_TIMEOUT_S", "nan", "a number >= 0"),
+        ("HOOKLEDGER_LEASE_S", "inf", "a number >= 0"),
+        ("HOOKLEDGER_REPLAY_INTERVAL_S", "1m", "a number >= 0"),
+        ("HOOKLEDGER_LOG_FORMAT", "JSON", "one of auto, text, json"),  # would write text
+        ("HOOKLEDGER_ALLOW_PRIVATE_DESTINATIONS", "ture", "1/true/yes/on or 0/false/no/off"),
+    ],
+)
+async def test_serve_refuses_a_setting_it_cannot_use_in_a_line(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    status, said = await serve_refused(tmp_path, env={variable: value})
+    assert status == 1, said
+    assert f"error: {variable}={value!r}: expected {expected}" in said, said
+    assert "Traceback" not in said
+    assert not (tmp_path / "hookledger.db").exists()  # refused before the database was opened
+
+
+@pytest.mark.parametrize(
+    "url", ["not a url", "mysql://me:hunter2@db/hooks", "postgresql+psycopg://me:hunter2@db/x"]
+)
+async def test_serve_refuses_a_database_url_of_another_backend_in_a_line(
+    tmp_path: Path, url: str
+) -> None:
+    status, said = await serve_refused(tmp_path, env={"HOOKLEDGER_DATABASE_URL": url})
+    assert status == 1, said
+    assert "error: the database URL (HOOKLEDGER_DATABASE_URL or --database-url) is neither" in said
+    assert "Traceback" not in said
+    assert "hunter2" not in said
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # The kernel takes a port modulo 65536: this one listened on 4464, announcing 70000.
+        (["--port", "70000"], "argument --port: '70000' is not a port (1 to 65535)"),
+        # Listened neither itself nor through workers, and said it listened.
+        (["--workers", "-1"], "argument --workers: '-1' is not a number of workers"),
+    ],
+)
+async def test_serve_refuses_a_port_or_workers_it_cannot_use(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    status, out = await serve_refused(tmp_path, *args, env={})
+    assert status == 2, out
+    assert said in out, out
+    assert "Traceback" not in out
+
+
 async def cli_beside(settings: Settings, workdir: Path, *args: str, **env: str) -> CliResult:
     """`hookledger …` on the database of the test's app, with its secret key."""
     process = await asyncio.create_subprocess_exec(

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AUTH, create_trigger
 from prometheus_client.parser import text_string_to_metric_families
 from tcpproxy import TcpProxy
-from traffic import JSON_HEADERS, deliver, mixed_traffic, settle
+from traffic import DESTINATION, JSON_HEADERS, deliver, mixed_traffic, settle
 
 from ledger.events import NewEvent
 from server import logs
@@ -111,6 +111,24 @@ async def test_metrics_after_traffic(
 
     other = await aiohttp_client(make_app(settings))  # a registry of its own: nothing counted twice
     assert webhooks("alpha", "accepted") not in await scrape(other)
+
+
+async def test_the_backlog_leaves_out_what_a_paused_trigger_holds(client: TestClient) -> None:  # type: ignore[type-arg]
+    # The dispatcher takes nothing of a paused trigger (server/due.py): a backlog counting its
+    # executions would never drain, and an alert on it would fire for a pause.
+    for trigger in ("held", "open"):
+        await create_trigger(client, id=trigger, destination=DESTINATION)
+    assert (await client.post("/api/triggers/held/pause", headers=AUTH)).status == 200
+    for i in range(3):
+        await deliver(client, "held", f'{{"i": {i}}}')
+    await deliver(client, "open")
+    await settle(client)
+    got = await scrape(client)
+    assert got[("hookledger_executions", (("status", "pending"),))] == 4
+    assert got[("hookledger_dispatch_backlog", ())] == 1
+    assert (await client.post("/api/triggers/held/resume", headers=AUTH)).status == 200
+    await settle(client)
+    assert (await scrape(client))[("hookledger_dispatch_backlog", ())] == 4
 
 
 async def test_readyz_fails_while_projections_lag_and_recovers(
