@@ -60,6 +60,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.ledger_link:
         await _serve_worker(settings, Path(args.ledger_link))
         return
+    stop = _sigterm()
     token = settings.resolved_admin_token()
     services = build_services(settings)
     assert isinstance(services.appender, Appender)  # the main process: the one writer
@@ -104,10 +105,7 @@ async def _serve(args: argparse.Namespace) -> None:
             print("  destinations on loopback and private networks are allowed", flush=True)
         if workers > 0:
             print(f"  {workers} ingest worker(s) share the port (server/ingest.py)", flush=True)
-        stop = asyncio.Event()
-        with contextlib.suppress(NotImplementedError):  # SIGTERM as SIGINT: workers stop too
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
+        await stop.wait()  # SIGTERM: the workers stop too
 
 
 async def _serve_worker(settings: Settings, link_path: Path) -> None:
@@ -260,6 +258,7 @@ async def _dispatch(args: argparse.Namespace) -> None:
     """The dispatcher and the projector of this database, without an HTTP listener."""
     settings = _settings(args, dispatch=True, log_format=args.log_format)
     logs.configure(settings.log_format)
+    stop = _sigterm()
     runner = web.AppRunner(make_app(settings), access_log=None)
     async with opening_database(settings):
         await runner.setup()  # the app's cleanup contexts: schema, appender, projector, dispatcher
@@ -268,9 +267,19 @@ async def _dispatch(args: argparse.Namespace) -> None:
     if settings.private_destinations_allowed:
         print("  destinations on loopback and private networks are allowed", flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _sigterm() -> asyncio.Event:
+    """Set on SIGTERM (what `docker stop` and systemd send), taken as SIGINT is: the command
+    stops and its cleanup runs. Installed before the command says it is up, so that a SIGTERM
+    right after that line is never the default's kill."""
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    return stop
 
 
 async def _db_upgrade(args: argparse.Namespace) -> None:

@@ -407,3 +407,23 @@ async def test_replay_from_an_account_whose_name_is_not_ascii(
     shown = await cli_beside(settings, tmp_path, "executions", execution_id)
     [request] = [e for e in orjson.loads(shown.stdout)["events"] if e["type"].endswith("requested")]
     assert request["data"]["requested_by"] == "cli:jos\\xe9"
+
+
+async def test_dispatch_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    # What `docker stop` and systemd send: the dispatcher and projector stop as on Ctrl-C,
+    # their connections closed, exit status 0, instead of the process killed where it stood.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "dispatch",
+        cwd=tmp_path,
+        env=without_settings() | {"PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), 30)
+    assert first.startswith(b"hookledger dispatching"), first
+    process.terminate()
+    assert await asyncio.wait_for(process.wait(), 30) == 0
