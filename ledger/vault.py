@@ -45,21 +45,28 @@ class Vault:
 
 def load_or_create_key(path: Path) -> str:
     """The key kept in `path`, created (mode 0600) on first use, or the one another process put
-    there first. The file appears whole (a hard link to a complete draft): a process starting
-    meanwhile never reads it empty, which would seal its secrets under the key "" and record a
-    fingerprint that no later start, reading the whole key, could match."""
+    there first. The file appears whole (`publish_once`): a process starting meanwhile never
+    reads it empty, which would seal its secrets under the key "" and record a fingerprint that
+    no later start, reading the whole key, could match."""
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = Fernet.generate_key().decode()
+    return key if publish_once(path, key) else path.read_text().strip()
+
+
+def publish_once(path: Path, text: str) -> bool:
+    """Put `text` and a newline in `path` (mode 0600) unless the file exists; True when this call
+    made it. The file appears whole, a hard link to a complete draft: no reader ever sees it
+    empty or half written, and of processes racing to make it exactly one wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+        handle.write(text + "\n")
     try:
         os.link(draft, path)
     except FileExistsError:
-        return path.read_text().strip()
+        return False
     finally:
         draft.unlink()
-    return key
+    return True

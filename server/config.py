@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ledger.store import normalise_url
-from ledger.vault import load_or_create_key
+from ledger.vault import load_or_create_key, publish_once
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./hookledger.db"
 MAX_BODY_BYTES = 1024 * 1024
@@ -220,18 +220,9 @@ def _generate_token(path: Path) -> str:
     """A new token in `path`, or the one another process put there first. The file appears
     whole (a hard link to a complete draft), so no reader sees it empty; and marked unshown, so
     the first `serve` shows it even when another command generated it (SPEC: shown once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    try:
-        os.link(draft, path)
-    except FileExistsError:
+    if not publish_once(path, token):
         return path.read_text().strip()
-    finally:
-        draft.unlink()
     # After the link: a serve that reads the token before this mark exists only leaves the
     # showing to the next one; a mark made before could outlive the token another process won.
     _unshown(path).touch(mode=0o600)
