@@ -26,13 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger.appender import Appender
 from ledger.codec import loads
 from ledger.commands import Appended
-from ledger.errors import StorageUnavailable, StreamVersionConflict
-from ledger.events import EventData, NewEvent, WebhookDuplicate, execution_stream
+from ledger.errors import StorageUnavailable
+from ledger.events import EventData, NewEvent, execution_stream
 from ledger.failures import FailureLog
 from ledger.schema import events
 from ledger.vault import Vault
 from server.addresses import make_connector
 from server.attempts import claim_events, outcome_events
+from server.bystanders import append_past_bystanders
 from server.config import Settings
 from server.delivery import AttemptResult, Delivery, attempt
 from server.due import Due, destination_key, find_due
@@ -195,37 +196,16 @@ class Dispatcher:
     ) -> list[Appended] | None:
         stream = execution_stream(due.execution_id)
         new = [NewEvent.of(stream, due.trigger_id, payload) for payload in payloads]
-        while True:
-            try:
-                appended: list[Appended] = await self._appender.append(
-                    new, expected_version=expected
-                )
-            except StreamVersionConflict as conflict:
-                # A repeat of the delivery is recorded on its execution's stream, as its
-                # webhook.duplicate: it moves the stream's version, not its dispatch. Past such
-                # events alone the claim or outcome still stands; anything else took it over.
-                if not await self._bystanders_only(stream, expected, conflict.actual):
-                    fact(
-                        logger,
-                        "claim_lost",
-                        logging.DEBUG,
-                        execution_id=due.execution_id,
-                        expected=expected,
-                    )
-                    return None
-                expected = conflict.actual
-                continue
-            return appended
-
-    async def _bystanders_only(self, stream: str, after: int, until: int) -> bool:
-        """Whether the events of `stream` after version `after`, up to `until`, are all ones
-        that take no part in its dispatch (a repeat's webhook.duplicate)."""
-        query = sa.select(events.c.type).where(
-            events.c.stream == stream, events.c.version > after, events.c.version <= until
-        )
-        async with self._engine.connect() as conn:
-            types = set((await conn.execute(query)).scalars())
-        return bool(types) and types <= BYSTANDERS
+        appended = await append_past_bystanders(self._appender, self._engine, new, expected)
+        if appended is None:
+            fact(
+                logger,
+                "claim_lost",
+                logging.DEBUG,
+                execution_id=due.execution_id,
+                expected=expected,
+            )
+        return appended
 
     async def _append_outcome(
         self, due: Due, payloads: list[EventData], expected: int, deadline: float
@@ -267,9 +247,6 @@ class Dispatcher:
             headers=dict(destination.get("headers") or {})
             | {name: self._vault.decrypt(value) for name, value in sealed.items()},
         )
-
-
-BYSTANDERS = frozenset({WebhookDuplicate.TYPE})
 
 
 def _log_attempt(due: Due, number: int, result: AttemptResult, outcome: list[EventData]) -> None:

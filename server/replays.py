@@ -20,12 +20,12 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from ledger.codec import parse_time
-from ledger.errors import StreamVersionConflict
 from ledger.events import ExecutionReplayRequested, NewEvent, execution_stream, uuid7
 from ledger.store import read_last_seq, read_stream
 from projections.trigger_executions import Row, evolve
 from projections.trigger_executions import table as executions
 from server.admin import json_body, json_response
+from server.bystanders import append_past_bystanders
 from server.catalog import read_trigger
 from server.errors import ApiError
 from server.policy import json_integer
@@ -116,12 +116,11 @@ async def request_replay(services: Services, execution_id: str, requester: str) 
     if refusal is not None:
         raise refusal
     event = _replay_event(execution_id, row["trigger_id"], requester, None)
-    try:
-        appended = await services.appender.append([event], expected_version=row["version"])
-    except StreamVersionConflict as exc:
-        raise _not_allowed(
-            "the execution changed meanwhile (another replay or an attempt)"
-        ) from exc
+    appended = await append_past_bystanders(
+        services.appender, services.engine, [event], row["version"]
+    )
+    if appended is None:
+        raise _not_allowed("the execution changed meanwhile (another replay or an attempt)")
     await services.runner.wait_for(appended[-1].seq)
 
 
@@ -231,9 +230,10 @@ async def _page(
 
 async def _replay_row(services: Services, row: Any, requester: str, bulk_id: str) -> int | None:
     event = _replay_event(row.execution_id, row.trigger_id, requester, bulk_id)
-    try:
-        appended = await services.appender.append([event], expected_version=row.version)
-    except StreamVersionConflict:
+    appended = await append_past_bystanders(
+        services.appender, services.engine, [event], row.version
+    )
+    if appended is None:
         return None  # it changed since it was selected: someone else replayed it, or it is running
     return int(appended[-1].seq)
 

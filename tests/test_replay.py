@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -10,11 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
+import sqlalchemy as sa
 from conftest import ADMIN_TOKEN, AUTH, create_trigger
 from destinations import Client, Destination, Reply, send, types, wait_until
+from sqlalchemy.util import await_only
 
 from server.cli import main
 from server.config import Settings
+from server.state import SERVICES
 
 FAST = {"max_attempts": 3, "base_s": 0.01, "cap_s": 0.05}
 
@@ -245,3 +249,56 @@ async def test_replay_is_refused_once_the_trigger_lost_its_destination_or_was_de
         assert (await response.json())["error"]["code"] == "replay_not_allowed"
     assert (await app.delete("/api/triggers/t", headers=AUTH)).status == 204
     assert (await replay(app, execution_id)).status == 409
+
+
+@contextlib.contextmanager
+def repeated_after(app: Client, table: str) -> Iterator[list[bool]]:
+    """The delivery of execution key `k` sent again right after the next statement that reads
+    `table`: its webhook.duplicate lands on the execution's stream between what a replay read
+    and what it appends. Yields a list that is emptied once it happened."""
+    engine = app.app[SERVICES].engine
+    armed = [True]
+
+    def repeat(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if (
+            armed
+            and statement.lstrip().upper().startswith("SELECT")
+            and f"FROM {table}" in statement
+        ):
+            armed.clear()
+            headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
+            response = await_only(app.post("/webhooks/t", data='{"order": 7}', headers=headers))
+            assert response.status == 200  # a duplicate, on the execution's stream
+
+    sa.event.listen(engine.sync_engine, "after_cursor_execute", repeat)
+    try:
+        yield armed
+    finally:
+        sa.event.remove(engine.sync_engine, "after_cursor_execute", repeat)
+
+
+async def test_a_replay_raced_by_a_repeat_of_its_delivery_still_lands(
+    app: Client, destination: Destination
+) -> None:
+    # A repeat moves the stream's version, not the execution's state: the replay goes on past
+    # it, as the dispatcher's claims do, instead of a 409 saying the execution changed.
+    execution_id = await dead_letter(app, destination, Idempotency_Key="k")
+    with repeated_after(app, "events") as armed:
+        response = await replay(app, execution_id)
+    assert not armed
+    assert response.status == 202, await response.text()
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["replay_count"], row["duplicate_count"]) == ("succeeded", 1, 1)
+
+
+async def test_a_bulk_replay_raced_by_a_repeat_of_a_delivery_still_replays_it(
+    app: Client, destination: Destination
+) -> None:
+    execution_id = await dead_letter(app, destination, Idempotency_Key="k")
+    with repeated_after(app, "trigger_executions") as armed:
+        response = await bulk(app, trigger_id="t")
+    assert not armed
+    assert response.status == 202, await response.text()
+    assert (await response.json())["replayed"] == 1
+    row = await wait_until(app, execution_id)
+    assert (row["status"], row["replay_count"]) == ("succeeded", 1)
