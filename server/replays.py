@@ -253,9 +253,11 @@ async def bulk_replay(
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(_replay_row(services, r, requester, bulk_id)) for r in page]
         landed = [seq for task in tasks if (seq := task.result()) is not None]
+        # `limit` counts replays: a row taken over since it was read (replayed by someone else,
+        # say) leaves its place to the next one that qualifies.
         replayed, remaining, after = (
             replayed + len(landed),
-            remaining - len(page),
+            remaining - len(landed),
             page[-1].execution_id,
         )
         last_seq = max([last_seq, *landed])

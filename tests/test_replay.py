@@ -251,20 +251,20 @@ async def test_replay_is_refused_once_the_trigger_lost_its_destination_or_was_de
     assert (await replay(app, execution_id)).status == 409
 
 
+# The bulk's read of a page (server/replays.py `_page`), told apart from the dispatcher's polls.
+BULK_PAGE = "trigger_executions.version \nFROM trigger_executions"
+
+
 @contextlib.contextmanager
-def repeated_after(app: Client, table: str) -> Iterator[list[bool]]:
-    """The delivery of execution key `k` sent again right after the next statement that reads
-    `table`: its webhook.duplicate lands on the execution's stream between what a replay read
+def repeated_after(app: Client, marker: str) -> Iterator[list[bool]]:
+    """The delivery of execution key `k` sent again right after the next SELECT whose text holds
+    `marker`: its webhook.duplicate lands on the execution's stream between what a replay read
     and what it appends. Yields a list that is emptied once it happened."""
     engine = app.app[SERVICES].engine
     armed = [True]
 
     def repeat(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if (
-            armed
-            and statement.lstrip().upper().startswith("SELECT")
-            and f"FROM {table}" in statement
-        ):
+        if armed and statement.lstrip().upper().startswith("SELECT") and marker in statement:
             armed.clear()
             headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
             response = await_only(app.post("/webhooks/t", data='{"order": 7}', headers=headers))
@@ -283,7 +283,7 @@ async def test_a_replay_raced_by_a_repeat_of_its_delivery_still_lands(
     # A repeat moves the stream's version, not the execution's state: the replay goes on past
     # it, as the dispatcher's claims do, instead of a 409 saying the execution changed.
     execution_id = await dead_letter(app, destination, Idempotency_Key="k")
-    with repeated_after(app, "events") as armed:
+    with repeated_after(app, "FROM events") as armed:
         response = await replay(app, execution_id)
     assert not armed
     assert response.status == 202, await response.text()
@@ -295,10 +295,36 @@ async def test_a_bulk_replay_raced_by_a_repeat_of_a_delivery_still_replays_it(
     app: Client, destination: Destination
 ) -> None:
     execution_id = await dead_letter(app, destination, Idempotency_Key="k")
-    with repeated_after(app, "trigger_executions") as armed:
+    with repeated_after(app, BULK_PAGE) as armed:
         response = await bulk(app, trigger_id="t")
     assert not armed
     assert response.status == 202, await response.text()
     assert (await response.json())["replayed"] == 1
     row = await wait_until(app, execution_id)
     assert (row["status"], row["replay_count"]) == ("succeeded", 1)
+
+
+async def test_a_bulk_limit_counts_replays_not_rows_taken_over_meanwhile(
+    app: Client, destination: Destination
+) -> None:
+    # The first dead letter is replayed by someone else between the bulk's read and its append:
+    # with limit 1, the bulk replays the next one that qualifies, not none.
+    first = await dead_letter(app, destination)
+    second = await dead_letter(app, destination)
+    engine = app.app[SERVICES].engine
+    armed = [True]
+
+    def replay_first_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed and BULK_PAGE in statement:
+            armed.clear()
+            assert await_only(replay(app, first)).status == 202
+
+    sa.event.listen(engine.sync_engine, "after_cursor_execute", replay_first_meanwhile)
+    try:
+        response = await bulk(app, trigger_id="t", limit=1)
+    finally:
+        sa.event.remove(engine.sync_engine, "after_cursor_execute", replay_first_meanwhile)
+    assert not armed
+    assert (await response.json())["replayed"] == 1
+    rows = [await wait_until(app, execution_id) for execution_id in (first, second)]
+    assert [row["replay_count"] for row in rows] == [1, 1]
