@@ -173,7 +173,17 @@ class Settings:
         return self.is_loopback_only
 
     def resolved_secret_key(self) -> str:
-        return self.secret_key or load_or_create_key(self.key_file)
+        if self.secret_key:
+            return self.secret_key
+        key = load_or_create_key(self.key_file)
+        if not key:
+            # Left by an older version's start racing another (the file made, then written):
+            # taken as the key "", anyone could derive it and open every secret sealed with it.
+            raise InvalidSetting(
+                f"the key file {self.key_file} is empty: put the key back (from a backup or "
+                "another host), or delete the file if no secret was ever sealed with it"
+            )
+        return key
 
     @property
     def key_file(self) -> Path:

@@ -216,3 +216,23 @@ def test_starts_creating_the_key_file_together_all_read_the_one_key(tmp_path: Pa
         keys = _load_together(tmp_path / str(attempt) / "hookledger.key", 4)
         assert len(set(keys)) == 1, keys
         assert keys[0], keys
+
+
+def test_an_empty_key_file_is_refused_in_a_line(tmp_path: Path) -> None:
+    # An older version could leave the file empty (made, then written, while another start read
+    # it): the key "" would seal secrets anyone can open.
+    (tmp_path / "hookledger.key").write_text("")
+    database_url = f"sqlite:///{tmp_path / 'hookledger.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKLEDGER_")}
+    started = subprocess.run(  # noqa: S603 - our own command, with arguments of this test's
+        [sys.executable, "-m", "server", "triggers", "list", "--database-url", database_url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert started.stderr.startswith("error: the key file ") and "is empty" in started.stderr
+    assert "Traceback" not in started.stderr
