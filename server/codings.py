@@ -23,21 +23,16 @@ _ZLIB_WBITS = zlib.MAX_WBITS
 _RAW_DEFLATE_WBITS = -zlib.MAX_WBITS
 
 
-def check_coding(coding: str | None) -> None:
-    """415 for a Content-Encoding this server does not decode."""
-    if coding is not None and coding.strip().lower() not in CODINGS:
+def decoded(raw: bytes, coding: str | None, limit: int) -> bytes:
+    """`raw` decoded by its Content-Encoding: 415 for a coding this server does not decode, 400
+    `invalid_content_encoding` when it does not decode whole, 413 past `limit` bytes decoded."""
+    name = "identity" if coding is None else coding.strip().lower()
+    if name not in CODINGS:
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"Content-Encoding {coding[:40]!r} is not accepted: send gzip, deflate or none",
+            f"Content-Encoding {str(coding)[:40]!r} is not accepted: send gzip, deflate or none",
         )
-
-
-def decoded(raw: bytes, coding: str | None, limit: int) -> bytes:
-    """`raw` decoded by its Content-Encoding (checked by `check_coding`): 400
-    `invalid_content_encoding` when it does not decode whole, 413 past `limit` bytes decoded."""
-    check_coding(coding)
-    name = "identity" if coding is None else coding.strip().lower()
     if name == "identity" or not raw:
         return raw
     if name == "gzip":
