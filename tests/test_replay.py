@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -256,25 +256,36 @@ BULK_PAGE = "trigger_executions.version \nFROM trigger_executions"
 
 
 @contextlib.contextmanager
-def repeated_after(app: Client, marker: str) -> Iterator[list[bool]]:
-    """The delivery of execution key `k` sent again right after the next SELECT whose text holds
-    `marker`: its webhook.duplicate lands on the execution's stream between what a replay read
-    and what it appends. Yields a list that is emptied once it happened."""
-    engine = app.app[SERVICES].engine
+def after_select(
+    marker: str, engine: Any, meanwhile: Callable[[], Awaitable[Any]]
+) -> Iterator[list[bool]]:
+    """`meanwhile()` run right after the next SELECT whose text holds `marker`, before the
+    caller's next statement: another request lands between what a replay read and what it
+    appends. Yields a list that is emptied once it happened."""
     armed = [True]
 
-    def repeat(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def run(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if armed and statement.lstrip().upper().startswith("SELECT") and marker in statement:
             armed.clear()
-            headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
-            response = await_only(app.post("/webhooks/t", data='{"order": 7}', headers=headers))
-            assert response.status == 200  # a duplicate, on the execution's stream
+            await_only(meanwhile())
 
-    sa.event.listen(engine.sync_engine, "after_cursor_execute", repeat)
+    sa.event.listen(engine.sync_engine, "after_cursor_execute", run)
     try:
         yield armed
     finally:
-        sa.event.remove(engine.sync_engine, "after_cursor_execute", repeat)
+        sa.event.remove(engine.sync_engine, "after_cursor_execute", run)
+
+
+def repeated_after(app: Client, marker: str) -> contextlib.AbstractContextManager[list[bool]]:
+    """The delivery of execution key `k` sent again right after the next SELECT holding
+    `marker`: its webhook.duplicate lands on the execution's stream meanwhile."""
+
+    async def repeat() -> None:
+        headers = {"Content-Type": "application/json", "Idempotency-Key": "k"}
+        response = await app.post("/webhooks/t", data='{"order": 7}', headers=headers)
+        assert response.status == 200  # a duplicate, on the execution's stream
+
+    return after_select(marker, app.app[SERVICES].engine, repeat)
 
 
 async def test_a_replay_raced_by_a_repeat_of_its_delivery_still_lands(
@@ -311,19 +322,12 @@ async def test_a_bulk_limit_counts_replays_not_rows_taken_over_meanwhile(
     # with limit 1, the bulk replays the next one that qualifies, not none.
     first = await dead_letter(app, destination)
     second = await dead_letter(app, destination)
-    engine = app.app[SERVICES].engine
-    armed = [True]
 
-    def replay_first_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if armed and BULK_PAGE in statement:
-            armed.clear()
-            assert await_only(replay(app, first)).status == 202
+    async def replay_first() -> None:
+        assert (await replay(app, first)).status == 202
 
-    sa.event.listen(engine.sync_engine, "after_cursor_execute", replay_first_meanwhile)
-    try:
+    with after_select(BULK_PAGE, app.app[SERVICES].engine, replay_first) as armed:
         response = await bulk(app, trigger_id="t", limit=1)
-    finally:
-        sa.event.remove(engine.sync_engine, "after_cursor_execute", replay_first_meanwhile)
     assert not armed
     assert (await response.json())["replayed"] == 1
     rows = [await wait_until(app, execution_id) for execution_id in (first, second)]
