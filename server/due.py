@@ -74,6 +74,11 @@ class Due:
 
 _HELD_BY_DELETION = ("pending", "retrying")
 
+# Whose executions wait for a resume, not for the dispatcher: a paused trigger's. A deleted one
+# is never resumed, so its pause holds nothing any more (a lease that ran out under a paused,
+# then deleted trigger would stay running for good). The backlog gauge leaves them out too.
+HELD_BY_PAUSE = sa.and_(triggers.c.paused, sa.not_(triggers.c.deleted))
+
 
 def _branches(now: datetime) -> list[sa.ColumnElement[bool]]:
     e, t = executions.c, triggers.c
@@ -81,11 +86,8 @@ def _branches(now: datetime) -> list[sa.ColumnElement[bool]]:
     # time order that stops at the page's size: O(page) a poll, however many are due (after an
     # outage, all of them). An OR of the statuses made both planners visit every pending and
     # retrying row at each poll; one IN made them sort every due row for the first page.
-    # A deleted trigger is never resumed: its pause holds nothing any more (a lease that ran out
-    # under a paused, then deleted trigger would stay running for good).
-    held = sa.and_(t.paused, sa.not_(t.deleted))
     runnable = [
-        sa.and_(e.status == status, e.next_attempt_at <= now, sa.not_(held))
+        sa.and_(e.status == status, e.next_attempt_at <= now, sa.not_(HELD_BY_PAUSE))
         for status in DISPATCHABLE
     ]
     # A deleted trigger's waiting executions are dead-lettered at once, paused or not

@@ -26,6 +26,7 @@ from projections.trigger_executions import DISPATCHABLE, STATUSES
 from projections.trigger_executions import table as executions
 from projections.triggers import table as triggers
 from server.config import Settings
+from server.due import HELD_BY_PAUSE
 from server.logs import fact
 from server.metrics import CONTENT_TYPE
 from server.receiver import Receipt, count_answer
@@ -70,7 +71,7 @@ async def read_backlog(conn: AsyncConnection) -> int:
     """Executions due now: pending or retrying whose time has come, or running past their lease."""
     # A paused trigger holds its executions (server/due.py): they wait for a resume, not for the
     # dispatcher, and a backlog that counted them would never drain.
-    held = sa.select(triggers.c.id).where(triggers.c.paused, sa.not_(triggers.c.deleted))
+    held = sa.select(triggers.c.id).where(HELD_BY_PAUSE)
     query = sa.select(sa.func.count()).where(
         executions.c.status.in_(DISPATCHABLE),
         executions.c.next_attempt_at <= datetime.now(UTC),
