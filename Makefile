@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 
 .PHONY: install run test lint format bench bench-smoke
 
-$(BIN)/hookledger: pyproject.toml
+# ledger/_walbuffer.c is compiled by the editable install: a change to it needs a new one.
+$(BIN)/hookledger: pyproject.toml ledger/_walbuffer.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,browser,bench]'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ledger import walbuffer
 from ledger.codec import GENESIS_HASH, loads
 from ledger.events import RecordedEvent
 from ledger.fields import Fields
@@ -300,9 +302,16 @@ def plain_sqlite_engine(engine: AsyncEngine) -> Engine:
     """A synchronous engine (the stdlib's sqlite3) on the same file, configured as `engine`."""
     url = engine.url.set(drivername="sqlite+pysqlite")
     # Its connections may be used from one thread and committed or closed from another.
-    plain = sa.create_engine(
-        url, pool_size=1, connect_args={"timeout": 30, "check_same_thread": False}
-    )
+    connect_args: dict[str, Any] = {"timeout": 30, "check_same_thread": False}
+    vfs = walbuffer.name() if has_own_file(engine) and not url.query else None
+    if vfs is not None and url.database is not None:
+        # Its WAL written a transaction at a time (ledger/walbuffer.py).
+        path = walbuffer.uri(url.database, vfs)
+        plain = sa.create_engine(
+            url, pool_size=1, creator=lambda: sqlite3.connect(path, uri=True, **connect_args)
+        )
+    else:
+        plain = sa.create_engine(url, pool_size=1, connect_args=connect_args)
     _configure_sqlite(plain)
     return plain
 
