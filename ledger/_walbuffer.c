@@ -184,11 +184,12 @@ static int hl_check_reserved_lock(sqlite3_file *f, int *out) {
     return RM(p)->xCheckReservedLock(REAL(p), out);
 }
 
-/* SQLite's own reading of PRAGMA synchronous's value (getSafetyLevel): digits as a number, the
-names "full" (2) and "extra" (3), anything else at most NORMAL (1). */
+/* Whether PRAGMA synchronous's value makes every commit sync the WAL: FULL and EXTRA, by name or
+as 2 and 3. SQLite reads other numbers by arithmetic of its own (7 is OFF): they are taken as
+not syncing, and the writes go through as SQLite makes them. */
 static int syncs_every_commit(const char *value) {
-    if (value[0] >= '0' && value[0] <= '9') return atoi(value) >= 2;
-    return sqlite3_stricmp(value, "full") == 0 || sqlite3_stricmp(value, "extra") == 0;
+    return sqlite3_stricmp(value, "full") == 0 || sqlite3_stricmp(value, "extra") == 0 ||
+           strcmp(value, "2") == 0 || strcmp(value, "3") == 0;
 }
 
 static int hl_file_control(sqlite3_file *f, int op, void *arg) {

@@ -116,7 +116,7 @@ def test_a_transaction_past_what_it_gathers_is_written_whole(tmp_path: Path) -> 
     _intact(path)
 
 
-@pytest.mark.parametrize("synchronous", ["NORMAL", "1", "OFF", "on"])
+@pytest.mark.parametrize("synchronous", ["NORMAL", "1", "OFF", "on", "7"])
 def test_a_connection_whose_commits_do_not_sync_has_its_writes_made_at_once(
     tmp_path: Path, synchronous: str
 ) -> None:
@@ -142,6 +142,23 @@ def test_a_connection_whose_commits_do_not_sync_has_its_writes_made_at_once(
     writer.close()
     reader.close()
     _intact(path)
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "full", "2", "EXTRA", "3"])
+def test_a_connection_whose_commits_sync_has_its_wal_gathered(
+    tmp_path: Path, synchronous: str
+) -> None:
+    path = tmp_path / "w.db"
+    writer, reader = _writer(path, synchronous), _reader(path)
+    gathered, written = walbuffer.counts()
+    done = 0
+    for _ in range(10):
+        done = _commit(writer, done)
+        assert _count(reader) == (done, done - 1)
+    assert walbuffer.counts()[0] - gathered >= 10 * 2 * 10
+    assert walbuffer.counts()[1] - written <= 10 * 2
+    writer.close()
+    reader.close()
 
 
 def _child(
