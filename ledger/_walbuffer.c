@@ -44,6 +44,7 @@ struct HlFile {
     HlFile *partner;     /* a database file's WAL, or a WAL's database file (same connection) */
     const char *db_name; /* a database file: the name pointer it was opened with */
     int syncs_commits;   /* a database file: its connection said synchronous=FULL or EXTRA */
+    int failed;          /* a WAL: the error of a write out that could not report it (a barrier) */
     HlFile *next_db;     /* the open database files, to pair a WAL opened later */
     unsigned char *buf;  /* a WAL's gathered bytes: buf_len of them, from buf_off in the file */
     sqlite3_int64 buf_off;
@@ -63,6 +64,12 @@ static unsigned long long gathered, written;
 #define RM(p) ((p)->real->pMethods)
 
 static int hl_flush(HlFile *p) {
+    if (p->failed) { /* reported by the call after the barrier that met it */
+        int failed = p->failed;
+        p->failed = SQLITE_OK;
+        p->buf_len = 0;
+        return failed;
+    }
     size_t done = 0, n = p->buf_len;
     p->buf_len = 0; /* written or failed: never written twice */
     while (done < n) {
@@ -101,7 +108,7 @@ static int hl_close(sqlite3_file *f) {
 
 static int hl_read(sqlite3_file *f, void *z, int n, sqlite3_int64 off) {
     HlFile *p = (HlFile *)f;
-    if (p->buf_len) {
+    if (p->buf_len || p->failed) {
         int rc = hl_flush(p);
         if (rc != SQLITE_OK) return rc;
     }
@@ -111,12 +118,13 @@ static int hl_read(sqlite3_file *f, void *z, int n, sqlite3_int64 off) {
 static int hl_write(sqlite3_file *f, const void *z, int n, sqlite3_int64 off) {
     HlFile *p = (HlFile *)f;
     if (!p->is_wal || n <= 0 || p->partner == NULL || !p->partner->syncs_commits) {
-        if (p->buf_len) {
+        if (p->buf_len || p->failed) {
             int rc = hl_flush(p);
             if (rc != SQLITE_OK) return rc;
         }
         return RM(p)->xWrite(REAL(p), z, n, off);
     }
+    if (p->failed) return hl_flush(p);
     if (p->buf_len) {
         sqlite3_int64 end = p->buf_off + (sqlite3_int64)p->buf_len;
         if (off >= p->buf_off && off + n <= end) { /* rewrites gathered bytes (a frame again) */
@@ -239,11 +247,14 @@ static int hl_shm_lock(sqlite3_file *f, int offset, int n, int flags) {
 
 static void hl_shm_barrier(sqlite3_file *f) {
     HlFile *p = (HlFile *)f;
-    /* The wal-index header is written after this: the frames it names go to the file first. A
-    failure here cannot be returned; the header then names frames the file lacks, which SQLite
-    finds by their checksums and drops (as after a crash), and the WAL's next write or sync
-    reports the disk's error. With synchronous=FULL the commit's xSync wrote them already. */
-    if (p->partner && p->partner->buf_len) hl_flush(p->partner);
+    /* The wal-index header is written after this: the frames it names go to the file first.
+    With synchronous=FULL, the only case where writes are gathered, the commit's xSync wrote
+    them already and nothing is left here; this keeps it so whatever SQLite does. A failure here
+    cannot be returned: the WAL's next call returns it. */
+    if (p->partner && p->partner->buf_len) {
+        int rc = hl_flush(p->partner);
+        if (rc != SQLITE_OK) p->partner->failed = rc;
+    }
     RM(p)->xShmBarrier(REAL(p));
 }
 
