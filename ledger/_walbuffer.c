@@ -31,7 +31,9 @@ SQLite serialises (no lock needed between them).
 #include <string.h>
 
 #define FIRST_CAPACITY (256 * 1024)
-#define MOST_GATHERED (16 * 1024 * 1024) /* past this, written out (a huge transaction) */
+/* Past this, written out: a commit of the appender's is ~0.2 MiB; a rebuild's last window (tens
+of MiB) gains nothing from more, and would hold it all in memory. */
+#define MOST_GATHERED (1024 * 1024)
 /* The unix VFS writes at most 0x1ffff bytes a call (its seekAndWrite masks the length, and a
 larger write comes back short, as SQLITE_FULL): gathered bytes go out in pieces under that. */
 #define MOST_A_CALL (31 * 4096)

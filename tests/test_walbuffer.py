@@ -94,7 +94,7 @@ def test_every_commit_is_in_the_file_when_another_connection_sees_it(tmp_path: P
 
 
 def test_a_transaction_past_what_it_gathers_is_written_whole(tmp_path: Path) -> None:
-    # 24 MiB in one transaction: gathered bytes go out at 16 MiB, in pieces under the 128 KiB
+    # 24 MiB in one transaction: gathered bytes go out at each MiB, in pieces under the 128 KiB
     # the wrapped VFS writes a call; a rolled-back one leaves nothing, and its frames are
     # written over by the next.
     path = tmp_path / "w.db"
