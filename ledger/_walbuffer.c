@@ -12,7 +12,9 @@ file in one write before anything can depend on them:
   - before a commit is published to other connections: SQLite publishes a commit by writing
     the wal-index header in shared memory, after a memory barrier (xShmBarrier on the database
     file); the barrier of a database file first writes out its own connection's WAL. So even
-    with synchronous=NORMAL no reader is ever told of a frame that is not in the file.
+    with synchronous=NORMAL no reader is ever told of a frame that is not in the file;
+  - before the WAL's write lock is released (xShmLock on the database file): what is left then
+    is a rolled-back transaction's spilled frames, which another writer may next write over.
 
 What is durable is decided by the sync, as before: the bytes are the same, in the same file,
 at the same offsets, written before the same fsync. Only the number of calls changes.
@@ -242,8 +244,21 @@ static int hl_shm_map(sqlite3_file *f, int page, int size, int extend, void vola
     return RM(p)->xShmMap(REAL(p), page, size, extend, out);
 }
 
+/* The wal-index's lock 0 is the WAL's write lock (wal.c WAL_WRITE_LOCK). */
+#define WAL_WRITE_LOCK 0
+
 static int hl_shm_lock(sqlite3_file *f, int offset, int n, int flags) {
     HlFile *p = (HlFile *)f;
+    /* Whatever is gathered goes out before another connection may write the WAL. A commit's
+    frames went out in its sync (or its barrier), before it was published: what is left here is
+    a rolled-back transaction's, written before its COMMIT (a cache spill), past the WAL's last
+    commit. SQLite wrote those at once; held, they would land later on the frames that the next
+    writer puts at the same offsets, over its commit. Being no commit's, a failure to write them
+    loses nothing (and SQLite's unlock returns nothing): they are dropped. */
+    if ((flags & SQLITE_SHM_UNLOCK) && offset <= WAL_WRITE_LOCK && offset + n > WAL_WRITE_LOCK &&
+        p->partner && p->partner->buf_len) {
+        (void)hl_flush(p->partner);
+    }
     return RM(p)->xShmLock(REAL(p), offset, n, flags);
 }
 

@@ -161,6 +161,38 @@ def test_a_connection_whose_commits_sync_has_its_wal_gathered(
     reader.close()
 
 
+def test_a_rolled_back_transactions_frames_never_overwrite_a_later_commit(tmp_path: Path) -> None:
+    # A transaction larger than its connection's cache writes frames before its COMMIT (a
+    # spill); rolled back, they are past the WAL's last commit and the write lock is released.
+    # Another connection (here SQLite's own VFS, the async engine's) then writes its commit at
+    # those very offsets and syncs it: the rolled-back frames must not reach the file after it.
+    path = tmp_path / "w.db"
+    writer, other = _writer(path), _reader(path)
+    writer.execute("PRAGMA cache_size=10")
+    _commit(writer, 0)
+    # The WAL copied and started over: the next frames are written from its first.
+    assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    writer.execute("BEGIN IMMEDIATE")
+    writer.executemany(
+        "INSERT INTO t (n, body) VALUES (?, ?)", [(1000 + i, "r" * 1500) for i in range(200)]
+    )
+    writer.execute("ROLLBACK")
+    other.execute("PRAGMA synchronous=FULL")
+    other.execute("BEGIN IMMEDIATE")
+    other.executemany(
+        "INSERT INTO t (n, body) VALUES (?, ?)", [(28 + i, "o" * 1500) for i in range(28)]
+    )
+    other.execute("COMMIT")
+    # The writer reads the other's commit from the WAL, then goes on and closes.
+    assert _count(writer) == (56, 55)
+    writer.close()
+    assert _count(other) == (56, 55)
+    other.close()
+    _intact(path)
+    with contextlib.closing(_reader(path)) as reader:
+        assert _count(reader) == (56, 55)
+
+
 def _child(
     script: str, *args: str, preexec: Callable[[], None] | None = None
 ) -> subprocess.Popen[str]:
