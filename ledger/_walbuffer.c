@@ -16,6 +16,12 @@ file in one write before anything can depend on them:
   - before the WAL's write lock is released (xShmLock on the database file): what is left then
     is a rolled-back transaction's spilled frames, which another writer may next write over.
 
+It gathers only while its connection's commits are known to sync the WAL after their last
+write (`gathers`): the connection said synchronous=FULL or EXTRA, its last commit was seen to
+sync (a PRAGMA refused inside a transaction says FULL and changes nothing), and SQLite does not
+pad commits to a sector (it would write after the sync). So a commit's frames go out in its
+sync, whose error is the commit's own; the barrier's write finds nothing left.
+
 What is durable is decided by the sync, as before: the bytes are the same, in the same file,
 at the same offsets, written before the same fsync. Only the number of calls changes.
 
@@ -48,6 +54,10 @@ struct HlFile {
     HlFile *partner;     /* a database file's WAL, or a WAL's database file (same connection) */
     const char *db_name; /* a database file: the name pointer it was opened with */
     int syncs_commits;   /* a database file: its connection said synchronous=FULL or EXTRA */
+    int seen_syncing;    /* a database file: its last commit that wrote the WAL synced it after */
+    int unsynced;        /* a WAL: written since its last sync */
+    int written;         /* a WAL: written since its database file's last barrier */
+    int pads;            /* a WAL: SQLite pads commits to a sector, writing after the sync */
     int failed;          /* a WAL: the error of a write out that could not report it (a barrier) */
     HlFile *next_db;     /* the open database files, to pair a WAL opened later */
     unsigned char *buf;  /* a WAL's gathered bytes: buf_len of them, from buf_off in the file */
@@ -119,9 +129,20 @@ static int hl_read(sqlite3_file *f, void *z, int n, sqlite3_int64 off) {
     return RM(p)->xRead(REAL(p), z, n, off);
 }
 
+/* A WAL's writes are gathered only while its connection's commits are known to sync it after
+their last write: it said synchronous=FULL (or EXTRA), and its last commit did sync, as seen at
+its barrier (a PRAGMA that SQLite then refused, inside a transaction, says FULL and syncs
+nothing). So a commit's frames always go out in its sync, whose error is the commit's. Never
+where SQLite pads a commit to a sector (no power-safe overwrite), writing after the sync. */
+static int gathers(const HlFile *wal) {
+    const HlFile *db = wal->partner;
+    return db != NULL && db->syncs_commits && db->seen_syncing && !wal->pads;
+}
+
 static int hl_write(sqlite3_file *f, const void *z, int n, sqlite3_int64 off) {
     HlFile *p = (HlFile *)f;
-    if (!p->is_wal || n <= 0 || p->partner == NULL || !p->partner->syncs_commits) {
+    if (p->is_wal) p->unsynced = p->written = 1;
+    if (!p->is_wal || n <= 0 || !gathers(p)) {
         if (p->buf_len || p->failed) {
             int rc = hl_flush(p);
             if (rc != SQLITE_OK) return rc;
@@ -171,7 +192,9 @@ static int hl_sync(sqlite3_file *f, int flags) {
     HlFile *p = (HlFile *)f;
     int rc = hl_flush(p);
     if (rc != SQLITE_OK) return rc;
-    return RM(p)->xSync(REAL(p), flags);
+    rc = RM(p)->xSync(REAL(p), flags);
+    if (rc == SQLITE_OK) p->unsynced = 0;
+    return rc;
 }
 
 static int hl_file_size(sqlite3_file *f, sqlite3_int64 *size) {
@@ -268,9 +291,16 @@ static void hl_shm_barrier(sqlite3_file *f) {
     With synchronous=FULL, the only case where writes are gathered, the commit's xSync wrote
     them already and nothing is left here; this keeps it so whatever SQLite does. A failure here
     cannot be returned: the WAL's next call returns it. */
-    if (p->partner && p->partner->buf_len) {
-        int rc = hl_flush(p->partner);
-        if (rc != SQLITE_OK) p->partner->failed = rc;
+    HlFile *wal = p->partner;
+    if (wal != NULL) {
+        if (wal->buf_len) {
+            int rc = hl_flush(wal);
+            if (rc != SQLITE_OK) wal->failed = rc;
+        }
+        /* A commit that wrote the WAL: whether it synced it after (a barrier of a restart, or
+        of a recovery, wrote nothing and tells nothing). */
+        if (wal->written) p->seen_syncing = !wal->unsynced;
+        wal->written = 0;
     }
     RM(p)->xShmBarrier(REAL(p));
 }
@@ -348,6 +378,12 @@ static int hl_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, int
             }
         }
         pthread_mutex_unlock(&open_dbs_lock);
+        /* As sqlite3WalOpen decides it, from the database file: pad unless power-safe. */
+        if (p->partner != NULL) {
+            HlFile *db = p->partner;
+            int characteristics = RM(db)->xDeviceCharacteristics(REAL(db));
+            p->pads = (characteristics & SQLITE_IOCAP_POWERSAFE_OVERWRITE) == 0;
+        }
     }
     return rc;
 }

@@ -6,9 +6,10 @@ commit of 28 deliveries, at ~4 us each on this project's machines (bench/README.
 default VFS and gathers a WAL's contiguous writes until they must reach the file: before the
 WAL is synced (every commit, with synchronous=FULL), read, truncated, sized or closed, and
 before a commit is published to other connections. The bytes, their offsets and the fsync that
-makes them durable are the same; only the number of calls changes. It gathers only for a
-connection that said `PRAGMA synchronous=FULL` (or EXTRA), whose every commit syncs the WAL
-before it is published, so a write that fails is always the commit's own error.
+makes them durable are the same; only the number of calls changes. It gathers only while a
+connection's commits are known to sync the WAL before they are published (it said `PRAGMA
+synchronous=FULL` or EXTRA, and its last commit was seen to sync), so a write that fails is
+always the commit's own error.
 
 Only the plain connections that write (`ledger/store.py` `plain_sqlite_engine`: the appender's
 and a rebuild's) open their file through it; every other connection, in this process or another,

@@ -130,7 +130,10 @@ def test_a_connection_whose_commits_do_not_sync_has_its_writes_made_at_once(
         done = _commit(writer, done)
         assert _count(reader) == (done, done - 1)
     assert walbuffer.counts()[0] == gathered
-    writer.execute("PRAGMA synchronous=FULL")  # and from now on gathered
+    writer.execute("PRAGMA synchronous=FULL")
+    done = _commit(writer, done)  # seen to sync its WAL: from the next commit on, gathered
+    assert _count(reader) == (done, done - 1)
+    assert walbuffer.counts()[0] == gathered
     done = _commit(writer, done)
     assert _count(reader) == (done, done - 1)
     assert walbuffer.counts()[0] > gathered
@@ -140,6 +143,48 @@ def test_a_connection_whose_commits_do_not_sync_has_its_writes_made_at_once(
     assert _count(reader) == (done, done - 1)
     assert walbuffer.counts()[0] == gathered
     writer.close()
+    reader.close()
+    _intact(path)
+
+
+def test_a_pragma_that_sqlite_refused_does_not_turn_gathering_on(tmp_path: Path) -> None:
+    # Inside a transaction SQLite refuses to change the safety level, after the VFS was told
+    # of the PRAGMA: the commits still do not sync, and are seen not to.
+    path = tmp_path / "w.db"
+    writer, reader = _writer(path, "NORMAL"), _reader(path)
+    done = _commit(writer, 0)
+    writer.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="transaction"):
+        writer.execute("PRAGMA synchronous=FULL")
+    writer.execute("COMMIT")
+    assert writer.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+    gathered, _ = walbuffer.counts()
+    for _ in range(10):
+        done = _commit(writer, done)
+        assert _count(reader) == (done, done - 1)
+    assert walbuffer.counts()[0] == gathered
+    writer.close()
+    reader.close()
+    _intact(path)
+
+
+def test_a_file_without_power_safe_overwrite_has_its_writes_made_at_once(tmp_path: Path) -> None:
+    # There SQLite pads a commit to a sector and writes part of it after the sync.
+    path = tmp_path / "w.db"
+    conn = sqlite3.connect(
+        walbuffer.uri(str(path), walbuffer.NAME) + "&psow=0", uri=True, isolation_level=None
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+    reader = _reader(path)
+    gathered, _ = walbuffer.counts()
+    done = 0
+    for _ in range(10):
+        done = _commit(conn, done, rows=5)
+        assert _count(reader) == (done, done - 1)
+    assert walbuffer.counts()[0] == gathered
+    conn.close()
     reader.close()
     _intact(path)
 
