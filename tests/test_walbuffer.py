@@ -66,6 +66,16 @@ def _count(reader: sqlite3.Connection) -> tuple[int, int]:
     return int(count), int(top)
 
 
+def _commits_seen(
+    conn: sqlite3.Connection, reader: sqlite3.Connection, done: int, times: int, rows: int = 28
+) -> int:
+    """`times` commits of `rows` rows, each seen whole by `reader` right after it."""
+    for _ in range(times):
+        done = _commit(conn, done, rows)
+        assert _count(reader) == (done, done - 1)
+    return done
+
+
 def _intact(path: Path) -> None:
     with contextlib.closing(_reader(path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -125,10 +135,7 @@ def test_a_connection_whose_commits_do_not_sync_has_its_writes_made_at_once(
     path = tmp_path / "w.db"
     writer, reader = _writer(path, synchronous), _reader(path)
     gathered, _ = walbuffer.counts()
-    done = 0
-    for _ in range(20):
-        done = _commit(writer, done)
-        assert _count(reader) == (done, done - 1)
+    done = _commits_seen(writer, reader, 0, 20)
     assert walbuffer.counts()[0] == gathered
     writer.execute("PRAGMA synchronous=FULL")
     done = _commit(writer, done)  # seen to sync its WAL: from the next commit on, gathered
@@ -159,9 +166,7 @@ def test_a_pragma_that_sqlite_refused_does_not_turn_gathering_on(tmp_path: Path)
     writer.execute("COMMIT")
     assert writer.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
     gathered, _ = walbuffer.counts()
-    for _ in range(10):
-        done = _commit(writer, done)
-        assert _count(reader) == (done, done - 1)
+    done = _commits_seen(writer, reader, done, 10)
     assert walbuffer.counts()[0] == gathered
     writer.close()
     reader.close()
@@ -179,10 +184,7 @@ def test_a_file_without_power_safe_overwrite_has_its_writes_made_at_once(tmp_pat
     conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body TEXT NOT NULL)")
     reader = _reader(path)
     gathered, _ = walbuffer.counts()
-    done = 0
-    for _ in range(10):
-        done = _commit(conn, done, rows=5)
-        assert _count(reader) == (done, done - 1)
+    _commits_seen(conn, reader, 0, 10, rows=5)
     assert walbuffer.counts()[0] == gathered
     conn.close()
     reader.close()
@@ -196,10 +198,7 @@ def test_a_connection_whose_commits_sync_has_its_wal_gathered(
     path = tmp_path / "w.db"
     writer, reader = _writer(path, synchronous), _reader(path)
     gathered, written = walbuffer.counts()
-    done = 0
-    for _ in range(10):
-        done = _commit(writer, done)
-        assert _count(reader) == (done, done - 1)
+    _commits_seen(writer, reader, 0, 10)
     assert walbuffer.counts()[0] - gathered >= 10 * 2 * 10
     assert walbuffer.counts()[1] - written <= 10 * 2
     writer.close()
