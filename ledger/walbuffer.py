@@ -4,9 +4,11 @@ SQLite writes a WAL frame with two `pwrite`s, its 24-byte header and then its pa
 commit of 28 deliveries, at ~4 us each on this project's machines (bench/README.md, session 16).
 `ledger/_walbuffer.c`, built with the package where a C compiler is at hand, wraps SQLite's
 default VFS and gathers a WAL's contiguous writes until they must reach the file: before the
-WAL is synced (every commit, with synchronous=FULL), read, truncated, sized or closed, and
-before a commit is published to other connections. The bytes, their offsets and the fsync that
-makes them durable are the same; only the number of calls changes. It gathers only while a
+WAL is synced (every commit, with synchronous=FULL), read, truncated, sized or closed, before
+a commit is published to other connections, and before the WAL's write lock is released (what a
+rolled-back transaction spilled must not land later on the next writer's commit). The bytes,
+their offsets and the fsync that makes them durable are the same; only the number of calls
+changes. It gathers only while a
 connection's commits are known to sync the WAL before they are published (it said `PRAGMA
 synchronous=FULL` or EXTRA, and its last commit was seen to sync), so a write that fails is
 always the commit's own error.
