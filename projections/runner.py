@@ -20,8 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger.events import RecordedEvent
 from ledger.failures import FailureLog
 from ledger.rows import array_of, execute_many, fetch_all
+from ledger.schema import events
 from ledger.schema import projection_checkpoints as checkpoints
-from ledger.store import is_postgres, read_events, read_last_seq, write_transaction
+from ledger.store import is_postgres, read_events, write_transaction
 from projections.base import Projection
 
 logger = logging.getLogger(__name__)
@@ -30,11 +31,26 @@ PROJECTOR_LOCK_ID = 0x70726F6A  # "proj"
 
 
 _CHECKPOINTS = sa.select(checkpoints.c.name, checkpoints.c.seq)
+_HEAD = sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0).label("head")).subquery()
+# The head beside every checkpoint (a row with the head alone when there is none yet).
+_CHECKPOINTS_AND_HEAD = sa.select(_HEAD.c.head, checkpoints.c.name, checkpoints.c.seq).select_from(
+    _HEAD.outerjoin(checkpoints, sa.true())
+)
 
 
 async def read_checkpoints(conn: AsyncConnection) -> dict[str, int]:
     rows = (await conn.execute(_CHECKPOINTS)).all()
     return {name: seq for name, seq in rows}
+
+
+async def read_checkpoints_and_head(conn: AsyncConnection) -> tuple[dict[str, int], int]:
+    """The checkpoints and the head of the log, in one statement: one snapshot. In two, on
+    PostgreSQL each sees what committed before it, and an append folded in between (its events
+    in the head, its checkpoints moved in its own transaction) put the projections behind by
+    what they had folded, or, read the other way round, ahead of the log; a runner's poll then
+    took the projector lock for nothing and turned appends' inline folds away."""
+    rows = (await conn.execute(_CHECKPOINTS_AND_HEAD)).all()
+    return {name: seq for _, name, seq in rows if name is not None}, int(rows[0][0])
 
 
 async def set_checkpoint(conn: AsyncConnection, name: str, seq: int) -> None:
@@ -218,8 +234,5 @@ class ProjectionRunner:
     async def lag(self) -> dict[str, int]:
         """Events each projection is behind the head of the log."""
         async with self.engine.connect() as conn:
-            # Checkpoints first: on PostgreSQL each statement sees what committed before it, and
-            # a head read first would miss events folded meanwhile (a negative lag).
-            positions = await read_checkpoints(conn)
-            head = await read_last_seq(conn)
+            positions, head = await read_checkpoints_and_head(conn)
         return {p.name: head - positions.get(p.name, 0) for p in self.projections}

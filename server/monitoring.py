@@ -20,8 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.schema import events
-from ledger.store import read_last_seq
-from projections.runner import read_checkpoints
+from projections.runner import read_checkpoints_and_head
 from projections.trigger_executions import DISPATCHABLE, STATUSES
 from projections.trigger_executions import table as executions
 from projections.triggers import table as triggers
@@ -45,8 +44,7 @@ Lag = dict[str, tuple[int, float]]  # projection -> (events behind, seconds behi
 
 async def read_lag(conn: AsyncConnection, names: Sequence[str]) -> Lag:
     """How far each projection is behind: events, and the age of the oldest one not folded in."""
-    positions = await read_checkpoints(conn)  # before the head: see ProjectionRunner.lag
-    head = await read_last_seq(conn)
+    positions, head = await read_checkpoints_and_head(conn)  # one snapshot
     now = datetime.now(UTC)
     lag: Lag = {}
     for name in names:
