@@ -122,10 +122,8 @@ static int hl_close(sqlite3_file *f) {
 
 static int hl_read(sqlite3_file *f, void *z, int n, sqlite3_int64 off) {
     HlFile *p = (HlFile *)f;
-    if (p->buf_len || p->failed) {
-        int rc = hl_flush(p);
-        if (rc != SQLITE_OK) return rc;
-    }
+    int rc = hl_flush(p);
+    if (rc != SQLITE_OK) return rc;
     return RM(p)->xRead(REAL(p), z, n, off);
 }
 
@@ -143,10 +141,8 @@ static int hl_write(sqlite3_file *f, const void *z, int n, sqlite3_int64 off) {
     HlFile *p = (HlFile *)f;
     if (p->is_wal) p->unsynced = p->written = 1;
     if (!p->is_wal || n <= 0 || !gathers(p)) {
-        if (p->buf_len || p->failed) {
-            int rc = hl_flush(p);
-            if (rc != SQLITE_OK) return rc;
-        }
+        int rc = hl_flush(p);
+        if (rc != SQLITE_OK) return rc;
         return RM(p)->xWrite(REAL(p), z, n, off);
     }
     if (p->failed) return hl_flush(p);

@@ -8,10 +8,9 @@ WAL is synced (every commit, with synchronous=FULL), read, truncated, sized or c
 a commit is published to other connections, and before the WAL's write lock is released (what a
 rolled-back transaction spilled must not land later on the next writer's commit). The bytes,
 their offsets and the fsync that makes them durable are the same; only the number of calls
-changes. It gathers only while a
-connection's commits are known to sync the WAL before they are published (it said `PRAGMA
-synchronous=FULL` or EXTRA, and its last commit was seen to sync), so a write that fails is
-always the commit's own error.
+changes. It gathers only while a connection's commits are known to sync the WAL before they
+are published (it said `PRAGMA synchronous=FULL` or EXTRA, and its last commit was seen to
+sync), so a write that fails is always the commit's own error.
 
 Only the plain connections that write (`ledger/store.py` `plain_sqlite_engine`: the appender's
 and a rebuild's) open their file through it; every other connection, in this process or another,
@@ -26,6 +25,7 @@ import functools
 import logging
 import sqlite3
 import urllib.parse
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ NAME = "hookledger-wal"
 
 
 @functools.cache
-def name() -> str | None:
-    """The VFS's name, registered in this process's SQLite once; None where it is not built."""
+def _module() -> Any:
+    """The compiled module, its VFS registered in this process's SQLite once; None where it is
+    not built, or not in the SQLite library the stdlib's module loaded."""
     try:
         from ledger import _walbuffer  # type: ignore[attr-defined]
     except ImportError:
@@ -48,7 +49,12 @@ def name() -> str | None:
     except sqlite3.OperationalError:
         logger.warning("evt=walbuffer_unavailable detail=another_sqlite_library")
         return None
-    return NAME
+    return _walbuffer
+
+
+def name() -> str | None:
+    """The VFS's name; None where it is not built."""
+    return NAME if _module() is not None else None
 
 
 def uri(path: str, vfs: str) -> str:
@@ -58,9 +64,8 @@ def uri(path: str, vfs: str) -> str:
 
 def counts() -> tuple[int, int]:
     """(WAL writes gathered, writes that carried them to the file) in this process so far."""
-    if name() is None:
+    module = _module()
+    if module is None:
         return 0, 0
-    from ledger import _walbuffer  # type: ignore[attr-defined]
-
-    gathered, written = _walbuffer.counts()
+    gathered, written = module.counts()
     return int(gathered), int(written)
