@@ -68,12 +68,15 @@ def _count(reader: sqlite3.Connection) -> tuple[int, int]:
 
 def _commits_seen(
     conn: sqlite3.Connection, reader: sqlite3.Connection, done: int, times: int, rows: int = 28
-) -> int:
-    """`times` commits of `rows` rows, each seen whole by `reader` right after it."""
+) -> tuple[int, int, int]:
+    """`times` commits of `rows` rows, each seen whole by `reader` right after it: the rows
+    committed by then, and how many writes the VFS gathered meanwhile, and wrote out."""
+    gathered, written = walbuffer.counts()
     for _ in range(times):
         done = _commit(conn, done, rows)
         assert _count(reader) == (done, done - 1)
-    return done
+    more_gathered, more_written = walbuffer.counts()
+    return done, more_gathered - gathered, more_written - written
 
 
 def _intact(path: Path) -> None:
@@ -134,21 +137,17 @@ def test_a_connection_whose_commits_do_not_sync_has_its_writes_made_at_once(
     # published: the others' writes are SQLite's own, one by one, as without this VFS.
     path = tmp_path / "w.db"
     writer, reader = _writer(path, synchronous), _reader(path)
-    gathered, _ = walbuffer.counts()
-    done = _commits_seen(writer, reader, 0, 20)
-    assert walbuffer.counts()[0] == gathered
+    done, gathered, _ = _commits_seen(writer, reader, 0, 20)
+    assert gathered == 0
     writer.execute("PRAGMA synchronous=FULL")
-    done = _commit(writer, done)  # seen to sync its WAL: from the next commit on, gathered
-    assert _count(reader) == (done, done - 1)
-    assert walbuffer.counts()[0] == gathered
-    done = _commit(writer, done)
-    assert _count(reader) == (done, done - 1)
-    assert walbuffer.counts()[0] > gathered
+    # Seen to sync its WAL: from the next commit on, gathered.
+    done, gathered, _ = _commits_seen(writer, reader, done, 1)
+    assert gathered == 0
+    done, gathered, _ = _commits_seen(writer, reader, done, 1)
+    assert gathered > 0
     writer.execute("PRAGMA synchronous=NORMAL")
-    gathered, _ = walbuffer.counts()
-    done = _commit(writer, done)
-    assert _count(reader) == (done, done - 1)
-    assert walbuffer.counts()[0] == gathered
+    done, gathered, _ = _commits_seen(writer, reader, done, 1)
+    assert gathered == 0
     writer.close()
     reader.close()
     _intact(path)
@@ -165,9 +164,8 @@ def test_a_pragma_that_sqlite_refused_does_not_turn_gathering_on(tmp_path: Path)
         writer.execute("PRAGMA synchronous=FULL")
     writer.execute("COMMIT")
     assert writer.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
-    gathered, _ = walbuffer.counts()
-    done = _commits_seen(writer, reader, done, 10)
-    assert walbuffer.counts()[0] == gathered
+    _, gathered, _ = _commits_seen(writer, reader, done, 10)
+    assert gathered == 0
     writer.close()
     reader.close()
     _intact(path)
@@ -183,9 +181,8 @@ def test_a_file_without_power_safe_overwrite_has_its_writes_made_at_once(tmp_pat
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body TEXT NOT NULL)")
     reader = _reader(path)
-    gathered, _ = walbuffer.counts()
-    _commits_seen(conn, reader, 0, 10, rows=5)
-    assert walbuffer.counts()[0] == gathered
+    _, gathered, _ = _commits_seen(conn, reader, 0, 10, rows=5)
+    assert gathered == 0
     conn.close()
     reader.close()
     _intact(path)
@@ -197,10 +194,9 @@ def test_a_connection_whose_commits_sync_has_its_wal_gathered(
 ) -> None:
     path = tmp_path / "w.db"
     writer, reader = _writer(path, synchronous), _reader(path)
-    gathered, written = walbuffer.counts()
-    _commits_seen(writer, reader, 0, 10)
-    assert walbuffer.counts()[0] - gathered >= 10 * 2 * 10
-    assert walbuffer.counts()[1] - written <= 10 * 2
+    _, gathered, written = _commits_seen(writer, reader, 0, 10)
+    assert gathered >= 10 * 2 * 10
+    assert written <= 10 * 2
     writer.close()
     reader.close()
 
