@@ -458,3 +458,20 @@ async def test_big_bodies_are_stored_whole_and_on_postgresql_compressed_with_lz4
             )
         ).scalar()
     assert method == "lz4"
+
+
+def test_sqlite_binds_a_null_through_the_adapter_registry_and_stores_null(tmp_path: Path) -> None:
+    """The ledger answers sqlite3's adapter lookup for None itself (ledger/store.py): without it,
+    every NULL bound (eight in an execution's row) took the protocol's slow path. A NULL is
+    still stored as NULL, through any connection of the process."""
+    import sqlite3
+
+    assert sqlite3.adapters.get((type(None), sqlite3.PrepareProtocol)) is store._null
+    conn = sqlite3.connect(tmp_path / "nulls.db")
+    try:
+        conn.execute("CREATE TABLE t (a TEXT, b INTEGER)")
+        conn.executemany("INSERT INTO t VALUES (?, ?)", [(None, 1), ("x", None)])
+        rows = conn.execute("SELECT a, b, typeof(a), typeof(b) FROM t ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+    assert rows == [(None, 1, "null", "integer"), ("x", None, "text", "null")]
