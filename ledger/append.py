@@ -112,22 +112,36 @@ def append_batch(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
     return _append_locked(conn, commands)
 
 
+class FoldFailed(Exception):
+    """An inline fold failed in a transaction that has no savepoint to undo it to
+    (`append_and_fold(..., redone=True)`): the caller rolls the whole transaction back and
+    appends the same commands again without folding. The fold's error is the cause."""
+
+
 def append_and_fold(
-    conn: sa.Connection, commands: Sequence[Command], folder: Folder | None
+    conn: sa.Connection,
+    commands: Sequence[Command],
+    folder: Folder | None,
+    *,
+    redone: bool = False,
 ) -> tuple[Appended, bool]:
     """The appender's transaction: `append_batch`, then the new events folded into the
     projections by `folder` in the same transaction; True when they were (or there were none).
 
-    A fold that fails must not cost the append: everything after the savepoint opened before
-    the append is rolled back, and the append's rows are written again (the runner folds them
-    later, and says why it cannot). The savepoint stands from the start, not between the append
-    and the fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it
-    costs no round trip of its own. On PostgreSQL the writes also wait for the statement after
-    them (`ledger.deferred.defer_writes`): the append's rows go with the fold's first statement,
-    the fold's rows of all its tables in one, and all is sent before this returns.
+    A fold that fails must not cost the append (the runner folds the events later, and says
+    why it cannot). Either everything after the savepoint opened before the append is rolled
+    back and the append's rows are written again; or, when the caller says a failed fold is
+    `redone`, no savepoint is opened and FoldFailed raised: the caller rolls back and appends
+    again with no folder. SQLite's appender does the latter: a savepoint there copies every
+    page the transaction changes into its journal, a cost every append paid for a fold that
+    fails perhaps never. The savepoint stands from the start, not between the append and the
+    fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it costs no
+    round trip of its own. On PostgreSQL the writes also wait for the statement after them
+    (`ledger.deferred.defer_writes`): the append's rows go with the fold's first statement, the
+    fold's rows of all its tables in one, and all is sent before this returns.
     """
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
-    if not conn.info.get(SAVEPOINT_AT_BEGIN):
+    if folder is not None and not redone and not conn.info.get(SAVEPOINT_AT_BEGIN):
         execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
     defer_writes(conn)
     try:
@@ -142,6 +156,8 @@ def append_and_fold(
         except Exception as exc:  # noqa: BLE001 - the append stands; the runner retries the fold
             if conn.invalidated or getattr(exc, "connection_invalidated", False):
                 raise  # the connection went (the database with it): the whole batch is undone
+            if redone:
+                raise FoldFailed("the inline fold failed") from exc
             # The append's rows may have gone with the fold's first statement, and the error
             # be theirs: written again alone, they raise it again (and no fold is blamed).
             discard(conn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.append import Appended, Folder, append_and_fold
+from ledger.append import Appended, Folder, FoldFailed, append_and_fold
 from ledger.commands import AppendEvents, Command
 from ledger.errors import StorageUnavailable
 from ledger.events import NewEvent
@@ -214,23 +215,31 @@ class Appender:
     async def _transaction(self, commands: list[Command]) -> list[Any]:
         self._started = time.perf_counter()
         folder = self.folder
-
-        def work(conn: sa.Connection) -> tuple[Appended, bool]:
-            return append_and_fold(conn, commands, folder)
-
-        if self._writes_plain:
-            if self._writer is None:
-                self._writer = SqliteWriter(self._engine)
-            appended, folded = await self._writer.run(work)
-        elif self._held is not None:
-            appended, folded = await self._held.run(work)
-        else:
-            async with write_transaction(self._engine) as conn:
-                appended, folded = await conn.run_sync(work)
+        try:
+            appended, folded = await self._append(commands, folder)
+        except FoldFailed:
+            # Rolled back whole (SQLite's writer opens no savepoint): the same commands again,
+            # planned afresh, without the fold; the runner folds them later and says why not.
+            logger.exception("evt=inline_fold_failed")
+            appended, folded = await self._append(commands, None)
         if appended.events and folded and folder is not None:
             folder.folded(appended.events[-1].seq)
         self._behind = self._behind or not folded
         return appended.results
+
+    async def _append(
+        self, commands: list[Command], folder: Folder | None
+    ) -> tuple[Appended, bool]:
+        if self._writes_plain:
+            if self._writer is None:
+                self._writer = SqliteWriter(self._engine)
+            work = functools.partial(append_and_fold, commands=commands, folder=folder, redone=True)
+            return await self._writer.run(work)
+        work = functools.partial(append_and_fold, commands=commands, folder=folder)
+        if self._held is not None:
+            return await self._held.run(work)
+        async with write_transaction(self._engine) as conn:
+            return await conn.run_sync(work)
 
     async def close(self) -> None:
         """Let the writer's thread and connection go (after `run` was cancelled)."""

@@ -231,8 +231,9 @@ class SqliteWriter:
         if self._conn is None:
             self._conn = write_options(self._engine.connect())
             _busy_timeout(self._conn, 0)  # see _begin
-            # The appender's savepoint (`append_and_fold`) keeps pages it changes in a
-            # sub-journal. In a file (the default), that was a temporary file created, written
+            # A statement that may fail halfway keeps the pages it changes in a sub-journal (the
+            # appender's savepoint did too, before it was dropped here: `append_and_fold`,
+            # `redone`). In a file (the default), that was a temporary file created, written
             # and unlinked in most append transactions; in memory it is a few pages, bounded by
             # one batch.
             # Only this connection: elsewhere a large sort may still spill to disk.

@@ -162,9 +162,10 @@ class ProjectionRunner:
 
         Otherwise (a projection is behind or rebuilt, another runner is folding) leave them to
         `step`, and say so. A projection that fails here raises: the appender
-        (`ledger.append.append_and_fold`) rolls the transaction back to its savepoint, keeps
-        the append, and leaves the fold to `step`, which stops on it and says why: a bug in a
-        fold never refuses deliveries. It touches nothing but `conn`: the appender reports the
+        (`ledger.append.append_and_fold`) rolls the transaction back to its savepoint and keeps
+        the append, or on SQLite rolls it back whole and appends the batch again without the
+        fold, and leaves the fold to `step`, which stops on it and says why: a bug in a fold
+        never refuses deliveries. It touches nothing but `conn`: the appender reports the
         commit through `folded`.
         """
         now, seq = datetime.now(UTC), appended[-1].seq
