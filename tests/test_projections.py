@@ -324,7 +324,8 @@ async def test_the_appender_acknowledges_a_delivery_whose_inline_fold_failed_onc
         async with engine.connect() as conn:
             logged = [(e.id, e.idempotency_key) for e in await read_events(conn, after=first.seq)]
             positions = await read_checkpoints(conn)
-        assert sorted(logged) == sorted((o.event_id, k) for o, k in zip(outcomes, "bcb"))
+        expected = [(o.event_id, k) for o, k in zip(outcomes, "bcb", strict=True)]
+        assert sorted(logged) == sorted(expected)
         assert positions["trigger_executions"] == positions["trigger_stats"] == first.seq
         assert len(await snapshot(engine, "trigger_executions")) == 1  # the fold's rows went
 
