@@ -70,21 +70,31 @@ class Batches:
     count: float
     commands: float
     seconds: float
+    quick: float  # those that took at most SLOW_S
 
     def __sub__(self, other: Batches) -> Batches:
         return Batches(
-            self.count - other.count, self.commands - other.commands, self.seconds - other.seconds
+            self.count - other.count,
+            self.commands - other.commands,
+            self.seconds - other.seconds,
+            self.quick - other.quick,
         )
 
     def line(self) -> str:
         count = max(self.count, 1)
         return (
             f"{self.count:,.0f} appends, {self.commands / count:.1f} commands "
-            f"and {self.seconds / count * 1e3:.2f} ms each"
+            f"and {self.seconds / count * 1e3:.2f} ms each, {self.count - self.quick:,.0f} "
+            f"over {SLOW_S * 1e3:g} ms"
         )
 
 
-_SAMPLE = re.compile(r"^(hookledger_append_batch_(?:size|seconds)_(?:count|sum)) (\S+)$", re.M)
+SLOW_S = 0.01  # a bucket of hookledger_append_batch_seconds
+_SAMPLE = re.compile(
+    r"^(hookledger_append_batch_(?:size|seconds)_(?:count|sum)"
+    rf'|hookledger_append_batch_seconds_bucket{{le="{SLOW_S}"}}) (\S+)$',
+    re.M,
+)
 
 
 def _children_cpu_s() -> float:
@@ -99,6 +109,7 @@ async def _batches(session: aiohttp.ClientSession, server: servers.Server) -> Ba
         samples.get("hookledger_append_batch_size_count", 0.0),
         samples.get("hookledger_append_batch_size_sum", 0.0),
         samples.get("hookledger_append_batch_seconds_sum", 0.0),
+        samples.get(f'hookledger_append_batch_seconds_bucket{{le="{SLOW_S}"}}', 0.0),
     )
 
 
