@@ -68,8 +68,10 @@ def _timed(call: Callable[[], object]) -> float:
 # COMMIT of the batch that crosses SQLite's 1,000 pages: that COMMIT copied ~4 MiB into the
 # database file and synced it, on the loop, about ten times a second under load, and on a disk
 # whose syncs now and then stall for 40-300 ms, that batch and every one queued behind it
-# waited as long (bench/README, session 12).
-CHECKPOINT_EVERY_S = 0.05
+# waited as long (bench/README, session 12). Every 20 ms, not 50: the smaller copies and syncs
+# of the database file get in the way of the WAL's sync less (session 17: p99 -8 %, the batches
+# over 10 ms from 1-4 to 0-1 in a probe; at 10 ms the thread's own CPU began to cost).
+CHECKPOINT_EVERY_S = 0.02
 # A PASSIVE checkpoint waits for nothing, and so never lets the WAL start over while appends
 # keep coming (a writer starts it over only when its transaction begins with every frame
 # copied): past this many frames a RESTART is asked for, which waits for no lock either (when
