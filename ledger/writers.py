@@ -52,6 +52,15 @@ def _begin_immediate(conn: sa.Connection) -> None:
     execute_sql(conn, "BEGIN IMMEDIATE")  # its error raised as SQLAlchemy raises the driver's
 
 
+def _restart_wal(conn: sa.Connection) -> bool:
+    """A RESTART checkpoint on the writer's connection, outside any transaction of its own:
+    True when the WAL starts over (the next commit writes it from its start)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    busy, _, _ = driver.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    return not busy
+
+
 def _commit_now(conn: sa.Connection) -> None:
     # Not the driver's commit(), whose error is the driver's own: a COMMIT that fails (a disk
     # I/O error, a full disk) is an OperationalError as from any statement, a 503 and not a 500.
@@ -96,6 +105,7 @@ class WalCheckpointer:
         self.restarts = 0
         self.largest = 0  # the most frames the WAL held at a checkpoint
         self.owed = False  # a restart failed (a transaction or a reader was in the way)
+        self.gap_wanted = False  # ... and the writer may try it once, between its transactions
         self._thread = threading.Thread(target=self._run, name="hookledger-checkpoint", daemon=True)
         self._thread.start()
 
@@ -141,6 +151,7 @@ class WalCheckpointer:
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             self.owed = bool(busy)  # a transaction was under way: the next tick tries again
             self.restarts += not busy
+            self.gap_wanted = self.owed  # and the writer, before its next transaction
         return int(frames)
 
     @property
@@ -178,6 +189,8 @@ class SqliteWriter:
     async def run(self, work: Callable[[sa.Connection], T]) -> T:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
         async with process_write_lock(self._async_engine):
+            if self.checkpointer.gap_wanted:
+                await self._restart_in_gap()
             try:
                 conn = await self._begin()
                 result = work(conn)
@@ -220,6 +233,24 @@ class SqliteWriter:
             took = await self._in_thread(functools.partial(_timed, commit))
         self._commit_s += (took - self._commit_s) / 8
         self.checkpointer.commits += 1
+
+    async def _restart_in_gap(self) -> None:
+        """The checkpointer's RESTART found a transaction of ours in the way, as it may at every
+        tick under steady appends when its copy takes longer than the gaps between them (a slow
+        disk, a loaded machine: the WAL then grew with the log until the load stopped). Here,
+        holding the write lock between two transactions, the writer's own connection asks for
+        it once, in the writer's thread: only another process's writer or an old reader can be
+        in the way now, and then the checkpointer tries again at its next tick."""
+        checkpointer = self.checkpointer
+        checkpointer.gap_wanted = False
+        conn = self._connection()
+        try:
+            restarted = await self._in_thread(functools.partial(_restart_wal, conn))
+        except sqlite3.Error:
+            return  # a failing disk: the checkpointer's next tick says so; the append goes on
+        if restarted:
+            checkpointer.owed = False
+            checkpointer.restarts += 1
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
         running = asyncio.get_running_loop().run_in_executor(self._thread, call)

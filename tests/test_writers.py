@@ -251,6 +251,42 @@ async def test_the_wal_starts_over_while_appends_keep_coming(
     await _until(lambda: _in_database_file(path) == 3000)
 
 
+@pytest.fixture
+def no_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpointer's thread waits an hour between ticks: the test plays its part."""
+    monkeypatch.setattr(writers, "RESTART_FRAMES", 64)
+    monkeypatch.setattr(writers, "CHECKPOINT_EVERY_S", 3600.0)
+
+
+def _wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: one more each time the WAL starts over (the
+    first commit after a restart writes the header anew). Read from the file, changing nothing."""
+    header = path.with_name(path.name + "-wal").read_bytes()[:32]
+    return int.from_bytes(header[12:16], "big")
+
+
+@pytest.mark.usefixtures("no_ticks")
+async def test_the_writer_restarts_the_wal_between_its_transactions_when_its_checkpointer_could_not(
+    sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
+) -> None:
+    # Under steady appends the checkpointer's RESTART may find a transaction in the way at every
+    # tick (a slow disk, a loaded machine): the WAL then grew with the log. The writer gives it
+    # the gap: before its next transaction, holding the write lock, it restarts the WAL itself.
+    engine, writer, path = sqlite_writer
+    for start in range(0, 200, 20):
+        await writer.run(_appends(range(start, start + 20), _BODY))
+    checkpointer, started = writer.checkpointer, _wal_restarts(path)
+    await writer.run(_appends(range(200, 201), _BODY))
+    assert checkpointer.restarts == 0 and _wal_restarts(path) == started  # none asked for yet
+    checkpointer.owed = checkpointer.gap_wanted = True  # as its tick leaves a busy RESTART
+    await writer.run(_appends(range(201, 202), _BODY))
+    assert checkpointer.restarts == 1 and not checkpointer.owed and not checkpointer.gap_wanted
+    assert _wal_restarts(path) == started + 1  # the last append wrote it from its start
+    async with engine.connect() as conn:
+        assert len(await read_events(conn, limit=500)) == 202
+    assert _in_database_file(path) == 201  # what was in the WAL before, copied first
+
+
 @pytest.mark.usefixtures("quick_restarts")
 async def test_a_reader_holding_the_wal_delays_its_restart_but_never_an_append(
     sqlite_writer: tuple[AsyncEngine, SqliteWriter, Path],
