@@ -56,8 +56,15 @@ def percentile(histogram: Mapping[int, int], q: float) -> float | None:
     for index in sorted(histogram):
         seen += histogram[index]
         if seen >= rank:
-            return round(bucket_value(index), 3)
-    return round(bucket_value(max(histogram)), 3)  # pragma: no cover - rank <= total
+            return _rounded(bucket_value(index))
+    return _rounded(bucket_value(max(histogram)))  # pragma: no cover - rank <= total
+
+
+def _rounded(ms: float) -> float:
+    """To the microsecond, and below a millisecond to four significant digits: rounded to the
+    microsecond alone, 0.01834 ms (the middle of the bucket holding 0.02) became 0.018, out of
+    the half bucket the estimate promises."""
+    return round(ms, max(3, 3 - math.floor(math.log10(ms))))
 
 
 def dumps(histogram: Mapping[int, int]) -> str:
