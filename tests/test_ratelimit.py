@@ -101,10 +101,12 @@ async def test_the_limit_is_part_of_the_trigger_and_its_events(
     await create_trigger(client, id="t", rate_limit={"per_s": 10})
     view = await (await client.get("/api/triggers/t", headers=AUTH)).json()
     assert view["rate_limit"] == {"per_s": 10.0, "burst": 10.0}
+    # One token a hundred seconds: the second delivery is refused however slow the machine
+    # (at one a second, a stalled sync between the two had let it through).
     patched = await client.patch(
-        "/api/triggers/t", json={"rate_limit": {"per_s": 1, "burst": 1}}, headers=AUTH
+        "/api/triggers/t", json={"rate_limit": {"per_s": 0.01, "burst": 1}}, headers=AUTH
     )
-    assert (await patched.json())["rate_limit"] == {"per_s": 1.0, "burst": 1.0}
+    assert (await patched.json())["rate_limit"] == {"per_s": 0.01, "burst": 1.0}
     assert (await post(client, "{}")).status == 202
     assert (await post(client, "{}")).status == 429
     cleared = await client.patch("/api/triggers/t", json={"rate_limit": None}, headers=AUTH)
@@ -116,7 +118,7 @@ async def test_the_limit_is_part_of_the_trigger_and_its_events(
     await engine.dispose()
     assert [e.data["rate_limit"] for e in events] == [
         {"per_s": 10.0, "burst": 10.0},
-        {"per_s": 1.0, "burst": 1.0},
+        {"per_s": 0.01, "burst": 1.0},
         None,
     ]
 
