@@ -22,6 +22,11 @@ from ledger.store import head_of, read_head, read_head_statement
 
 # SQLite allows at most 500 terms in a compound SELECT; a larger batch asks in several statements.
 ORIGINALS_CHUNK = 256
+# What pads a statement's branches (`padded`): the index's first entry, where a probe ends at
+# once. A key repeated instead was looked up again in each padding branch: a duplicate's whole
+# read (its row, its body's hash, its stream's version) up to a third of a batch's probes. Were
+# it ever found, no command asks for its original.
+_NO_KEY = ("", "")
 
 
 def originals_queries(
@@ -39,7 +44,7 @@ def originals_queries(
             yield _HEAD_AND_ORIGINALS, asked
         return
     for start in range(0, len(ordered), ORIGINALS_CHUNK):
-        chunk = padded(ordered[start : start + ORIGINALS_CHUNK])
+        chunk = padded(ordered[start : start + ORIGINALS_CHUNK], _NO_KEY)
         params: dict[str, Any] = {}
         for n, (trigger_id, key) in enumerate(chunk):
             params[f"trigger_{n}"] = trigger_id

@@ -94,3 +94,12 @@ async def test_long_keys_and_mixed_triggers_find_exactly_their_originals(
         again = await append_commands(conn, [*commands, _delivery("new")])
     assert [r.is_duplicate for r in again] == [True] * len(commands) + [False]
     assert [r.original_event_id for r in again[:-1]] == [r.event_id for r in first]
+
+
+def test_sqlite_pads_a_statement_with_a_key_found_at_once_not_a_repeated_one() -> None:
+    # Each branch of the UNION ALL runs: a repeated key was a duplicate's whole read again (its
+    # row, its body's hash, its stream's version) in every padding branch.
+    keys = {("t", "a"), ("t", "b"), ("t", "c")}
+    ((_statement, params),) = originals_queries(keys, "sqlite")
+    asked = [(params[f"trigger_{n}"], params[f"key_{n}"]) for n in range(len(params) // 2)]
+    assert asked == [("t", "a"), ("t", "b"), ("t", "c"), ("", "")]
