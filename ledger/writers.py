@@ -189,9 +189,9 @@ class SqliteWriter:
     async def run(self, work: Callable[[sa.Connection], T]) -> T:
         """`work(conn)` in one write transaction (BEGIN IMMEDIATE … COMMIT): committed on return."""
         async with process_write_lock(self._async_engine):
-            if self.checkpointer.gap_wanted:
-                await self._restart_in_gap()
             try:
+                if self.checkpointer.gap_wanted:
+                    await self._restart_in_gap()
                 conn = await self._begin()
                 result = work(conn)
                 await self._commit(conn)
