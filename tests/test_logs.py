@@ -31,6 +31,7 @@ HOSTILE = [
     "\x1b[31mred\x1b[0m and \x1b]0;title\x07",
     "crlf\r\nevt=forged level=error",
     "nul\x00 del\x7f c1\x85 vt\x0b ff\x0c fs\x1c",
+    "ascii but del\x7f",  # the one character left to escape in an ASCII JSON line
     "unicode\u2028line\u2029separators",
 ]
 FORMATTERS = {
