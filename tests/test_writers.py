@@ -178,12 +178,18 @@ async def test_the_writer_keeps_a_savepoints_journal_in_memory(
 
 
 def _in_database_file(path: Path) -> int:
-    """Events in the database file alone, without its WAL: what checkpoints copied there."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
-        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events'")
-        if not tables.fetchone()[0]:
-            return 0  # not even the schema was copied yet
-        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    """Events in the database file alone, without its WAL: what checkpoints copied there; -1
+    for a read torn by a checkpoint writing the file meanwhile (`immutable=1` takes no lock, so
+    it may see one page before and another after: "malformed"). Callers poll (`_until`) or read
+    when no checkpoint runs, so a file really damaged still fails them."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events'")
+            if not tables.fetchone()[0]:
+                return 0  # not even the schema was copied yet
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    except sqlite3.DatabaseError:
+        return -1
 
 
 def _appends(keys: range, body: str) -> Callable[[sa.Connection], None]:
