@@ -7,6 +7,7 @@ they skip with the reason — unless HOOKLEDGER_REQUIRE_POSTGRES=1 (CI), where t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -23,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.appender import Appender
 from ledger.migrate import upgrade
 from ledger.store import create_engine
 from server.app import make_app
@@ -117,6 +119,19 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade(engine)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+async def appender(engine: AsyncEngine) -> AsyncIterator[Appender]:
+    """The group-commit appender on `engine`, running (no projections folded unless the test
+    gives it a folder)."""
+    appender = Appender(engine)
+    task = asyncio.create_task(appender.run())
+    yield appender
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await appender.close()
 
 
 class ListenerServer(TestServer):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_only
 
 from ledger.append import append_and_fold, append_batch, append_commands
+from ledger.appender import Appender
 from ledger.commands import AppendEvents
 from ledger.events import (
     ExecutionFailed,
@@ -296,50 +296,37 @@ async def test_a_failing_inline_fold_keeps_the_append_and_leaves_the_fold_to_the
 
 
 async def test_the_appender_acknowledges_a_delivery_whose_inline_fold_failed_once_and_unfolded(
-    database_url: str, caplog: pytest.LogCaptureFixture
+    engine: AsyncEngine, appender: Appender, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the appender itself: on SQLite its writer opens no savepoint, so a failed fold
     rolls the whole transaction back and the same batch is appended again without folding; on
     PostgreSQL it is undone to the savepoint opened with BEGIN. Either way every delivery is
     answered and in the log once, no projection keeps the failed fold's rows, and the runner
     folds them afterwards."""
-    from ledger.appender import Appender
-
-    engine = create_engine(database_url)
     executions, stats = PROJECTIONS["trigger_executions"], PROJECTIONS["trigger_stats"]
     healthy = ProjectionRunner(engine, [executions, stats])
-    appender = Appender(engine)
-    task = asyncio.create_task(appender.run())
-    try:
-        await upgrade(engine)
-        first = await appender.submit(delivery("a"))
-        await healthy.catch_up()  # the checkpoints exist from here on: appends may fold inline
-        assert len(await snapshot(engine, "trigger_executions")) == 1
+    first = await appender.submit(delivery("a"))
+    await healthy.catch_up()  # the checkpoints exist from here on: appends may fold inline
+    assert len(await snapshot(engine, "trigger_executions")) == 1
 
-        appender.folder = ProjectionRunner(engine, [executions, _BrokenAfterApplying(stats)])
-        outcomes = await asyncio.gather(*(appender.submit(delivery(k)) for k in ("b", "c", "b")))
-        assert "evt=inline_fold_failed" in caplog.text
-        assert [o.is_duplicate for o in outcomes] == [False, False, True]
-        assert outcomes[2].original_event_id == outcomes[0].event_id
-        async with engine.connect() as conn:
-            logged = [(e.id, e.idempotency_key) for e in await read_events(conn, after=first.seq)]
-            positions = await read_checkpoints(conn)
-        expected = [(o.event_id, k) for o, k in zip(outcomes, "bcb", strict=True)]
-        assert sorted(logged) == sorted(expected)
-        assert positions["trigger_executions"] == positions["trigger_stats"] == first.seq
-        assert len(await snapshot(engine, "trigger_executions")) == 1  # the fold's rows went
+    appender.folder = ProjectionRunner(engine, [executions, _BrokenAfterApplying(stats)])
+    outcomes = await asyncio.gather(*(appender.submit(delivery(k)) for k in ("b", "c", "b")))
+    assert "evt=inline_fold_failed" in caplog.text
+    assert [o.is_duplicate for o in outcomes] == [False, False, True]
+    assert outcomes[2].original_event_id == outcomes[0].event_id
+    async with engine.connect() as conn:
+        logged = [(e.id, e.idempotency_key) for e in await read_events(conn, after=first.seq)]
+        positions = await read_checkpoints(conn)
+    expected = [(o.event_id, k) for o, k in zip(outcomes, "bcb", strict=True)]
+    assert sorted(logged) == sorted(expected)
+    assert positions["trigger_executions"] == positions["trigger_stats"] == first.seq
+    assert len(await snapshot(engine, "trigger_executions")) == 1  # the fold's rows went
 
-        appender.folder = healthy
-        await healthy.catch_up()
-        rows = await snapshot(engine, "trigger_executions")
-        assert sorted(r["idempotency_key"] for r in rows) == ["a", "b", "c"]
-        assert [r["duplicate_count"] for r in rows if r["idempotency_key"] == "b"] == [1]
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await appender.close()
-        await engine.dispose()
+    appender.folder = healthy
+    await healthy.catch_up()
+    rows = await snapshot(engine, "trigger_executions")
+    assert sorted(r["idempotency_key"] for r in rows) == ["a", "b", "c"]
+    assert [r["duplicate_count"] for r in rows if r["idempotency_key"] == "b"] == [1]
 
 
 async def test_an_inline_fold_on_postgres_moves_every_checkpoint_or_none(

@@ -34,17 +34,6 @@ from ledger.store import (
 from ledger.writers import SqliteWriter
 
 
-@pytest.fixture
-async def appender(engine: AsyncEngine) -> Appender:
-    appender = Appender(engine)
-    task = asyncio.create_task(appender.run())
-    yield appender
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await appender.close()
-
-
 def event(stream: str = "s-1", n: int = 0) -> NewEvent:
     return NewEvent(stream=stream, type="test.happened", trigger_id="t", data={"n": n})
 
