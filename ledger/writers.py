@@ -52,11 +52,10 @@ def _begin_immediate(conn: sa.Connection) -> None:
     execute_sql(conn, "BEGIN IMMEDIATE")  # its error raised as SQLAlchemy raises the driver's
 
 
-def _restart_wal(conn: sa.Connection) -> bool:
-    """A RESTART checkpoint on the writer's connection, outside any transaction of its own:
-    True when the WAL starts over (the next commit writes it from its start)."""
-    driver = conn.connection.driver_connection
-    assert driver is not None
+def _restart_wal(driver: sqlite3.Connection) -> bool:
+    """A RESTART checkpoint, which waits for no lock (the connection's busy timeout is 0): True
+    when the WAL starts over (the next commit writes it from its start), False when a
+    transaction or an old reader was in the way."""
     busy, _, _ = driver.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
     return not busy
 
@@ -148,9 +147,9 @@ class WalCheckpointer:
         self.largest = max(self.largest, frames)
         self.owed = frames >= RESTART_FRAMES
         if self.owed:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            self.owed = bool(busy)  # a transaction was under way: the next tick tries again
-            self.restarts += not busy
+            restarted = _restart_wal(conn)
+            self.owed = not restarted  # a transaction was under way: the next tick tries again
+            self.restarts += restarted
             self.gap_wanted = self.owed  # and the writer, before its next transaction
         return int(frames)
 
@@ -243,9 +242,10 @@ class SqliteWriter:
         in the way now, and then the checkpointer tries again at its next tick."""
         checkpointer = self.checkpointer
         checkpointer.gap_wanted = False
-        conn = self._connection()
+        driver = self._connection().connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
         try:
-            restarted = await self._in_thread(functools.partial(_restart_wal, conn))
+            restarted = await self._in_thread(functools.partial(_restart_wal, driver))
         except sqlite3.Error:
             return  # a failing disk: the checkpointer's next tick says so; the append goes on
         if restarted:
