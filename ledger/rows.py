@@ -48,9 +48,26 @@ def insert_many(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str
 def _insert_arrays(
     conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: Sequence[Mapping[str, Any]]
 ) -> None:
-    compiled = _compiled(_unnest_insert(table, names), conn.dialect, "")
+    arrays = as_arrays(rows)
+    shared = shared_columns(arrays)
+    compiled = _compiled(_unnest_insert(table, names, shared), conn.dialect, "")
     assert compiled is not None  # PostgreSQL's paramstyle is positional
-    _write(conn, compiled, _values([as_arrays(rows)], compiled)[0])
+    params = {name: arrays[name][0] if name in shared else arrays[name] for name in names}
+    _write(conn, compiled, _values([params], compiled)[0])
+
+
+def shared_columns(arrays: Mapping[str, list[Any]]) -> tuple[str, ...]:
+    """The columns of `as_arrays` whose every row holds one value (a batch's trigger, its time,
+    a new execution's zeros and NULLs), bound once instead of as an array: asyncpg checks each
+    element of an array against two abstract base classes in Python (~0.2 us a check here), and
+    PostgreSQL receives and unnests each. One column at least stays an array: the arrays give
+    the rows their count. Equal is `==` (C's `list.count`): equal values of a column's type are
+    one stored value (1 and True in an integer column; no column here is a NUMERIC, whose 1 and
+    1.0 differ)."""
+    shared = tuple(
+        name for name, values in arrays.items() if values.count(values[0]) == len(values)
+    )
+    return shared[1:] if len(shared) == len(arrays) else shared
 
 
 def as_arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -136,22 +153,35 @@ def _insert_statement(table: sa.Table) -> sa.Insert:
     return table.insert()
 
 
-def array_of(type_: Any) -> postgresql.ARRAY[Any]:
-    """A PostgreSQL array of `type_` for a bind's cast, without a string's length: an explicit
-    cast to `varchar(n)` cuts a longer value short, where the column's own assignment refuses it
-    (as a row inserted alone would be refused)."""
+def cast_type(type_: Any) -> Any:
+    """`type_` for a bind's cast, without a string's length: an explicit cast to `varchar(n)`
+    cuts a longer value short, where the column's own assignment refuses it (as a row inserted
+    alone would be refused)."""
     if isinstance(type_, sa.String) and type_.length is not None:
-        type_ = type(type_)()
-    return postgresql.ARRAY(type_)
+        return type(type_)()
+    return type_
 
 
-@functools.lru_cache(maxsize=64)
-def _unnest_insert(table: sa.Table, names: tuple[str, ...]) -> sa.Insert:
+def array_of(type_: Any) -> postgresql.ARRAY[Any]:
+    """A PostgreSQL array of `type_` for a bind's cast (`cast_type`: no string's length)."""
+    return postgresql.ARRAY(cast_type(type_))
+
+
+@functools.lru_cache(maxsize=256)
+def _unnest_insert(table: sa.Table, names: tuple[str, ...], shared: tuple[str, ...]) -> sa.Insert:
     """INSERT INTO table (names) SELECT … FROM unnest(:name::type[], …): each bind a column's
-    values as an array of its type (its bind processor converts each element)."""
-    arrays = [sa.bindparam(name, type_=array_of(table.c[name].type)) for name in names]
-    source = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="rows")
-    return table.insert().from_select(list(names), sa.select(*(source.c[n] for n in names)))
+    values as an array of its type (its bind processor converts each element), but a `shared`
+    column's one value (:name::type) in every row."""
+    unnested = [name for name in names if name not in shared]
+    arrays = [sa.bindparam(name, type_=array_of(table.c[name].type)) for name in unnested]
+    source = sa.func.unnest(*arrays).table_valued(*unnested).render_derived(name="rows")
+    columns = [
+        sa.bindparam(name, type_=cast_type(table.c[name].type))
+        if name in shared
+        else source.c[name]
+        for name in names
+    ]
+    return table.insert().from_select(list(names), sa.select(*columns))
 
 
 def padded(values: Sequence[T], filler: T | None = None) -> list[T]:

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.deferred import defer_writes, discard, flush, stop_deferring
-from ledger.rows import execute_many, execute_sql, fetch_all, fetch_dicts, insert_many
+from ledger.rows import (
+    execute_many,
+    execute_sql,
+    fetch_all,
+    fetch_dicts,
+    insert_many,
+    shared_columns,
+)
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import create_engine
 from projections.trigger_stats import COUNTERS, DayStats
@@ -173,6 +180,48 @@ async def test_many_rows_store_what_one_at_a_time_stores(engine: AsyncEngine) ->
     assert stored == expected
 
 
+async def test_values_every_row_shares_are_stored_in_every_row(engine: AsyncEngine) -> None:
+    """On PostgreSQL a column whose rows all hold one value is bound once, not as an array
+    (`shared_columns`): NULLs, a time, a number and text shared, beside columns that differ, come
+    back row by row as given."""
+    from ledger.schema import events
+
+    rows = [
+        {
+            "seq": n,
+            "id": f"id-{n}",
+            "stream": f"s-{n}",
+            "version": 1,
+            "type": "webhook.received",
+            "trigger_id": 'a "shared", {trigger}',
+            "idempotency_key": None,
+            "data": "{}",
+            "meta": '{"é": "\\"}',
+            "recorded_at": MOMENT,
+            "hash": f"{n:064x}",
+        }
+        for n in (1, 2, 3)
+    ]
+    await _sync(engine, lambda conn: insert_many(conn, events, rows))
+    stored = await _sync(
+        engine, lambda conn: fetch_dicts(conn, sa.select(events).order_by(events.c.seq))
+    )
+    assert stored == rows
+
+
+def test_shared_columns_are_those_of_one_value_and_leave_one_array() -> None:
+    arrays: dict[str, list[Any]] = {
+        "differs": [1, 2],
+        "none": [None, None],
+        "time": [MOMENT, MOMENT],
+        "one_null": [None, "x"],
+        "text": ["x", "x"],
+    }
+    assert shared_columns(arrays) == ("none", "time", "text")
+    # every column of one value: the first stays an array, which gives the rows their count
+    assert shared_columns({"a": [1, 1], "b": ["x", "x"]}) == ("b",)
+
+
 async def test_a_violation_in_many_rows_stores_none_of_them(engine: AsyncEngine) -> None:
     first = {"name": "p1", "seq": 1, "updated_at": MOMENT}
     await _sync(engine, lambda conn: insert_many(conn, checkpoints, [first]))
@@ -195,6 +244,10 @@ async def test_a_value_too_long_for_its_column_is_refused_in_many_rows_too(
     if backend == "postgres":
         with pytest.raises(sa.exc.DBAPIError, match="too long"):
             await _sync(engine, lambda conn: insert_many(conn, checkpoints, rows))
+        # a value every row shares is bound once (ledger.rows.shared_columns), cast the same way
+        shared = [{"name": "q" * 65, "seq": n, "updated_at": MOMENT} for n in (1, 2)]
+        with pytest.raises(sa.exc.DBAPIError, match="too long"):
+            await _sync(engine, lambda conn: insert_many(conn, checkpoints, shared))
         stored: list[Any] = []
     else:
         await _sync(engine, lambda conn: insert_many(conn, checkpoints, rows))
