@@ -18,8 +18,11 @@ from ledger.events import (
     WebhookDuplicate,
     WebhookReceived,
     execution_stream,
+    matching_duplicate_data,
+    new_event,
     payload_of,
 )
+from ledger.fields import Fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class DeliveryOutcome:
     body_matches: bool = True
 
 
+_OUTCOME = Fields(DeliveryOutcome)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecordDelivery:
     """A delivery: its webhook.received event, appended as it is when its key is new, or a
@@ -140,49 +146,56 @@ class RecordDelivery:
         return [(event, state.next_version(event.stream))]
 
     def _received_event(self) -> NewEvent:
-        return NewEvent(
-            stream=execution_stream(self.execution_id),
-            type=WebhookReceived.TYPE,
-            trigger_id=self.trigger_id,
-            data=Encoded(self.data),
-            idempotency_key=self.idempotency_key,
-            meta=Encoded(self.meta),
+        return new_event(
+            execution_stream(self.execution_id),
+            WebhookReceived.TYPE,
+            self.trigger_id,
+            Encoded(self.data),
+            self.idempotency_key,
+            Encoded(self.meta),
         )
 
     def _duplicate_event(self, original: Original) -> NewEvent:
-        matches = original.body_sha256 == self.body_sha256
-        # The body and headers are kept as evidence only when they differ: decoded only then.
-        received = None if matches else self.received
-        duplicate = WebhookDuplicate(
-            original_event_id=original.event_id,
-            execution_id=original.execution_id,
-            body_sha256=self.body_sha256,
-            body_matches=matches,
-            body=None if received is None else received.body,
-            body_encoding=None if received is None else received.body_encoding,
-            headers=None if received is None else received.headers,
-        )
-        return NewEvent.of(
+        if original.body_sha256 == self.body_sha256:
+            data = matching_duplicate_data(
+                original.event_id, original.execution_id, self.body_sha256
+            )
+        else:  # the body and headers are kept as evidence: decoded only then
+            received = self.received
+            data = WebhookDuplicate(
+                original_event_id=original.event_id,
+                execution_id=original.execution_id,
+                body_sha256=self.body_sha256,
+                body_matches=False,
+                body=received.body,
+                body_encoding=received.body_encoding,
+                headers=received.headers,
+            ).to_data()
+        return new_event(
             execution_stream(original.execution_id),
+            WebhookDuplicate.TYPE,
             self.trigger_id,
-            duplicate,
-            idempotency_key=self.idempotency_key,
-            meta=Encoded(self.meta),
+            data,
+            self.idempotency_key,
+            Encoded(self.meta),
         )
 
     def outcome(self, planned: list[tuple[NewEvent, int]], seqs: list[int]) -> DeliveryOutcome:
+        # Restored through its slots (`ledger.fields`): one a delivery, in the append.
         event = planned[0][0]
         if event.type == WebhookReceived.TYPE:
-            return DeliveryOutcome(event.id, self.execution_id, False, None, seqs[0])
+            return _OUTCOME.made((event.id, self.execution_id, False, None, seqs[0], True))
         data = event.data
         assert isinstance(data, dict)  # a duplicate's data is made by `_duplicate_event`
-        return DeliveryOutcome(
-            event.id,
-            data["execution_id"],
-            True,
-            data["original_event_id"],
-            seqs[0],
-            data["body_matches"],
+        return _OUTCOME.made(
+            (
+                event.id,
+                data["execution_id"],
+                True,
+                data["original_event_id"],
+                seqs[0],
+                data["body_matches"],
+            )
         )
 
 

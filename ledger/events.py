@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import orjson
 
 from ledger.errors import UnknownEventType
+from ledger.fields import Fields
 
 JSON = dict[str, Any]
 # A JSON object already encoded, stored as it is (`ledger.codec.dumps` passes it through): what
@@ -150,6 +151,22 @@ class WebhookDuplicate(EventData):
     headers: dict[str, str] | None = None
 
 
+def matching_duplicate_data(
+    original_event_id: str, execution_id: str, body_sha256: str
+) -> dict[str, Any]:
+    """`WebhookDuplicate(..., body_matches=True).to_data()`, keys in the same order, without the
+    dataclass (~3 us a duplicate in the append; nearly every duplicate's body matches)."""
+    return {
+        "original_event_id": original_event_id,
+        "execution_id": execution_id,
+        "body_sha256": body_sha256,
+        "body_matches": True,
+        "body": None,
+        "body_encoding": None,
+        "headers": None,
+    }
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExecutionStarted(EventData):
     TYPE: ClassVar[str] = "execution.started"
@@ -236,6 +253,22 @@ class NewEvent:
         return cls(
             stream=stream, type=payload.TYPE, trigger_id=trigger_id, data=payload.to_data(), **kw
         )
+
+
+_NEW_EVENT = Fields(NewEvent)
+
+
+def new_event(
+    stream: str,
+    type_: str,
+    trigger_id: str,
+    data: JSON | Encoded,
+    idempotency_key: str | None,
+    meta: JSON | Encoded,
+) -> NewEvent:
+    """`NewEvent(...)` with a new id, restored through its slots (`ledger.fields`): the append
+    makes one a delivery, and a frozen `__init__` of keywords costs ~1.4 us more."""
+    return _NEW_EVENT.made((stream, type_, trigger_id, data, idempotency_key, meta, uuid7()))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,12 +5,16 @@ analysed, probed on trigger_id alone and filtered every delivery of the trigger)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from factories import delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.append import append_commands
-from ledger.commands import RecordDelivery
+from ledger.codec import dumps
+from ledger.commands import DeliveryOutcome, Original, PlanState, RecordDelivery
+from ledger.events import Encoded, NewEvent, WebhookDuplicate
 from ledger.originals import ORIGINALS_CHUNK, originals_queries
 from ledger.schema import IDEMPOTENCY_INDEX
 from ledger.store import write_transaction
@@ -103,3 +107,56 @@ def test_sqlite_pads_a_statement_with_a_key_found_at_once_not_a_repeated_one() -
     ((_statement, params),) = originals_queries(keys, "sqlite")
     asked = [(params[f"trigger_{n}"], params[f"key_{n}"]) for n in range(len(params) // 2)]
     assert asked == [("t", "a"), ("t", "b"), ("t", "c"), ("", "")]
+
+
+@pytest.mark.parametrize("same_body", [True, False], ids=["body-matches", "body-differs"])
+def test_a_duplicates_event_is_the_webhook_duplicate_payload_it_stands_for(same_body: bool) -> None:
+    """The plan builds a duplicate's event without the payload's dataclass when the body matches
+    (`matching_duplicate_data`, and `new_event` through the slots): the same data, keys in the
+    same order (the hash chain covers its bytes), the same event as `NewEvent.of` but its id."""
+    original = _delivery("k")
+    repeat = delivery("k", "{}" if same_body else '{"other": 1}', initial_status="recorded")
+    [(first, _)] = original.plan(PlanState(versions={}, originals={}))
+    state = PlanState(
+        versions={first.stream: 1},
+        originals={("t", "k"): Original(first.id, original.execution_id, original.body_sha256)},
+    )
+    [(event, version)] = repeat.plan(state)
+    received = repeat.received
+    payload = WebhookDuplicate(
+        original_event_id=first.id,
+        execution_id=original.execution_id,
+        body_sha256=repeat.body_sha256,
+        body_matches=same_body,
+        body=None if same_body else received.body,
+        body_encoding=None if same_body else received.body_encoding,
+        headers=None if same_body else received.headers,
+    )
+    expected = NewEvent.of(
+        first.stream, "t", payload, idempotency_key="k", meta=Encoded(repeat.meta)
+    )
+    assert version == 2
+    assert isinstance(event.data, dict)
+    assert list(event.data.items()) == list(payload.to_data().items())
+    assert dumps(event.data) == dumps(expected.data)
+    assert dumps(event.meta) == dumps(expected.meta)
+    assert replace(event, id=expected.id, meta=expected.meta) == expected
+    assert event.id != expected.id
+    outcome = repeat.outcome([(event, version)], [7])
+    assert outcome == DeliveryOutcome(event.id, original.execution_id, True, first.id, 7, same_body)
+
+
+def test_a_new_keys_event_is_its_webhook_received() -> None:
+    new = _delivery("k")
+    [(event, version)] = new.plan(PlanState(versions={}, originals={}))
+    assert (event.stream, event.type, event.trigger_id, event.idempotency_key, version) == (
+        f"execution-{new.execution_id}",
+        "webhook.received",
+        "t",
+        "k",
+        1,
+    )
+    assert (dumps(event.data), dumps(event.meta)) == (new.data, new.meta)
+    assert new.outcome([(event, 1)], [3]) == DeliveryOutcome(
+        event.id, new.execution_id, False, None, 3, True
+    )
