@@ -9,9 +9,10 @@ range of days and triggers combines without rereading the log.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date
+from datetime import UTC, date, datetime
+from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy as sa
@@ -67,8 +68,21 @@ def shadow_table(name: str) -> sa.Table:
 class Change:
     """What one event adds to its trigger's day."""
 
-    counts: dict[str, int]
+    counts: Mapping[str, int]
     latency_ms: float | None = None
+
+
+# A delivery's changes, made once (read-only: every delivery's event shares one).
+_RECEIVED = {
+    filtered: Change(MappingProxyType({"received": 1, "filtered": int(filtered)}))
+    for filtered in (False, True)
+}
+_DUPLICATE = {
+    matches: Change(
+        MappingProxyType({"duplicates": 1, "duplicates_body_mismatch": int(not matches)})
+    )
+    for matches in (True, False)
+}
 
 
 def change_of(event: RecordedEvent) -> Change | None:
@@ -76,15 +90,9 @@ def change_of(event: RecordedEvent) -> Change | None:
     data = event.data
     match event.type:
         case "webhook.received":
-            is_filtered = data.get("initial_status") == "filtered"
-            return Change({"received": 1, "filtered": int(is_filtered)})
+            return _RECEIVED[data.get("initial_status") == "filtered"]
         case "webhook.duplicate":
-            return Change(
-                {
-                    "duplicates": 1,
-                    "duplicates_body_mismatch": int(not data.get("body_matches", True)),
-                }
-            )
+            return _DUPLICATE[bool(data.get("body_matches", True))]
         case "execution.succeeded":
             duration = data.get("duration_ms")
             return Change({"succeeded": 1}, float(duration) if duration is not None else None)
@@ -147,7 +155,18 @@ class DayStats:
 
 
 def changes_of(events: Iterable[RecordedEvent]) -> list[tuple[Key, int, Change]]:
-    return [(key_of(e), e.seq, change) for e in events if (change := change_of(e)) is not None]
+    changes = []
+    at: datetime | None = None
+    key: Key = ("", date.min)
+    for event in events:
+        change = change_of(event)
+        if change is None:
+            continue
+        if event.recorded_at is not at or event.trigger_id != key[0]:
+            # an append's events share one time (and mostly a trigger): its day is found once
+            at, key = event.recorded_at, key_of(event)
+        changes.append((key, event.seq, change))
+    return changes
 
 
 def fold(changes: Iterable[tuple[Key, int, Change]], rows: dict[Key, DayStats]) -> set[Key]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +28,7 @@ from projections import histogram
 from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS, TRIGGER_STATS
 from projections.runner import ProjectionRunner
-from projections.trigger_stats import COUNTERS
+from projections.trigger_stats import COUNTERS, changes_of
 from server.config import Settings
 
 
@@ -340,3 +341,28 @@ async def test_counts_added_in_the_database_equal_the_fold(engine: AsyncEngine) 
             stored = (await conn.execute(sa.select(table).order_by(table.c.day))).mappings()
             assert [dict(row) for row in stored] == expected
     assert [rows[key].counts["received"] for key in sorted(rows)] == [3, 1]
+
+
+def test_each_change_is_keyed_by_its_own_trigger_and_day() -> None:
+    """`changes_of` finds a day once for events sharing one time and trigger (an append's), and
+    anew for each other time or trigger; a delivery's change is the definition's."""
+    late = datetime(2026, 11, 29, 23, 59, 59, 999999, tzinfo=UTC)
+    next_day = late + timedelta(microseconds=1)
+
+    def event(seq: int, trigger: str, at: datetime, type_: str, **data: Any) -> RecordedEvent:
+        return replace(recorded_event(seq, type_, data, recorded_at=at), trigger_id=trigger)
+
+    events = [
+        event(1, "a", late, "webhook.received", initial_status="filtered"),
+        event(2, "b", late, "webhook.duplicate", body_matches=False),
+        event(3, "b", next_day, "webhook.received", initial_status="pending"),
+        event(4, "b", next_day, "execution.started", attempt=1),
+        event(5, "b", next_day, "webhook.duplicate", body_matches=None),
+    ]
+    got = [(key, seq, dict(change.counts)) for key, seq, change in changes_of(events)]
+    assert got == [
+        (("a", late.date()), 1, {"received": 1, "filtered": 1}),
+        (("b", late.date()), 2, {"duplicates": 1, "duplicates_body_mismatch": 1}),
+        (("b", next_day.date()), 3, {"received": 1, "filtered": 0}),
+        (("b", next_day.date()), 5, {"duplicates": 1, "duplicates_body_mismatch": 1}),
+    ]
