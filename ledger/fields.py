@@ -3,9 +3,10 @@
 A frozen dataclass's `__init__` matches its keywords, then sets each field through
 `object.__setattr__`: ~2.2 us for an event of eleven fields. Where many are made from values
 already checked — every event read from the log (`ledger.store.to_recorded`), every delivery
-across the ledger link (`server.link`) — they are restored instead, as pickle restores an
-object: its slots set through their own descriptors, without `__init__` (~1.3 us). Every field
-is given, so none is left to a default.
+across the ledger link (`server.link`), a delivery's new event and its outcome in the append
+(`ledger.events.new_event`, `ledger.commands`) — they are restored instead, as pickle restores
+an object: its slots set through their own descriptors, without `__init__` (~1.3 us). Every
+field is given, so none is left to a default.
 """
 
 from __future__ import annotations
