@@ -14,12 +14,14 @@ from ledger.events import RecordedEvent
 from ledger.rows import (
     array_of,
     as_arrays,
+    cast_type,
     execute_many,
     fetch_dicts,
     in_list,
     in_values,
     insert_many,
     padded,
+    shared_columns,
 )
 from ledger.schema import events
 
@@ -74,14 +76,24 @@ class Increment:
     values: Callable[[list[RecordedEvent]], Row]
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _increment_statement(
-    increment: Increment, table: sa.Table, key_column: str, dialect: str
+    increment: Increment, table: sa.Table, key_column: str, dialect: str, shared: tuple[str, ...]
 ) -> sa.Executable:
     types = {"key": table.c[key_column].type} | increment.columns(table)
     if dialect == "postgresql":
-        arrays = [sa.bindparam(f"b_{name}", type_=array_of(type_)) for name, type_ in types.items()]
-        change: Any = sa.func.unnest(*arrays).table_valued(*types).render_derived(name="change").c
+        # A column of one value in every row (`shared_columns`) is bound once, not as an array.
+        unnested = [name for name in types if name not in shared]
+        arrays = [sa.bindparam(f"b_{name}", type_=array_of(types[name])) for name in unnested]
+        source = sa.func.unnest(*arrays).table_valued(*unnested).render_derived(name="change").c
+        change: Any = SimpleNamespace(
+            **{
+                name: sa.bindparam(f"b_{name}", type_=cast_type(types[name]))
+                if name in shared
+                else source[name]
+                for name in types
+            }
+        )
     else:
         change = SimpleNamespace(
             **{name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
@@ -172,9 +184,14 @@ class RowProjection:
             if key not in other:
                 by_key.setdefault(key, []).append(event)
         changes = [{"key": key, **increment.values(events)} for key, events in by_key.items()]
-        statement = _increment_statement(increment, table, self.key_column, conn.dialect.name)
+        shared: tuple[str, ...] = ()
         if conn.dialect.name == "postgresql":  # one row: a column of values each
-            changes = [as_arrays(changes)]
+            arrays = as_arrays(changes)
+            shared = shared_columns(arrays)
+            changes = [{k: v[0] if k in shared else v for k, v in arrays.items()}]
+        statement = _increment_statement(
+            increment, table, self.key_column, conn.dialect.name, shared
+        )
         execute_many(conn, statement, changes, prefix="b_")
         return [(key, event) for key, event in keyed if key in other]
 

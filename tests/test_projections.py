@@ -580,6 +580,53 @@ async def test_the_live_fold_of_duplicates_equals_evolve_event_by_event(
     assert expected["last_seq"] == 6 and expected["status"] == "running"
 
 
+async def test_duplicates_of_several_executions_in_one_batch_fold_each_its_own(
+    engine: AsyncEngine,
+) -> None:
+    """One Increment for a batch's duplicates of several executions: on PostgreSQL the values
+    every execution shares (one duplicate each, the batch's time) are bound once, the others
+    (its key, its seqs, its version) as arrays; each row is still what `evolve` makes of it."""
+    from dataclasses import replace
+
+    from projections.trigger_executions import evolve
+
+    names = ("x", "y", "z")
+    opened = [
+        _recorded_event(n, "webhook.received", {"execution_id": e}, execution_stream(e))
+        for n, e in enumerate(names, start=1)
+    ]
+    at = opened[-1].recorded_at
+    once = [
+        replace(
+            _recorded_event(n, "webhook.duplicate", {"execution_id": e}, execution_stream(e)),
+            version=2,
+            recorded_at=at,
+        )
+        for n, e in enumerate(names, start=4)
+    ]
+    twice = [  # x twice, y once: the counts differ, the time is shared
+        replace(
+            _recorded_event(n, "webhook.duplicate", {"execution_id": e}, execution_stream(e)),
+            version=v,
+            recorded_at=at,
+        )
+        for n, e, v in ((7, "x", 3), (8, "x", 4), (9, "y", 3))
+    ]
+    table = TRIGGER_EXECUTIONS.table
+    expected: dict[str, dict[str, Any] | None] = dict.fromkeys(names)
+    for batch in (opened, once, twice):
+        async with write_transaction(engine) as conn:
+            await conn.run_sync(TRIGGER_EXECUTIONS.apply, table, batch)
+        for event in batch:
+            name = event.data["execution_id"]
+            expected[name] = evolve(expected[name], event)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(table).order_by(table.c.execution_id))).mappings()
+        got = [dict(row) for row in rows]
+    assert got == [expected[name] for name in names]
+    assert [row["duplicate_count"] for row in got] == [3, 2, 1]
+
+
 async def test_lag_is_exact_when_events_are_folded_while_it_reads(
     database_url: str,
 ) -> None:
