@@ -48,12 +48,19 @@ def insert_many(conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str
 def _insert_arrays(
     conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: Sequence[Mapping[str, Any]]
 ) -> None:
-    arrays = as_arrays(rows)
-    shared = shared_columns(arrays)
+    shared, params = unnest_params(rows)
     compiled = _compiled(_unnest_insert(table, names, shared), conn.dialect, "")
     assert compiled is not None  # PostgreSQL's paramstyle is positional
-    params = {name: arrays[name][0] if name in shared else arrays[name] for name in names}
     _write(conn, compiled, _values([params], compiled)[0])
+
+
+def unnest_params(rows: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Rows alike (not empty) as the one row of parameters of a statement over `unnest_columns`:
+    each column's values as an array, but a shared column's (`shared_columns`) one value; and
+    which columns are shared (the statement's shape)."""
+    arrays = as_arrays(rows)
+    shared = shared_columns(arrays)
+    return shared, {name: v[0] if name in shared else v for name, v in arrays.items()}
 
 
 def shared_columns(arrays: Mapping[str, list[Any]]) -> tuple[str, ...]:
@@ -171,21 +178,29 @@ def array_of(type_: Any) -> postgresql.ARRAY[Any]:
     return postgresql.ARRAY(cast_type(type_))
 
 
+def unnest_columns(
+    types: Mapping[str, Any], shared: tuple[str, ...], *, prefix: str = "", alias: str = "rows"
+) -> dict[str, Any]:
+    """The columns of rows given as arrays, by name: `unnest(:prefixname::type[], …) AS alias`,
+    each bind a column's values as an array of its type (its bind processor converts each
+    element), but a `shared` column's one value (:prefixname::type), the same in every row.
+    Their parameters: `unnest_params`."""
+    unnested = [name for name in types if name not in shared]
+    arrays = [sa.bindparam(f"{prefix}{name}", type_=array_of(types[name])) for name in unnested]
+    source = sa.func.unnest(*arrays).table_valued(*unnested).render_derived(name=alias).c
+    return {
+        name: sa.bindparam(f"{prefix}{name}", type_=cast_type(types[name]))
+        if name in shared
+        else source[name]
+        for name in types
+    }
+
+
 @functools.lru_cache(maxsize=256)
 def _unnest_insert(table: sa.Table, names: tuple[str, ...], shared: tuple[str, ...]) -> sa.Insert:
-    """INSERT INTO table (names) SELECT … FROM unnest(:name::type[], …): each bind a column's
-    values as an array of its type (its bind processor converts each element), but a `shared`
-    column's one value (:name::type) in every row."""
-    unnested = [name for name in names if name not in shared]
-    arrays = [sa.bindparam(name, type_=array_of(table.c[name].type)) for name in unnested]
-    source = sa.func.unnest(*arrays).table_valued(*unnested).render_derived(name="rows")
-    columns = [
-        sa.bindparam(name, type_=cast_type(table.c[name].type))
-        if name in shared
-        else source.c[name]
-        for name in names
-    ]
-    return table.insert().from_select(list(names), sa.select(*columns))
+    """INSERT INTO table (names) SELECT … FROM unnest(…): the rows of `unnest_columns`."""
+    columns = unnest_columns({name: table.c[name].type for name in names}, shared)
+    return table.insert().from_select(list(names), sa.select(*columns.values()))
 
 
 def padded(values: Sequence[T], filler: T | None = None) -> list[T]:

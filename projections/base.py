@@ -12,16 +12,14 @@ import sqlalchemy as sa
 
 from ledger.events import RecordedEvent
 from ledger.rows import (
-    array_of,
-    as_arrays,
-    cast_type,
     execute_many,
     fetch_dicts,
     in_list,
     in_values,
     insert_many,
     padded,
-    shared_columns,
+    unnest_columns,
+    unnest_params,
 )
 from ledger.schema import events
 
@@ -82,18 +80,7 @@ def _increment_statement(
 ) -> sa.Executable:
     types = {"key": table.c[key_column].type} | increment.columns(table)
     if dialect == "postgresql":
-        # A column of one value in every row (`shared_columns`) is bound once, not as an array.
-        unnested = [name for name in types if name not in shared]
-        arrays = [sa.bindparam(f"b_{name}", type_=array_of(types[name])) for name in unnested]
-        source = sa.func.unnest(*arrays).table_valued(*unnested).render_derived(name="change").c
-        change: Any = SimpleNamespace(
-            **{
-                name: sa.bindparam(f"b_{name}", type_=cast_type(types[name]))
-                if name in shared
-                else source[name]
-                for name in types
-            }
-        )
+        change: Any = SimpleNamespace(**unnest_columns(types, shared, prefix="b_", alias="change"))
     else:
         change = SimpleNamespace(
             **{name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
@@ -186,9 +173,8 @@ class RowProjection:
         changes = [{"key": key, **increment.values(events)} for key, events in by_key.items()]
         shared: tuple[str, ...] = ()
         if conn.dialect.name == "postgresql":  # one row: a column of values each
-            arrays = as_arrays(changes)
-            shared = shared_columns(arrays)
-            changes = [{k: v[0] if k in shared else v for k, v in arrays.items()}]
+            shared, params = unnest_params(changes)
+            changes = [params]
         statement = _increment_statement(
             increment, table, self.key_column, conn.dialect.name, shared
         )
