@@ -188,6 +188,10 @@ class Appender:
         queue = self._queue
         while True:
             if not queue:
+                if self._held is not None:
+                    await self._release_held()
+                    if queue:  # arrived meanwhile
+                        continue
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
@@ -237,9 +241,18 @@ class Appender:
             return await self._writer.run(work)
         work = functools.partial(append_and_fold, commands=commands, folder=folder)
         if self._held is not None:
-            return await self._held.run(work)
+            return await self._held.run(work, then=lambda: bool(self._queue))
         async with write_transaction(self._engine) as conn:
             return await conn.run_sync(work)
+
+    async def _release_held(self) -> None:
+        """End the transaction the last commit began for a batch that is not there (its
+        commands' deadlines passed, or none came): it holds the append lock."""
+        assert self._held is not None
+        try:
+            await self._held.release()
+        except Exception as exc:  # noqa: BLE001 - gone with its connection; the next connects
+            logger.warning("evt=append_release_failed cause=%r", exc)
 
     async def close(self) -> None:
         """Let the writer's thread and connection go (after `run` was cancelled)."""
@@ -274,10 +287,12 @@ class Appender:
         # Answered commands left out for their deadline still owe an answer (a worker's link
         # keeps each call until answered); their caller has said 503 already.
         kept = {id(p) for p in live}
-        late = StorageUnavailable(TimeoutError(f"not committed within {self._wait_s:g} s"))
-        for pending in batch:
-            if pending.answer is not None and id(pending) not in kept:
-                pending.resolve(late)
+        gone = [p for p in batch if p.answer is not None and id(p) not in kept]
+        if not gone:  # futures their callers cancelled (with no wait's limit, all are such)
+            return
+        late = StorageUnavailable(TimeoutError(f"not committed within {self._wait_s or 0:g} s"))
+        for pending in gone:
+            pending.resolve(late)
 
     def _fail_all(self, batch: list[_Pending], exc: BaseException) -> None:
         error: BaseException = StorageUnavailable(exc) if is_unavailable(exc) else exc

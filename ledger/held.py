@@ -43,6 +43,17 @@ class HeldConnection:
     After any failure (the database went away, a cancellation) the connection is invalidated,
     which ends its transaction and lock on the server, and the next one is new.
 
+    When the next batch is already waiting at a commit (`run(..., then=…)` says so: under load,
+    nearly always), its transaction is begun in the COMMIT's own round trip: `SELECT 1; COMMIT;
+    BEGIN; …` (a batch was five round trips, now four). The `SELECT 1` keeps the check that
+    the COMMIT was one: in a transaction an error left aborted it fails, and the statements
+    after it in the query are not run. The lock is asked for there with a `lock_timeout` of
+    1 ms: this batch's answers wait for that query, and must not wait behind another appender
+    (another host's, the CLI's) that was queued for the lock; when it was, the transaction just
+    begun is rolled back and the next run begins as before, waiting its turn. A transaction
+    begun and not yet used is ended by `release` (the appender's queue ran dry) or with its
+    connection.
+
     Neither side waits for ever on the other. A transaction not done within `limit_s` (a
     network path that went silent: the kernel would wait ~15 minutes) has its connection closed
     here, failing it, and the next one connects again. And the server ends a transaction of ours
@@ -61,9 +72,15 @@ class HeldConnection:
         self._conn: AsyncConnection | None = None
         self._limit_s = limit_s
         self._begin = _begin_locked(idle_limit_s)
+        self._chained = _chained_begin(idle_limit_s)
+        self._begun = False  # a transaction begun (with the lock and savepoint) for the next run
 
-    async def run(self, work: Callable[[sa.Connection], T]) -> T:
-        """`work(conn)` in one write transaction holding the append lock, committed on return."""
+    async def run(
+        self, work: Callable[[sa.Connection], T], *, then: Callable[[], bool] | None = None
+    ) -> T:
+        """`work(conn)` in one write transaction holding the append lock, committed on return;
+        when `then()` says at the commit that another run follows, its transaction is begun in
+        the same round trip."""
         if self._conn is None:
             # A new connection, never one of the pool's: after a failure (a path gone silent
             # above all), the pool's idle ones may be as dead as the one just closed.
@@ -76,8 +93,12 @@ class HeldConnection:
             assert driver is not None
             # Its pending statement fails, and the transaction with it.
             timer = asyncio.get_running_loop().call_later(self._limit_s, driver.terminate)
+        begun, self._begun = self._begun, False
         try:
-            return await conn.run_sync(_locked_transaction, self._begin, work)
+            result, self._begun = await conn.run_sync(
+                _locked_transaction, None if begun else self._begin, work, self._chained, then
+            )
+            return result
         except BaseException:
             self._conn = None
             with contextlib.suppress(Exception):
@@ -88,7 +109,25 @@ class HeldConnection:
             if timer is not None:
                 timer.cancel()
 
+    async def release(self) -> None:
+        """End a transaction begun for a run that did not come (its lock let go)."""
+        if not self._begun or self._conn is None:
+            return
+        self._begun = False
+        conn = self._conn
+        driver = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+        assert driver is not None
+        try:
+            await driver.execute("ROLLBACK")
+        except BaseException:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            await _close_quietly(conn)
+            raise
+
     async def close(self) -> None:
+        self._begun = False
         conn, self._conn = self._conn, None
         if conn is not None:
             await _close_quietly(conn)
@@ -105,22 +144,51 @@ def _begin_locked(idle_limit_s: float) -> str:
     )
 
 
-def _locked_transaction(conn: sa.Connection, begin: str, work: Callable[[sa.Connection], T]) -> T:
-    """`work(conn)` between our own BEGIN (with the append lock) and COMMIT, in the greenlet
-    of `AsyncConnection.run_sync`: the driver's calls are awaited as the adapter awaits its own."""
+def _chained_begin(idle_limit_s: float) -> str:
+    """`_begin_locked` after the COMMIT of the transaction before (see HeldConnection): the lock
+    asked for with a 1 ms `lock_timeout` (55P03 when another appender is queued for it), then
+    the session's own `lock_timeout` again, for the transaction's other statements."""
+    return (
+        f"SELECT 1; COMMIT; BEGIN;"
+        f" SET LOCAL idle_in_transaction_session_timeout = {round(idle_limit_s * 1000):d};"
+        f" SET LOCAL lock_timeout = 1; SELECT pg_advisory_xact_lock({APPEND_LOCK_ID:d});"
+        f" SET LOCAL lock_timeout TO DEFAULT; SAVEPOINT {APPEND_SAVEPOINT}"
+    )
+
+
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _locked_transaction(
+    conn: sa.Connection,
+    begin: str | None,
+    work: Callable[[sa.Connection], T],
+    chained: str,
+    then: Callable[[], bool] | None,
+) -> tuple[T, bool]:
+    """`work(conn)` between our own BEGIN (with the append lock; None: begun already) and
+    COMMIT, in the greenlet of `AsyncConnection.run_sync`: the driver's calls are awaited as the
+    adapter awaits its own. With the result, whether the next transaction was begun with the
+    COMMIT (`then()`; see HeldConnection)."""
     driver = conn.connection.driver_connection  # asyncpg's connection
     assert driver is not None
 
-    def run(sql: str) -> str:
+    def run(sql: str, *, lock_wanted: bool = False) -> str:
         try:
             status: str = await_only(driver.execute(sql))
         except Exception as exc:
+            if lock_wanted and getattr(exc, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                # Only the chained lock can time out so: the COMMIT before it was one; the
+                # transaction begun after it is aborted, and ends here.
+                run("ROLLBACK")
+                return "COMMIT"
             # asyncpg's own error (the adapter translates only its cursor's): the database
             # cannot take this write now, as SQLAlchemy would say it (is_unavailable: a 503).
             raise sa.exc.OperationalError(sql, None, exc) from exc
         return status
 
-    run(begin)
+    if begin is not None:
+        run(begin)
     conn.info[LOCKED_AT_BEGIN] = conn.info[SAVEPOINT_AT_BEGIN] = True
     try:
         result = work(conn)
@@ -129,11 +197,13 @@ def _locked_transaction(conn: sa.Connection, begin: str, work: Callable[[sa.Conn
             conn.info.pop(LOCKED_AT_BEGIN, None)
             conn.info.pop(SAVEPOINT_AT_BEGIN, None)
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
-    # error: nothing of it may be acknowledged then.
+    # error: nothing of it may be acknowledged then. Chained, the SELECT before it fails there.
+    if then is not None and then():
+        return result, run(chained, lock_wanted=True) == "SAVEPOINT"
     status = run("COMMIT")
     if status != "COMMIT":
         raise sa.exc.OperationalError("COMMIT", None, RuntimeError(f"the commit was a {status}"))
-    return result
+    return result, False
 
 
 async def _close_quietly(conn: AsyncConnection) -> None:

@@ -66,9 +66,13 @@ class _Framed(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._out: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        # The loop the link runs on, found once: asyncio.get_running_loop() makes a getpid()
+        # system call each time (its fork check), and a worker sent one a request.
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -83,7 +87,7 @@ class _Framed(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         if not self._out:
-            asyncio.get_running_loop().call_soon(self.flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
         self._out.append(frame(message))
 
     def flush(self) -> None:
@@ -230,7 +234,7 @@ class LedgerLink(_Framed):
         return link
 
     def call(self, kind: str, payload: Any) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = (self._loop or asyncio.get_running_loop()).create_future()
         if self.lost.is_set():
             future.set_exception(_gone())
             return future

@@ -32,6 +32,9 @@ _TEXT_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSA
 }
 # orjson escapes C0 itself; the rest may stand raw in JSON text, so escape them the JSON way.
 _JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x7F}
+# The members a JSON line writes of its own (`JsonFormatter.line`): a fact's field of one of these
+# names is dropped, or (the request id, a traceback) written over.
+_ENTRY_KEYS = frozenset({"ts", "level", "logger", "msg", "evt", "request_id", "exc"})
 
 
 _GIVEN_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -130,6 +133,8 @@ class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._second = (-1, "")  # the last second seen, and its date and time as text
+        # a fact's members after its time, by (level, logger, message, event): code's constants
+        self._shared: dict[tuple[str, str, str, str], str] = {}
 
     def _timestamp(self, created: float) -> str:
         """`datetime.fromtimestamp(created, UTC).isoformat()`, rounding as it does, with the text
@@ -174,6 +179,8 @@ class JsonFormatter(logging.Formatter):
         exc: str | None = None,
     ) -> str:
         """The JSON line of a record with these attributes (`fact` writes one without a record)."""
+        if evt and fields and exc is None and fields.keys().isdisjoint(_ENTRY_KEYS):
+            return self._fact_line(created, level_name, logger_name, message, evt, fields, rid)
         entry: dict[str, Any] = {
             "ts": self._timestamp(created),
             "level": level_name.lower(),
@@ -188,6 +195,31 @@ class JsonFormatter(logging.Formatter):
         if exc:
             entry["exc"] = exc
         return _json_safe(orjson.dumps(entry, default=str).decode())
+
+    def _fact_line(
+        self,
+        created: float,
+        level_name: str,
+        logger_name: str,
+        message: str,
+        evt: str,
+        fields: dict[str, Any],
+        rid: str | None,
+    ) -> str:
+        """`line` of a fact whose fields name none of the line's own members: the same text,
+        spliced from three pieces orjson wrote — the members its level, logger and event share
+        (written once), its fields, its request id. A duplicate delivery logs one (SPEC): the
+        entry's dict, its merge and its whole dump were ~1.2 us of the 2.4 its line cost."""
+        key = (level_name, logger_name, message, evt)
+        shared = self._shared.get(key)
+        if shared is None:
+            members = {"level": level_name.lower(), "logger": logger_name, "msg": message}
+            if len(self._shared) >= 256:  # a bound, should events ever be made up at run time
+                self._shared.clear()
+            shared = self._shared[key] = orjson.dumps(members | {"evt": evt}).decode()[1:-1]
+        written = orjson.dumps(fields, default=str).decode()[1:-1]
+        tail = "}" if not rid else f',"request_id":{orjson.dumps(rid).decode()}}}'
+        return _json_safe(f'{{"ts":"{self._timestamp(created)}",{shared},{written}{tail}')
 
 
 class TextFormatter(logging.Formatter):

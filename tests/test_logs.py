@@ -260,3 +260,41 @@ def test_a_fact_json_cannot_hold_never_raises(batched: Batched) -> None:
     fact(log, "x", n=2**70)  # beyond orjson's integers: logging reports it, the caller goes on
     fact(log, "x", n=1)
     assert [orjson.loads(line)["n"] for line in stream.getvalue().splitlines()] == [1]
+
+
+_JSON_VALUES = st.one_of(
+    st.text(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@given(
+    fields=st.dictionaries(
+        st.one_of(st.sampled_from(["ts", "msg", "evt", "request_id", "exc", "level"]), st.text()),
+        _JSON_VALUES,
+        max_size=6,
+    ),
+    rid=st.one_of(st.none(), st.text()),
+    created=st.floats(min_value=0, max_value=2**36, allow_nan=False, allow_infinity=False),
+)
+def test_a_facts_json_line_holds_its_members_in_order(
+    fields: dict[str, object], rid: str | None, created: float
+) -> None:
+    # Facts whose fields name none of the line's own members are spliced from pieces
+    # (JsonFormatter._fact_line); the others are written whole: the same line either way.
+    line = JsonFormatter().line(created, "INFO", "server.receiver", "evt=e", "e", fields, rid)
+    assert_one_safe_line(line)
+    expected: dict[str, object] = {
+        "ts": datetime.fromtimestamp(created, UTC).isoformat(),
+        "level": "info",
+        "logger": "server.receiver",
+        "msg": "evt=e",
+        "evt": "e",
+    }
+    expected.update((key, value) for key, value in fields.items() if key not in expected)
+    if rid:
+        expected["request_id"] = rid
+    assert list(orjson.loads(line).items()) == list(expected.items())

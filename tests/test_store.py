@@ -419,6 +419,28 @@ async def test_an_answered_command_hears_its_result_inside_the_appenders_own_ste
     assert keys == ["k-1", "k-1", "k-2", "k-3"]
 
 
+async def test_a_command_its_caller_gave_up_is_left_out_and_the_writer_goes_on(
+    engine: AsyncEngine,
+) -> None:
+    # An appender with no wait's limit (the CLI's, the tests'): a caller that cancels its wait
+    # (its request went away) leaves its command out of the batch, and the writer lives on.
+    appender = Appender(engine)
+    try:
+        kept = appender.enqueue(delivery("kept"))
+        appender.enqueue(delivery("given up")).cancel()  # before the writer takes the batch
+        writing = asyncio.create_task(appender.run())
+        await asyncio.wait_for(kept, 10)
+        await asyncio.wait_for(appender.submit(delivery("later")), 10)  # the writer goes on
+    finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+        await appender.close()
+    async with engine.connect() as conn:
+        keys = [e.idempotency_key for e in await read_events(conn, after=0, limit=10)]
+    assert keys == ["kept", "later"]
+
+
 async def test_big_bodies_are_stored_whole_and_on_postgresql_compressed_with_lz4(
     engine: AsyncEngine, appender: Appender, backend: str
 ) -> None:

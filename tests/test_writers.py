@@ -552,3 +552,147 @@ async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
     async with engine.connect() as conn:
         query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
         return bool((await conn.execute(sa.text(query))).scalar_one())
+
+
+_TAKE_APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
+
+
+async def _keys(engine: AsyncEngine) -> list[str | None]:
+    async with engine.connect() as conn:
+        return [e.idempotency_key for e in await read_events(conn, limit=1000)]
+
+
+async def test_a_commit_with_a_batch_waiting_begins_the_next_transaction_and_release_ends_it(
+    pg_engine: AsyncEngine,
+) -> None:
+    """With the next batch waiting, the COMMIT and the next BEGIN (with the lock and savepoint)
+    are one round trip: the batch is committed when `run` returns, and the lock stays held by the
+    transaction begun for the next run, until that run commits or `release` ends it."""
+    held = HeldConnection(pg_engine)
+    try:
+        await held.run(_append_one("first"), then=lambda: True)
+        assert await _keys(pg_engine) == ["first"]  # committed: another session reads it
+        assert await _locks_held(pg_engine) == 1  # the next transaction's
+        await held.run(_append_one("second"), then=lambda: True)  # in the transaction begun
+        assert await _keys(pg_engine) == ["first", "second"]
+        await held.release()
+        assert await _locks_held(pg_engine) == 0
+        await held.release()  # nothing begun: nothing to do
+        await held.run(_append_one("third"))  # its own BEGIN again; no batch waits: no chain
+        assert await _locks_held(pg_engine) == 0
+    finally:
+        await held.close()
+    assert await _keys(pg_engine) == ["first", "second", "third"]
+
+
+async def test_a_chained_begin_never_holds_a_batch_behind_another_appender(
+    pg_engine: AsyncEngine,
+) -> None:
+    """Another appender (the CLI, another host) queued for the lock gets it at our COMMIT; the
+    lock asked for in the same round trip gives up after 1 ms instead of waiting for that
+    appender's transaction (this batch's answers wait for the round trip), and the next run
+    waits its turn with its own BEGIN."""
+    held = HeldConnection(pg_engine)
+    other = await pg_engine.connect()
+    other_committed: list[float] = []
+
+    async def other_appender() -> None:
+        await other.execute(_TAKE_APPEND_LOCK, {"k": store.APPEND_LOCK_ID})
+        await asyncio.sleep(2.0)
+        await other.commit()
+        other_committed.append(asyncio.get_running_loop().time())
+
+    try:
+        await held.run(_append_one("first"), then=lambda: True)  # the lock held from here
+        waiting = asyncio.create_task(other_appender())
+        async with asyncio.timeout(10):
+            while not await _waiting_for_a_lock(pg_engine):  # noqa: ASYNC110 - another session's state
+                await asyncio.sleep(0.01)
+        started = asyncio.get_running_loop().time()
+        await held.run(_append_one("second"), then=lambda: True)
+        assert asyncio.get_running_loop().time() - started < 1.0  # not the other's 2 s
+        assert await _keys(pg_engine) == ["first", "second"]
+        await held.run(_append_one("third"))  # waits for the other's commit
+        assert other_committed and asyncio.get_running_loop().time() >= other_committed[0]
+        await waiting
+    finally:
+        await other.close()
+        await held.close()
+    assert await _keys(pg_engine) == ["first", "second", "third"]
+    assert await _locks_held(pg_engine) == 0
+
+
+async def test_a_chained_commit_of_an_aborted_transaction_fails_and_keeps_nothing(
+    pg_engine: AsyncEngine,
+) -> None:
+    held = HeldConnection(pg_engine)
+
+    def swallows_an_error(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery("lost")])
+        with contextlib.suppress(sa.exc.DBAPIError):
+            fetch_all(conn, sa.text("SELECT 1 / 0"))  # aborted: the COMMIT would be a ROLLBACK
+
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="aborted"):
+            await held.run(swallows_an_error, then=lambda: True)
+        assert await _locks_held(pg_engine) == 0  # its connection went, and the lock with it
+        await held.run(_append_one("kept"), then=lambda: True)
+        with pytest.raises(sa.exc.DBAPIError):  # the begun transaction's connection was ended
+            async with pg_engine.connect() as killer:
+                await killer.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                        " WHERE locktype = 'advisory' AND objid = :k AND database ="
+                        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    ),
+                    {"k": store.APPEND_LOCK_ID},
+                )
+            await held.run(_append_one("refused"))  # on the connection that was ended
+        await held.run(_append_one("after"))  # a new connection
+    finally:
+        await held.close()
+    assert await _keys(pg_engine) == ["kept", "after"]
+    assert await _locks_held(pg_engine) == 0
+
+
+async def test_the_appender_lets_the_lock_go_once_its_queue_runs_dry(
+    pg_engine: AsyncEngine,
+) -> None:
+    """Batches that follow each other chain their transactions. One begun for a batch whose
+    commands then went (their callers stopped waiting) is rolled back when the queue runs dry:
+    an idle appender never holds the append lock."""
+    from ledger.appender import Appender
+
+    appender = Appender(pg_engine, max_batch=8)
+    task = asyncio.create_task(appender.run())
+    other = await pg_engine.connect()
+    try:
+        outcomes = await asyncio.gather(
+            *(appender.submit(make_delivery(f"k{n}")) for n in range(100))
+        )
+        # A batch waits for the lock another session holds; a command queued behind it is
+        # given up by its caller before that batch commits: the commit begins a transaction
+        # for a batch that is not there.
+        await other.execute(_TAKE_APPEND_LOCK, {"k": store.APPEND_LOCK_ID})
+        first = appender.enqueue(make_delivery("waits"))
+        async with asyncio.timeout(10):
+            while not await _waiting_for_a_lock(pg_engine):  # noqa: ASYNC110 - another session's state
+                await asyncio.sleep(0.01)
+        appender.enqueue(make_delivery("given up")).cancel()
+        await other.commit()
+        await asyncio.wait_for(first, 10)
+        async with asyncio.timeout(5):
+            while await _locks_held(pg_engine):  # noqa: ASYNC110 - another session's state
+                await asyncio.sleep(0.01)
+        await appender.submit(make_delivery("later"))  # the appender goes on after
+    finally:
+        await other.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await appender.close()
+    assert await _locks_held(pg_engine) == 0
+    assert len({o.event_id for o in outcomes}) == 100
+    assert sorted(k for k in await _keys(pg_engine) if k) == sorted(
+        [*(f"k{n}" for n in range(100)), "waits", "later"]
+    )
