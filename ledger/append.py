@@ -158,13 +158,15 @@ def append_and_fold(
                 raise  # the connection went (the database with it): the whole batch is undone
             if redone:
                 raise FoldFailed("the inline fold failed") from exc
+            quiet = isinstance(exc, CheckpointsMoved)
             # The append's rows may have gone with the fold's first statement, and the error
             # be theirs: written again alone, they raise it again (and no fold is blamed).
             discard(conn)
             execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
             insert_many(conn, events, appended.rows)
             flush(conn)
-            logger.exception("evt=inline_fold_failed")
+            if not quiet:
+                logger.exception("evt=inline_fold_failed")
             return appended, False
     finally:
         stop_deferring(conn)
@@ -219,6 +221,12 @@ def _recorded(row: dict[str, Any]) -> RecordedEvent:
     # taken from the Python objects: a fold sees exactly what a reader will (a datetime in data
     # is a string there).
     return to_recorded(_IN_TABLE_ORDER(row))
+
+
+class CheckpointsMoved(Exception):  # noqa: N818 - a signal, not a failure
+    """A folder whose writes went with the statement that checks the checkpoints found them
+    moved (no longer at the head before the append): `append_and_fold` undoes the fold, keeps
+    the append and says nothing; the runner folds those events later."""
 
 
 class Folder(Protocol):

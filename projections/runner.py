@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ledger.append import CheckpointsMoved
 from ledger.events import RecordedEvent
 from ledger.failures import FailureLog
 from ledger.rows import array_of, execute_many, fetch_all
@@ -117,6 +118,9 @@ class ProjectionRunner:
         self._failures = FailureLog(logger, "projector_failed")
         self.positions: dict[str, int] = {}
         self.caught_up_at = time.monotonic()
+        # PostgreSQL: the last inline fold found the checkpoints at the head, so the next one
+        # folds first and lets the checkpoints' check carry its writes (see `fold_appended`).
+        self._folding_inline = False
 
     async def step(self) -> int:
         """Project the next batch; the events read (0: caught up, or another runner's turn)."""
@@ -166,21 +170,42 @@ class ProjectionRunner:
         the append, or on SQLite rolls it back whole and appends the batch again without the
         fold, and leaves the fold to `step`, which stops on it and says why: a bug in a fold
         never refuses deliveries. It touches nothing but `conn`: the appender reports the
-        commit through `folded`.
+        commit through `folded`. On PostgreSQL, after a fold that stood at the head, the fold
+        writes first and its rows go with the check (`CheckpointsMoved` when it declines).
         """
         now, seq = datetime.now(UTC), appended[-1].seq
         names = [p.name for p in self.projections]
         if conn.dialect.name == "postgresql":
+            asked = {"names": names, "before": before, "seq": seq, "at": now}
+            asked["k"] = PROJECTOR_LOCK_ID
+            if self._folding_inline:
+                # The last one stood at the head, as under steady appends: fold first; the
+                # folds' writes wait (ledger.deferred) and go with the append's rows in the
+                # statement that checks and moves the checkpoints, one round trip for the three.
+                # Found moved, they are undone with the checkpoints (`CheckpointsMoved`).
+                self._folding_inline = False  # until this one stands
+                for projection in self.projections:
+                    projection.apply(conn, projection.table, appended)
+                moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked)
+                if not moved:
+                    raise CheckpointsMoved()
+                if len(moved) != len(names):
+                    raise RuntimeError("a checkpoint moved while the inline fold took the lock")
+                self._folding_inline = True
+                return True
             # The checkpoints are moved first, in the round trip that checks them: the
             # savepoint the appender rolls back to if a fold fails undoes that too.
-            asked = {"names": names, "before": before, "seq": seq, "at": now}
-            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked | {"k": PROJECTOR_LOCK_ID})
+            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked)
             if not moved:
                 return False
             if len(moved) != len(names):
                 # All stood at `before` in the statement's snapshot, but one changed before
                 # the lock was won (a rebuild's swap): undo (see `append_and_fold`).
                 raise RuntimeError("a checkpoint moved while the inline fold took the lock")
+            for projection in self.projections:
+                projection.apply(conn, projection.table, appended)
+            self._folding_inline = True
+            return True
         else:
             # The SQLite write lock excludes other runners.
             positions = {name: seq for name, seq in fetch_all(conn, _CHECKPOINTS)}

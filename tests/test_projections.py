@@ -387,6 +387,67 @@ async def test_an_inline_fold_on_postgres_moves_every_checkpoint_or_none(
         assert len(await snapshot(engine, "trigger_executions")) == 4
         await runner.catch_up()
         assert len(await snapshot(engine, "trigger_executions")) == 5
+
+        # After a fold that stood at the head, the next folds first and its writes go with the
+        # checkpoints' check (one statement): the same race undoes them with the moves.
+        assert await _append_and_fold(engine, runner, "f") is True
+        assert await _append_and_fold(engine, runner, "g") is True
+        caplog.clear()
+        swap = await engine.connect()
+        await swap.begin()
+        await swap.execute(
+            sa.text("UPDATE projection_checkpoints SET seq = 6 WHERE name = 'triggers'")
+        )
+        folding = asyncio.create_task(_append_and_fold(engine, runner, "h"))
+        await asyncio.sleep(0.5)
+        assert not folding.done()
+        await swap.commit()
+        await swap.close()
+        assert await folding is False
+        assert "a checkpoint moved" in caplog.text
+        async with engine.connect() as conn:
+            assert await read_last_seq(conn) == 8
+            positions = await read_checkpoints(conn)
+        assert sorted(positions.values()) == [6, 7, 7]
+        assert len(await snapshot(engine, "trigger_executions")) == 7  # h's row went too
+        await runner.catch_up()
+        assert len(await snapshot(engine, "trigger_executions")) == 8
+    finally:
+        await engine.dispose()
+
+
+async def test_on_postgres_a_fold_that_went_with_the_check_is_undone_quietly_when_declined(
+    database_url: str, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fold after one that stood at the head writes first, its rows going with the
+    statement that checks and moves the checkpoints; when that statement declines (a
+    checkpoint not at the head), the fold's rows are undone with it, the append stays, nothing
+    is logged as a failure, and the next fold checks first again."""
+    if backend != "postgres":
+        pytest.skip("the folds' writes go with the checkpoints' check on PostgreSQL")
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
+        await _append_and_fold(engine, runner, "a")
+        await runner.catch_up()
+        assert await _append_and_fold(engine, runner, "b") is True
+        async with engine.begin() as conn:  # an append the fold did not see: behind by one
+            await conn.run_sync(lambda c: append_and_fold(c, [delivery("c")], None))
+        assert await _append_and_fold(engine, runner, "d") is False  # written, then undone
+        assert "evt=inline_fold_failed" not in caplog.text
+        keys = {r["idempotency_key"] for r in await snapshot(engine, "trigger_executions")}
+        assert keys == {"a", "b"}
+        async with engine.connect() as conn:
+            assert set((await read_checkpoints(conn)).values()) == {2}
+            assert await read_last_seq(conn) == 4
+        assert await _append_and_fold(engine, runner, "e") is False  # checked first: declined
+        await runner.catch_up()
+        assert await _append_and_fold(engine, runner, "f") is True
+        keys = {r["idempotency_key"] for r in await snapshot(engine, "trigger_executions")}
+        assert keys == set("abcdef")
+        async with engine.connect() as conn:
+            assert set((await read_checkpoints(conn)).values()) == {6}
     finally:
         await engine.dispose()
 
