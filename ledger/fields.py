@@ -5,7 +5,7 @@ A frozen dataclass's `__init__` matches its keywords, then sets each field throu
 already checked — every event read from the log (`ledger.store.to_recorded`), every delivery
 across the ledger link (`server.link`), a delivery's new event and its outcome in the append
 (`ledger.events.new_event`, `ledger.commands`) — they are restored instead, as pickle restores
-an object: its slots set through their own descriptors, without `__init__` (~1.3 us). Every
+an object: its slots set through their own descriptors, without `__init__` (~0.8 us). Every
 field is given, so none is left to a default.
 """
 
@@ -29,10 +29,27 @@ class Fields(Generic[T]):
         self.of: Callable[[T], tuple[Any, ...]] = (
             getter if len(names) > 1 else lambda value: (getter(value),)
         )
-        self._setters = tuple(kind.__dict__[name].__set__ for name in names)  # slots' descriptors
+        setters = tuple(kind.__dict__[name].__set__ for name in names)  # slots' descriptors
+        self.made: Callable[[tuple[Any, ...]], T] = _maker(kind, setters)
+        """`made(values)`: the value whose fields are `values`, in order (ValueError when there
+        are more or fewer)."""
 
-    def made(self, values: tuple[Any, ...]) -> T:
-        made = object.__new__(self._kind)
-        for setter, value in zip(self._setters, values, strict=True):
-            setter(made, value)
-        return made
+
+def _maker(kind: type[T], setters: tuple[Callable[[Any, Any], None], ...]) -> Callable[..., T]:
+    """`made`, written out for `kind` as dataclasses writes an `__init__`: the tuple unpacked
+    at once and each slot set by its own descriptor, bound as a default. A loop over the
+    setters (`zip`) cost 1.6 us an event of eleven fields, this 0.8: every event read from the
+    log, every delivery's event, outcome and link frame is made so."""
+    values = ", ".join(f"v{n}" for n in range(len(setters)))
+    bound = ", ".join(f"s{n}=setters[{n}]" for n in range(len(setters)))
+    lines = [
+        f"def made(values, new=new, kind=kind, {bound}):",
+        f"    ({values},) = values",
+        "    value = new(kind)",
+        *(f"    s{n}(value, v{n})" for n in range(len(setters))),
+        "    return value",
+    ]
+    namespace: dict[str, Any] = {"new": object.__new__, "kind": kind, "setters": setters}
+    exec("\n".join(lines), namespace)  # noqa: S102 - our own text, of names we made
+    made: Callable[..., T] = namespace["made"]
+    return made
