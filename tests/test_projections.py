@@ -342,11 +342,7 @@ async def test_an_inline_fold_on_postgres_moves_every_checkpoint_or_none(
 
     engine = create_engine(database_url)
     try:
-        await upgrade(engine)
-        runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
-        await _append_and_fold(engine, runner, "a")
-        await runner.catch_up()
-        assert await _append_and_fold(engine, runner, "b") is True
+        runner = await _runner_folding_inline(engine)
 
         async with engine.connect() as other:  # another runner at work
             await other.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": PROJECTOR_LOCK_ID})
@@ -368,52 +364,59 @@ async def test_an_inline_fold_on_postgres_moves_every_checkpoint_or_none(
 
         # The race: the swap has changed its row but not committed when the fold's statement
         # takes its snapshot; it commits while the fold waits for that row.
-        swap = await engine.connect()
-        await swap.begin()
-        await swap.execute(
-            sa.text("UPDATE projection_checkpoints SET seq = 2 WHERE name = 'triggers'")
-        )
-        folding = asyncio.create_task(_append_and_fold(engine, runner, "e"))
-        await asyncio.sleep(0.5)
-        assert not folding.done()  # waiting for the swap's row
-        await swap.commit()
-        await swap.close()
-        assert await folding is False
-        assert "a checkpoint moved" in caplog.text
-        async with engine.connect() as conn:
-            assert await read_last_seq(conn) == 5  # the delivery is in the log
-            positions = await read_checkpoints(conn)
-        assert sorted(positions.values()) == [2, 4, 4]  # the fold and its moves undone
-        assert len(await snapshot(engine, "trigger_executions")) == 4
-        await runner.catch_up()
-        assert len(await snapshot(engine, "trigger_executions")) == 5
-
+        await _race_a_swap(engine, runner, "e", caplog, head=5)
         # After a fold that stood at the head, the next folds first and its writes go with the
         # checkpoints' check (one statement): the same race undoes them with the moves.
         assert await _append_and_fold(engine, runner, "f") is True
         assert await _append_and_fold(engine, runner, "g") is True
-        caplog.clear()
-        swap = await engine.connect()
-        await swap.begin()
-        await swap.execute(
-            sa.text("UPDATE projection_checkpoints SET seq = 6 WHERE name = 'triggers'")
-        )
-        folding = asyncio.create_task(_append_and_fold(engine, runner, "h"))
-        await asyncio.sleep(0.5)
-        assert not folding.done()
-        await swap.commit()
-        await swap.close()
-        assert await folding is False
-        assert "a checkpoint moved" in caplog.text
-        async with engine.connect() as conn:
-            assert await read_last_seq(conn) == 8
-            positions = await read_checkpoints(conn)
-        assert sorted(positions.values()) == [6, 7, 7]
-        assert len(await snapshot(engine, "trigger_executions")) == 7  # h's row went too
-        await runner.catch_up()
-        assert len(await snapshot(engine, "trigger_executions")) == 8
+        await _race_a_swap(engine, runner, "h", caplog, head=8)
     finally:
         await engine.dispose()
+
+
+async def _runner_folding_inline(engine: AsyncEngine) -> ProjectionRunner:
+    """A runner on a migrated `engine` whose last inline fold (of "b", after "a") stood at the
+    head: the log and every checkpoint at 2."""
+    await upgrade(engine)
+    runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
+    await _append_and_fold(engine, runner, "a")
+    await runner.catch_up()
+    assert await _append_and_fold(engine, runner, "b") is True
+    return runner
+
+
+async def _race_a_swap(
+    engine: AsyncEngine,
+    runner: ProjectionRunner,
+    key: str,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    head: int,
+) -> None:
+    """A swap moves the `triggers` checkpoint back to the head before the last but one while
+    an inline fold of `key` (the delivery `head`) waits for its row: the fold and its moves are
+    undone, the delivery stays, and the runner folds it after."""
+    caplog.clear()
+    swap = await engine.connect()
+    await swap.begin()
+    await swap.execute(
+        sa.text("UPDATE projection_checkpoints SET seq = :seq WHERE name = 'triggers'"),
+        {"seq": head - 3},
+    )
+    folding = asyncio.create_task(_append_and_fold(engine, runner, key))
+    await asyncio.sleep(0.5)
+    assert not folding.done()  # waiting for the swap's row
+    await swap.commit()
+    await swap.close()
+    assert await folding is False
+    assert "a checkpoint moved" in caplog.text
+    async with engine.connect() as conn:
+        assert await read_last_seq(conn) == head  # the delivery is in the log
+        positions = await read_checkpoints(conn)
+    assert sorted(positions.values()) == [head - 3, head - 1, head - 1]  # moves undone
+    assert len(await snapshot(engine, "trigger_executions")) == head - 1  # its row too
+    await runner.catch_up()
+    assert len(await snapshot(engine, "trigger_executions")) == head
 
 
 async def test_on_postgres_a_fold_that_went_with_the_check_is_undone_quietly_when_declined(
@@ -427,11 +430,7 @@ async def test_on_postgres_a_fold_that_went_with_the_check_is_undone_quietly_whe
         pytest.skip("the folds' writes go with the checkpoints' check on PostgreSQL")
     engine = create_engine(database_url)
     try:
-        await upgrade(engine)
-        runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
-        await _append_and_fold(engine, runner, "a")
-        await runner.catch_up()
-        assert await _append_and_fold(engine, runner, "b") is True
+        runner = await _runner_folding_inline(engine)
         async with engine.begin() as conn:  # an append the fold did not see: behind by one
             await conn.run_sync(lambda c: append_and_fold(c, [delivery("c")], None))
         assert await _append_and_fold(engine, runner, "d") is False  # written, then undone

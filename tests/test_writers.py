@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import create_pg_database, drop_pg_database
 from factories import delivery as make_delivery
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import store, writers
 from ledger.append import append_batch
@@ -418,6 +418,17 @@ async def test_a_held_transaction_holds_the_append_lock_from_its_begin_to_its_co
         assert [e.id for e in await read_events(conn)] == [outcome.event_id]
 
 
+def _swallows_an_error(key: str) -> Callable[[sa.Connection], None]:
+    def work(conn: sa.Connection) -> None:
+        append_batch(conn, [make_delivery(key)])
+        # A statement fails and its error is swallowed: the transaction is aborted, and
+        # PostgreSQL would answer the COMMIT with a ROLLBACK (and no error).
+        with contextlib.suppress(sa.exc.DBAPIError):
+            fetch_all(conn, sa.text("SELECT 1 / 0"))
+
+    return work
+
+
 async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
     pg_engine: AsyncEngine,
 ) -> None:
@@ -427,19 +438,12 @@ async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
         append_batch(conn, [make_delivery("lost")])
         raise RuntimeError("a bug after the insert")
 
-    def swallows_an_error(conn: sa.Connection) -> None:
-        append_batch(conn, [make_delivery("also lost")])
-        # A statement fails and its error is swallowed: the transaction is aborted, and
-        # PostgreSQL would answer the COMMIT with a ROLLBACK (and no error).
-        with contextlib.suppress(sa.exc.DBAPIError):
-            fetch_all(conn, sa.text("SELECT 1 / 0"))
-
     try:
         with pytest.raises(RuntimeError):
             await held.run(fails_after_writing)
         assert await _locks_held(pg_engine) == 0  # its connection went, and its lock with it
         with pytest.raises(sa.exc.OperationalError, match="ROLLBACK"):
-            await held.run(swallows_an_error)  # never acknowledged as committed
+            await held.run(_swallows_an_error("also lost"))  # never acknowledged as committed
         await held.run(lambda conn: append_batch(conn, [make_delivery("kept")]))
     finally:
         await held.close()
@@ -503,11 +507,8 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
     from projections.runner import ProjectionRunner
 
     runner = ProjectionRunner(pg_engine, list(PROJECTIONS.values()))
-    appender = Appender(pg_engine)
-    appender.folder = runner
-    task = asyncio.create_task(appender.run())
-    other = await pg_engine.connect()
-    try:
+    async with _running(Appender(pg_engine)) as appender, _connected(pg_engine) as other:
+        appender.folder = runner
         await appender.submit(make_delivery("first"))
         await runner.catch_up()  # the checkpoints stand at the head: appends fold inline
         execution = str(uuid.uuid4())
@@ -534,12 +535,6 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
                 await asyncio.sleep(0.01)
         await other.commit()
         outcome = await asyncio.wait_for(answer, 10)
-    finally:
-        await other.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await appender.close()
     assert outcome.is_duplicate and outcome.original_event_id == racer["id"]
     assert "evt=idempotency_race_absorbed" in caplog.text
     assert "evt=inline_fold_failed" not in caplog.text
@@ -555,6 +550,29 @@ async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
 
 
 _TAKE_APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
+
+
+@contextlib.asynccontextmanager
+async def _running(appender: Any) -> AsyncIterator[Any]:
+    """`appender` with its writer running, then stopped and closed."""
+    task = asyncio.create_task(appender.run())
+    try:
+        yield appender
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await appender.close()
+
+
+@contextlib.asynccontextmanager
+async def _connected(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """Another session on `engine`'s database."""
+    conn = await engine.connect()
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def _keys(engine: AsyncEngine) -> list[str | None]:
@@ -626,15 +644,9 @@ async def test_a_chained_commit_of_an_aborted_transaction_fails_and_keeps_nothin
     pg_engine: AsyncEngine,
 ) -> None:
     held = HeldConnection(pg_engine)
-
-    def swallows_an_error(conn: sa.Connection) -> None:
-        append_batch(conn, [make_delivery("lost")])
-        with contextlib.suppress(sa.exc.DBAPIError):
-            fetch_all(conn, sa.text("SELECT 1 / 0"))  # aborted: the COMMIT would be a ROLLBACK
-
     try:
         with pytest.raises(sa.exc.OperationalError, match="aborted"):
-            await held.run(swallows_an_error, then=lambda: True)
+            await held.run(_swallows_an_error("lost"), then=lambda: True)
         assert await _locks_held(pg_engine) == 0  # its connection went, and the lock with it
         await held.run(_append_one("kept"), then=lambda: True)
         with pytest.raises(sa.exc.DBAPIError):  # the begun transaction's connection was ended
@@ -663,10 +675,10 @@ async def test_the_appender_lets_the_lock_go_once_its_queue_runs_dry(
     an idle appender never holds the append lock."""
     from ledger.appender import Appender
 
-    appender = Appender(pg_engine, max_batch=8)
-    task = asyncio.create_task(appender.run())
-    other = await pg_engine.connect()
-    try:
+    async with (
+        _running(Appender(pg_engine, max_batch=8)) as appender,
+        _connected(pg_engine) as other,
+    ):
         outcomes = await asyncio.gather(
             *(appender.submit(make_delivery(f"k{n}")) for n in range(100))
         )
@@ -685,12 +697,6 @@ async def test_the_appender_lets_the_lock_go_once_its_queue_runs_dry(
             while await _locks_held(pg_engine):  # noqa: ASYNC110 - another session's state
                 await asyncio.sleep(0.01)
         await appender.submit(make_delivery("later"))  # the appender goes on after
-    finally:
-        await other.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await appender.close()
     assert await _locks_held(pg_engine) == 0
     assert len({o.event_id for o in outcomes}) == 100
     assert sorted(k for k in await _keys(pg_engine) if k) == sorted(
