@@ -100,14 +100,19 @@ class HeldConnection:
             )
             return result
         except BaseException:
-            self._conn = None
-            with contextlib.suppress(Exception):
-                await conn.invalidate()  # closed for real: the server rolls back and unlocks
-            await _close_quietly(conn)
+            await self._drop(conn)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
+
+    async def _drop(self, conn: AsyncConnection) -> None:
+        """After a failure: the connection closed for real (the server rolls back and unlocks);
+        the next run connects again."""
+        self._conn = None
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+        await _close_quietly(conn)
 
     async def release(self) -> None:
         """End a transaction begun for a run that did not come (its lock let go)."""
@@ -120,10 +125,7 @@ class HeldConnection:
         try:
             await driver.execute("ROLLBACK")
         except BaseException:
-            self._conn = None
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            await _close_quietly(conn)
+            await self._drop(conn)
             raise
 
     async def close(self) -> None:
@@ -173,15 +175,10 @@ def _locked_transaction(
     driver = conn.connection.driver_connection  # asyncpg's connection
     assert driver is not None
 
-    def run(sql: str, *, lock_wanted: bool = False) -> str:
+    def run(sql: str) -> str:
         try:
             status: str = await_only(driver.execute(sql))
         except Exception as exc:
-            if lock_wanted and getattr(exc, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
-                # Only the chained lock can time out so: the COMMIT before it was one; the
-                # transaction begun after it is aborted, and ends here.
-                run("ROLLBACK")
-                return "COMMIT"
             # asyncpg's own error (the adapter translates only its cursor's): the database
             # cannot take this write now, as SQLAlchemy would say it (is_unavailable: a 503).
             raise sa.exc.OperationalError(sql, None, exc) from exc
@@ -199,7 +196,16 @@ def _locked_transaction(
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
     # error: nothing of it may be acknowledged then. Chained, the SELECT before it fails there.
     if then is not None and then():
-        return result, run(chained, lock_wanted=True) == "SAVEPOINT"
+        try:
+            run(chained)
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            # Only the chained lock can time out so: the COMMIT before it was one; the
+            # transaction begun after it is aborted, and ends here.
+            run("ROLLBACK")
+            return result, False
+        return result, True
     status = run("COMMIT")
     if status != "COMMIT":
         raise sa.exc.OperationalError("COMMIT", None, RuntimeError(f"the commit was a {status}"))

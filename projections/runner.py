@@ -176,46 +176,41 @@ class ProjectionRunner:
         now, seq = datetime.now(UTC), appended[-1].seq
         names = [p.name for p in self.projections]
         if conn.dialect.name == "postgresql":
+            # After a fold that stood at the head (steady appends) this one folds first: its
+            # writes wait (ledger.deferred) and go with the append's rows in the statement that
+            # checks and moves the checkpoints, one round trip for the three; declined, they
+            # are undone with the savepoint (`CheckpointsMoved`). Otherwise the checkpoints are
+            # moved first, in the round trip that checks them: the savepoint the appender rolls
+            # back to if a fold fails undoes that too.
+            ahead, self._folding_inline = self._folding_inline, False  # until this one stands
+            if ahead:
+                self._fold_all(conn, appended)
             asked = {"names": names, "before": before, "seq": seq, "at": now}
-            asked["k"] = PROJECTOR_LOCK_ID
-            if self._folding_inline:
-                # The last one stood at the head, as under steady appends: fold first; the
-                # folds' writes wait (ledger.deferred) and go with the append's rows in the
-                # statement that checks and moves the checkpoints, one round trip for the three.
-                # Found moved, they are undone with the checkpoints (`CheckpointsMoved`).
-                self._folding_inline = False  # until this one stands
-                for projection in self.projections:
-                    projection.apply(conn, projection.table, appended)
-                moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked)
-                if not moved:
-                    raise CheckpointsMoved()
-                if len(moved) != len(names):
-                    raise RuntimeError("a checkpoint moved while the inline fold took the lock")
-                self._folding_inline = True
-                return True
-            # The checkpoints are moved first, in the round trip that checks them: the
-            # savepoint the appender rolls back to if a fold fails undoes that too.
-            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked)
-            if not moved:
-                return False
-            if len(moved) != len(names):
+            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked | {"k": PROJECTOR_LOCK_ID})
+            if moved and len(moved) != len(names):
                 # All stood at `before` in the statement's snapshot, but one changed before
                 # the lock was won (a rebuild's swap): undo (see `append_and_fold`).
                 raise RuntimeError("a checkpoint moved while the inline fold took the lock")
-            for projection in self.projections:
-                projection.apply(conn, projection.table, appended)
+            if not moved:
+                if ahead:
+                    raise CheckpointsMoved()
+                return False
+            if not ahead:
+                self._fold_all(conn, appended)
             self._folding_inline = True
             return True
-        else:
-            # The SQLite write lock excludes other runners.
-            positions = {name: seq for name, seq in fetch_all(conn, _CHECKPOINTS)}
-            if any(positions.get(name) != before for name in names):
-                return False
-            moving = [{"name": name, "seq": seq, "at": now} for name in names]
-            execute_many(conn, _MOVE_CHECKPOINT, moving, prefix="b_")
+        # The SQLite write lock excludes other runners.
+        positions = {name: seq for name, seq in fetch_all(conn, _CHECKPOINTS)}
+        if any(positions.get(name) != before for name in names):
+            return False
+        moving = [{"name": name, "seq": seq, "at": now} for name in names]
+        execute_many(conn, _MOVE_CHECKPOINT, moving, prefix="b_")
+        self._fold_all(conn, appended)
+        return True
+
+    def _fold_all(self, conn: sa.Connection, appended: list[RecordedEvent]) -> None:
         for projection in self.projections:
             projection.apply(conn, projection.table, appended)
-        return True
 
     def folded(self, seq: int) -> None:
         """After the commit of events `fold_appended` folded (on the event loop)."""

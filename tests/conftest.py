@@ -121,17 +121,25 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def running(appender: Appender) -> AsyncIterator[Appender]:
+    """`appender` with its writer running, then stopped and closed."""
+    task = asyncio.create_task(appender.run())
+    try:
+        yield appender
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await appender.close()
+
+
 @pytest.fixture
 async def appender(engine: AsyncEngine) -> AsyncIterator[Appender]:
     """The group-commit appender on `engine`, running (no projections folded unless the test
     gives it a folder)."""
-    appender = Appender(engine)
-    task = asyncio.create_task(appender.run())
-    yield appender
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await appender.close()
+    async with running(Appender(engine)) as appender:
+        yield appender
 
 
 class ListenerServer(TestServer):

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import running
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -425,17 +426,11 @@ async def test_a_command_its_caller_gave_up_is_left_out_and_the_writer_goes_on(
     # An appender with no wait's limit (the CLI's, the tests'): a caller that cancels its wait
     # (its request went away) leaves its command out of the batch, and the writer lives on.
     appender = Appender(engine)
-    try:
-        kept = appender.enqueue(delivery("kept"))
-        appender.enqueue(delivery("given up")).cancel()  # before the writer takes the batch
-        writing = asyncio.create_task(appender.run())
+    kept = appender.enqueue(delivery("kept"))
+    appender.enqueue(delivery("given up")).cancel()  # before the writer takes the batch
+    async with running(appender):
         await asyncio.wait_for(kept, 10)
         await asyncio.wait_for(appender.submit(delivery("later")), 10)  # the writer goes on
-    finally:
-        writing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writing
-        await appender.close()
     async with engine.connect() as conn:
         keys = [e.idempotency_key for e in await read_events(conn, after=0, limit=10)]
     assert keys == ["kept", "later"]

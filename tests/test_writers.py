@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import create_pg_database, drop_pg_database
+from conftest import create_pg_database, drop_pg_database, running
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -507,7 +507,7 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
     from projections.runner import ProjectionRunner
 
     runner = ProjectionRunner(pg_engine, list(PROJECTIONS.values()))
-    async with _running(Appender(pg_engine)) as appender, _connected(pg_engine) as other:
+    async with running(Appender(pg_engine)) as appender, _connected(pg_engine) as other:
         appender.folder = runner
         await appender.submit(make_delivery("first"))
         await runner.catch_up()  # the checkpoints stand at the head: appends fold inline
@@ -550,19 +550,6 @@ async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
 
 
 _TAKE_APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
-
-
-@contextlib.asynccontextmanager
-async def _running(appender: Any) -> AsyncIterator[Any]:
-    """`appender` with its writer running, then stopped and closed."""
-    task = asyncio.create_task(appender.run())
-    try:
-        yield appender
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await appender.close()
 
 
 @contextlib.asynccontextmanager
@@ -676,7 +663,7 @@ async def test_the_appender_lets_the_lock_go_once_its_queue_runs_dry(
     from ledger.appender import Appender
 
     async with (
-        _running(Appender(pg_engine, max_batch=8)) as appender,
+        running(Appender(pg_engine, max_batch=8)) as appender,
         _connected(pg_engine) as other,
     ):
         outcomes = await asyncio.gather(
