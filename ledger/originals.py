@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from ledger.commands import Original
 from ledger.events import WebhookReceived, execution_of_stream
 from ledger.rows import array_of, fetch_all, padded
-from ledger.schema import events, json_text, likely
+from ledger.schema import LIMIT_ONE, events, json_text, likely
 from ledger.store import head_of, read_head, read_head_statement
 
 # SQLite allows at most 500 terms in a compound SELECT; a larger batch asks in several statements.
@@ -79,7 +79,7 @@ def _originals_lateral() -> sa.Select[Any]:
             events.c.trigger_id == asked.c.trigger_id,
             events.c.idempotency_key == asked.c.idempotency_key,
         )
-        .limit(1)
+        .limit(LIMIT_ONE)
         .lateral("original")
     )
     later = events.alias("later")

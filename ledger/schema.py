@@ -86,6 +86,12 @@ def _json_text_sqlite(element: json_text, compiler: SQLCompiler, **kw: Any) -> s
     return f"json_extract({compiler.process(column, **kw)}, '$.{path}')"
 
 
+# `LIMIT 1` written into a statement's SQL instead of bound: PostgreSQL plans a generic plan (the
+# appender's session uses only those, ledger/held.py) for a bound LIMIT as if it took a tenth of
+# the rows; written, a read of the head is one step of an index, whatever the size of the log.
+LIMIT_ONE: sa.ColumnClause[int] = sa.literal_column("1")
+
+
 class likely(FunctionElement[bool]):  # noqa: N801 - reads as the SQL function it renders
     """`likely(x)` on SQLite (a hint that x is not selective), plain `x` elsewhere."""
 

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -28,7 +28,7 @@ from ledger.events import RecordedEvent
 from ledger.fields import Fields
 from ledger.liveness import SERVER_SETTINGS, watch_peer
 from ledger.rows import fetch_all, in_list, in_values, padded
-from ledger.schema import SQLITE_RECURSIVE_TRIGGERS, events
+from ledger.schema import LIMIT_ONE, SQLITE_RECURSIVE_TRIGGERS, events
 
 APPEND_LOCK_ID = 0x686F6F6B  # "hook": the advisory lock every appender takes on PostgreSQL
 WRITE_OPTION = "hookledger_write"
@@ -58,7 +58,10 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def create_engine(url: str, **kw: Any) -> AsyncEngine:
+def create_engine(
+    url: str, *, server_settings: Mapping[str, str] | None = None, **kw: Any
+) -> AsyncEngine:
+    """An engine for `url`; on PostgreSQL its sessions with `server_settings` besides ours."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url, **kw)
@@ -67,7 +70,7 @@ def create_engine(url: str, **kw: Any) -> AsyncEngine:
         kw.setdefault("max_overflow", 10)
         kw.setdefault("pool_pre_ping", True)
     # An acknowledged delivery must survive a crash: never let a server default weaken commits.
-    settings = {"synchronous_commit": "on", **SERVER_SETTINGS}
+    settings = {"synchronous_commit": "on", **SERVER_SETTINGS, **(server_settings or {})}
     kw.setdefault("connect_args", {"server_settings": settings})
     engine = create_async_engine(url, **kw)
     if engine.dialect.name == "postgresql":
@@ -133,7 +136,7 @@ APPEND_SAVEPOINT = "append"
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
-_HEAD = sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1)
+_HEAD = sa.select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(LIMIT_ONE)
 
 
 @functools.lru_cache(maxsize=16)
@@ -301,12 +304,14 @@ def has_own_file(engine: AsyncEngine) -> bool:
     )
 
 
-def unpooled_engine(engine: AsyncEngine) -> AsyncEngine:
-    """An engine on the same PostgreSQL database, configured as `engine`, whose connections are
-    each new: for one kept for long (the appender's), never one the pool hands back after a ping
-    that may wait on a path gone silent."""
+def unpooled_engine(
+    engine: AsyncEngine, server_settings: Mapping[str, str] | None = None
+) -> AsyncEngine:
+    """An engine on the same PostgreSQL database, configured as `engine` (and with
+    `server_settings`), whose connections are each new: for one kept for long (the appender's),
+    never one the pool hands back after a ping that may wait on a path gone silent."""
     url = engine.url.render_as_string(hide_password=False)
-    return create_engine(url, poolclass=sa.pool.NullPool)
+    return create_engine(url, server_settings=server_settings, poolclass=sa.pool.NullPool)
 
 
 def plain_sqlite_engine(engine: AsyncEngine) -> Engine:

@@ -429,6 +429,29 @@ def _swallows_an_error(key: str) -> Callable[[sa.Connection], None]:
     return work
 
 
+async def test_a_held_connection_plans_the_read_of_the_head_and_the_originals_once(
+    pg_engine: AsyncEngine,
+) -> None:
+    """Batches of one delivery (a light load) and then of many: PostgreSQL, left to choose,
+    plans the read anew at every batch (its first custom plans were cheap, and a generic plan
+    never beat their average); the held session keeps one generic plan for good."""
+    held = HeldConnection(pg_engine)
+    plans = sa.text(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+        " WHERE statement LIKE 'SELECT head.seq%'"
+    )
+    try:
+        for n in range(8):
+            await held.run(lambda conn, n=n: append_batch(conn, [make_delivery(f"one-{n}")]))
+        for n in range(4):
+            batch = [make_delivery(f"many-{n}-{i}") for i in range(40)]
+            await held.run(lambda conn, batch=batch: append_batch(conn, batch))
+        ((generic, custom),) = await held.run(lambda conn: fetch_all(conn, plans))
+    finally:
+        await held.close()
+    assert (generic, custom) == (12, 0)
+
+
 async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
     pg_engine: AsyncEngine,
 ) -> None:
