@@ -39,10 +39,20 @@ from ledger.store import (
 logger = logging.getLogger(__name__)
 
 
+# PostgreSQL, on the appender's held connection (`conn.info`, for the connection's life): the
+# head its last append left, when no delivery of that append had been received before. The next
+# batch of deliveries alone is planned on it, as new, without reading the head or the originals
+# (`append_and_fold`): one round trip fewer a batch under a load of new deliveries.
+_EXPECTED_HEAD = "hookledger_expected_head"
+
+
 def _plan_state(
-    conn: sa.Connection, commands: Sequence[Command]
+    conn: sa.Connection, commands: Sequence[Command], assumed: tuple[int, str] | None = None
 ) -> tuple[tuple[int, str], PlanState]:
-    """The head of the log, and what planning `commands` reads."""
+    """The head of the log, and what planning `commands` reads; with `assumed`, that head and
+    every delivery new, nothing read."""
+    if assumed is not None:
+        return assumed, PlanState({}, {})
     keys = {key for c in commands if isinstance(c, RecordDelivery) and (key := c.key)}
     head, originals, versions = _read_head_and_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
@@ -95,6 +105,8 @@ class Appended:
     before: int  # the head's seq before this transaction
     events: list[RecordedEvent]
     rows: list[dict[str, Any]]  # the events' rows as inserted
+    head: tuple[int, str]  # the head's seq and hash after it
+    fresh: bool  # no delivery of it had been received before
 
 
 async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
@@ -143,37 +155,75 @@ def append_and_fold(
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
     if folder is not None and not redone and not conn.info.get(SAVEPOINT_AT_BEGIN):
         execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
+    # Deliveries alone after an append that found no delivery received before: planned as new
+    # on the head it left. When one was received before, or another process appended since,
+    # the insert breaks a unique index (the idempotency arbiter, or `seq`'s): the statement
+    # writes nothing, the transaction goes back to the savepoint, and the batch is planned on
+    # what the log holds. The expectation is taken here and set again only by a batch that
+    # stands (a failed transaction's connection is dropped, and its info with it).
+    assumed = conn.info.pop(_EXPECTED_HEAD, None)
+    if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):
+        assumed = None
     defer_writes(conn)
     try:
-        appended = _append_locked(conn, commands)
-        if not appended.events or folder is None:
-            flush(conn)
-            return appended, not appended.events
-        try:
-            folded = folder.fold_appended(conn, appended.before, appended.events)
-            flush(conn)  # a fold's error raises here, in this try, not at the COMMIT
-            return appended, folded
-        except Exception as exc:  # noqa: BLE001 - the append stands; the runner retries the fold
-            if conn.invalidated or getattr(exc, "connection_invalidated", False):
-                raise  # the connection went (the database with it): the whole batch is undone
-            if redone:
-                raise FoldFailed("the inline fold failed") from exc
-            quiet = isinstance(exc, CheckpointsMoved)
-            # The append's rows may have gone with the fold's first statement, and the error
-            # be theirs: written again alone, they raise it again (and no fold is blamed).
-            discard(conn)
-            execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
-            insert_many(conn, events, appended.rows)
-            flush(conn)
-            if not quiet:
-                logger.exception("evt=inline_fold_failed")
-            return appended, False
+        if assumed is not None:
+            try:
+                done = _append_and_fold_once(conn, commands, folder, redone, assumed)
+            except sa.exc.IntegrityError:
+                if conn.invalidated:
+                    raise
+                discard(conn)
+                execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
+                done = _append_and_fold_once(conn, commands, folder, redone, None)
+        else:
+            done = _append_and_fold_once(conn, commands, folder, redone, None)
     finally:
         stop_deferring(conn)
+    appended = done[0]
+    if appended.fresh and conn.info.get(SAVEPOINT_AT_BEGIN):  # the held connection's
+        conn.info[_EXPECTED_HEAD] = appended.head
+    return done
 
 
-def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended:
-    head, state = _plan_state(conn, commands)
+def _append_and_fold_once(
+    conn: sa.Connection,
+    commands: Sequence[Command],
+    folder: Folder | None,
+    redone: bool,
+    assumed: tuple[int, str] | None,
+) -> tuple[Appended, bool]:
+    appended = _append_locked(conn, commands, assumed)
+    if not appended.events or folder is None:
+        flush(conn)
+        return appended, not appended.events
+    try:
+        folded = folder.fold_appended(conn, appended.before, appended.events)
+        flush(conn)  # a fold's error raises here, in this try, not at the COMMIT
+        return appended, folded
+    except Exception as exc:  # noqa: BLE001 - the append stands; the runner retries the fold
+        if conn.invalidated or getattr(exc, "connection_invalidated", False):
+            raise  # the connection went (the database with it): the whole batch is undone
+        if assumed is not None and isinstance(exc, sa.exc.IntegrityError):
+            raise  # the rows planned on the expected head: planned again on the log's
+        if redone:
+            raise FoldFailed("the inline fold failed") from exc
+        quiet = isinstance(exc, CheckpointsMoved)
+        # The append's rows may have gone with the fold's first statement, and the error
+        # be theirs: written again alone, they raise it again (and no fold is blamed).
+        discard(conn)
+        execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
+        insert_many(conn, events, appended.rows)
+        flush(conn)
+        if not quiet:
+            logger.exception("evt=inline_fold_failed")
+        return appended, False
+
+
+def _append_locked(
+    conn: sa.Connection, commands: Sequence[Command], assumed: tuple[int, str] | None = None
+) -> Appended:
+    head, state = _plan_state(conn, commands, assumed)
+    fresh = not state.originals
     planned_all: list[tuple[NewEvent, int]] = []
     spans: list[tuple[Command, int, int] | Exception] = []
     for command in commands:
@@ -197,7 +247,9 @@ def _append_locked(conn: sa.Connection, commands: Sequence[Command]) -> Appended
         )
         for span in spans
     ]
-    return Appended(results, head[0], [_recorded(row) for row in rows], rows)
+    after = (rows[-1]["seq"], rows[-1]["hash"]) if rows else head
+    recorded = [_recorded(row) for row in rows]
+    return Appended(results, head[0], recorded, rows, after, fresh)
 
 
 def _encoded(command: Command) -> Command:

@@ -510,14 +510,17 @@ async def test_a_fold_failing_on_a_held_transaction_keeps_the_append_and_the_loc
         assert [e.id for e in await read_events(conn)] == [outcome.event_id]
 
 
+@pytest.mark.parametrize("planned_as_new", [False, True])
 async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
-    pg_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+    pg_engine: AsyncEngine, caplog: pytest.LogCaptureFixture, planned_as_new: bool
 ) -> None:
     """Only the idempotency constraint is absorbed (SPEC): a webhook.received for the same key,
     committed by a writer that did not take the append lock between this append's lookup and
     its insert, makes this delivery a duplicate of it, not a 500. The append's rows go with the
     inline fold's first statement (deferred writes), so that statement raises the violation:
-    it is the append's, and no fold is blamed for it."""
+    it is the append's, and no fold is blamed for it. After a batch of new deliveries the next
+    is planned as new without a lookup (ledger/append.py): the violation sends it back to its
+    savepoint and it is planned again on what the log holds, in the same transaction."""
     import hashlib
     import uuid
     from datetime import UTC, datetime
@@ -534,6 +537,8 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
         appender.folder = runner
         await appender.submit(make_delivery("first"))
         await runner.catch_up()  # the checkpoints stand at the head: appends fold inline
+        if not planned_as_new:
+            await appender.submit(make_delivery("first"))  # a duplicate: the next one looks up
         execution = str(uuid.uuid4())
         racer = {
             "seq": 10**12,
@@ -559,7 +564,9 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
         await other.commit()
         outcome = await asyncio.wait_for(answer, 10)
     assert outcome.is_duplicate and outcome.original_event_id == racer["id"]
-    assert "evt=idempotency_race_absorbed" in caplog.text
+    # Planned as new, the batch is planned again in its transaction; else the appender isolates
+    # the command whose key raced and appends it again.
+    assert ("evt=idempotency_race_absorbed" in caplog.text) is not planned_as_new
     assert "evt=inline_fold_failed" not in caplog.text
     async with pg_engine.connect() as conn:
         received = [e for e in await read_events(conn, limit=10) if e.idempotency_key == "race"]
