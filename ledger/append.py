@@ -30,6 +30,8 @@ from ledger.rows import execute_sql, insert_many
 from ledger.schema import events
 from ledger.store import (
     APPEND_SAVEPOINT,
+    HEAD_EXPECTED,
+    HEAD_LEFT,
     SAVEPOINT_AT_BEGIN,
     read_versions,
     take_append_lock,
@@ -37,13 +39,6 @@ from ledger.store import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-# PostgreSQL, on the appender's held connection (`conn.info`, for the connection's life): the
-# head its last append left, when no delivery of that append had been received before. The next
-# batch of deliveries alone is planned on it, as new, without reading the head or the originals
-# (`append_and_fold`): one round trip fewer a batch under a load of new deliveries.
-_EXPECTED_HEAD = "hookledger_expected_head"
 
 
 def _plan_state(
@@ -155,13 +150,15 @@ def append_and_fold(
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
     if folder is not None and not redone and not conn.info.get(SAVEPOINT_AT_BEGIN):
         execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
-    # Deliveries alone after an append that found no delivery received before: planned as new
-    # on the head it left. When one was received before, or another process appended since,
-    # the insert breaks a unique index (the idempotency arbiter, or `seq`'s): the statement
-    # writes nothing, the transaction goes back to the savepoint, and the batch is planned on
-    # what the log holds. The expectation is taken here and set again only by a batch that
-    # stands (a failed transaction's connection is dropped, and its info with it).
-    assumed = conn.info.pop(_EXPECTED_HEAD, None)
+    # PostgreSQL's held connection: deliveries alone, after an append of that connection whose
+    # deliveries were all new, are planned as new on the head it left, without reading the head
+    # or the originals (one round trip fewer a batch under a load of new deliveries). When one
+    # was received before, or another process appended since, the insert breaks a unique index
+    # (the idempotency arbiter, or `seq`'s): the statement writes nothing, the transaction goes
+    # back to the savepoint, and the batch is planned on what the log holds. The expectation is
+    # taken here; the head this append leaves becomes the next one's only when its COMMIT
+    # succeeds (ledger.held).
+    assumed = conn.info.pop(HEAD_EXPECTED, None)
     if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):
         assumed = None
     defer_writes(conn)
@@ -181,7 +178,7 @@ def append_and_fold(
         stop_deferring(conn)
     appended = done[0]
     if appended.fresh and conn.info.get(SAVEPOINT_AT_BEGIN):  # the held connection's
-        conn.info[_EXPECTED_HEAD] = appended.head
+        conn.info[HEAD_LEFT] = appended.head
     return done
 
 

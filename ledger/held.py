@@ -16,6 +16,8 @@ from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
+    HEAD_EXPECTED,
+    HEAD_LEFT,
     LOCKED_AT_BEGIN,
     SAVEPOINT_AT_BEGIN,
     unpooled_engine,
@@ -195,29 +197,37 @@ def _locked_transaction(
     if begin is not None:
         run(begin)
     conn.info[LOCKED_AT_BEGIN] = conn.info[SAVEPOINT_AT_BEGIN] = True
+    left = None
     try:
         result = work(conn)
     finally:
         if not conn.invalidated:  # else gone with its connection: asking would mask the error
             conn.info.pop(LOCKED_AT_BEGIN, None)
             conn.info.pop(SAVEPOINT_AT_BEGIN, None)
+            # The head this transaction's append left, for the next append to expect once it
+            # is committed (ledger.append); never that of a transaction that failed.
+            left = conn.info.pop(HEAD_LEFT, None)
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
     # error: nothing of it may be acknowledged then. Chained, the SELECT before it fails there.
+    begun = False
     if then is not None and then():
         try:
             run(chained)
+            begun = True
         except sa.exc.OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
             # Only the chained lock can time out so: the COMMIT before it was one; the
             # transaction begun after it is aborted, and ends here.
             run("ROLLBACK")
-            return result, False
-        return result, True
-    status = run("COMMIT")
-    if status != "COMMIT":
-        raise sa.exc.OperationalError("COMMIT", None, RuntimeError(f"the commit was a {status}"))
-    return result, False
+    else:
+        status = run("COMMIT")
+        if status != "COMMIT":
+            message = f"the commit was a {status}"
+            raise sa.exc.OperationalError("COMMIT", None, RuntimeError(message))
+    if left is not None:
+        conn.info[HEAD_EXPECTED] = left
+    return result, begun
 
 
 async def _close_quietly(conn: AsyncConnection) -> None:

@@ -19,7 +19,10 @@ from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import store, writers
-from ledger.append import append_batch
+from ledger.append import append_and_fold, append_batch
+from ledger.chain import verify_chain
+from ledger.commands import AppendEvents, Command
+from ledger.events import NewEvent
 from ledger.held import HeldConnection
 from ledger.migrate import upgrade
 from ledger.rows import fetch_all
@@ -450,6 +453,96 @@ async def test_a_held_connection_plans_the_read_of_the_head_and_the_originals_on
     finally:
         await held.close()
     assert (generic, custom) == (12, 0)
+
+
+_HEAD_AND_ORIGINALS_READS = sa.text(
+    "SELECT coalesce(sum(generic_plans + custom_plans), 0) FROM pg_prepared_statements"
+    " WHERE statement LIKE 'SELECT head.seq%'"
+)
+
+
+def _append(*commands: Command) -> Callable[[sa.Connection], list[Any]]:
+    return lambda conn: append_and_fold(conn, commands, None)[0].results
+
+
+def _reads(conn: sa.Connection) -> int:
+    """How often this session has read the head and the originals (its prepared statement's
+    executions)."""
+    return int(fetch_all(conn, _HEAD_AND_ORIGINALS_READS)[0][0])
+
+
+async def test_after_a_batch_of_new_deliveries_the_next_is_planned_as_new_without_a_read(
+    pg_engine: AsyncEngine,
+) -> None:
+    """Only a batch of deliveries after one that found none received before; a batch with other
+    events, and the batch after a duplicate, read the head and the originals."""
+    held = HeldConnection(pg_engine)
+    try:
+        await held.run(_append(make_delivery("a")))  # nothing expected yet: read
+        assert await held.run(_reads) == 1
+        await held.run(_append(make_delivery("b"), make_delivery("c")))
+        await held.run(_append(make_delivery("d")))
+        assert await held.run(_reads) == 1
+        started = NewEvent(stream="other-1", type="other.event", trigger_id="t", data={})
+        await held.run(_append(make_delivery("e"), AppendEvents(events=[started])))
+        assert await held.run(_reads) == 2  # not deliveries alone: read
+        await held.run(_append(make_delivery("f")))
+        assert await held.run(_reads) == 2  # the batch before found none received: not read
+        (dup,) = await held.run(_append(make_delivery("a")))  # planned as new, then on the log
+        assert dup.is_duplicate and await held.run(_reads) == 3
+        await held.run(_append(make_delivery("g")))  # after a duplicate: read
+        assert await held.run(_reads) == 4
+    finally:
+        await held.close()
+    assert await _keys(pg_engine) == ["a", "b", "c", "d", "e", None, "f", "a", "g"]
+    assert (await verify_chain(pg_engine)).ok
+
+
+async def test_a_batch_planned_as_new_after_another_process_appended_is_planned_on_the_log(
+    pg_engine: AsyncEngine,
+) -> None:
+    """The head this connection expects is gone when another process appended (another host,
+    the CLI): the batch's first seq is taken, it goes back to its savepoint and is planned
+    again on the head of the log; the chain holds, and the original of a key the other process
+    received is found."""
+    held = HeldConnection(pg_engine)
+    try:
+        await held.run(_append(make_delivery("mine-1")))
+        await held.run(_append(make_delivery("mine-2")))  # expects the head it left
+        async with pg_engine.begin() as other:
+            await other.run_sync(append_batch, [make_delivery("theirs")])
+        theirs, mine = await held.run(_append(make_delivery("theirs"), make_delivery("mine-3")))
+        assert theirs.is_duplicate and not mine.is_duplicate
+        assert await held.run(_reads) == 2
+    finally:
+        await held.close()
+    assert await _keys(pg_engine) == ["mine-1", "mine-2", "theirs", "theirs", "mine-3"]
+    assert (await verify_chain(pg_engine)).ok
+
+
+async def test_a_batch_planned_as_new_never_expects_the_head_of_a_transaction_that_failed(
+    pg_engine: AsyncEngine,
+) -> None:
+    """A batch whose deliveries were all new, and whose COMMIT then failed (PostgreSQL answered
+    ROLLBACK), leaves no head to expect: the next batch reads the log, and chains from what it
+    holds."""
+    held = HeldConnection(pg_engine)
+
+    def appends_then_fails(conn: sa.Connection) -> None:
+        append_and_fold(conn, [make_delivery("lost")], None)
+        with contextlib.suppress(sa.exc.DBAPIError):
+            fetch_all(conn, sa.text("SELECT 1 / 0"))  # aborted: the COMMIT is a ROLLBACK
+
+    try:
+        await held.run(_append(make_delivery("kept")))
+        with pytest.raises(sa.exc.OperationalError, match="ROLLBACK"):
+            await held.run(appends_then_fails)
+        await held.run(_append(make_delivery("next")))
+        assert await held.run(_reads) == 1  # the new connection's: it read the log
+    finally:
+        await held.close()
+    assert await _keys(pg_engine) == ["kept", "next"]
+    assert (await verify_chain(pg_engine)).ok
 
 
 async def test_a_failed_held_transaction_keeps_nothing_and_lets_the_lock_go(
