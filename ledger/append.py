@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -39,6 +40,14 @@ from ledger.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+# After a batch planned as new broke a unique index (a key received before, most often), the
+# held connection's batches are planned on the log for this long: each such miss costs a failed
+# statement and an `ERROR: duplicate key …` line in PostgreSQL's own log, so a sender that
+# retries now and then between new deliveries makes at most one a second.
+PLAN_ON_LOG_AFTER_MISS_S = 1.0
+_PLANNED_ON_LOG_UNTIL = "hookledger_planned_on_log_until"
 
 
 def _plan_state(
@@ -171,13 +180,18 @@ def append_and_fold(
                     raise
                 discard(conn)
                 execute_sql(conn, f"ROLLBACK TO SAVEPOINT {APPEND_SAVEPOINT}")
+                conn.info[_PLANNED_ON_LOG_UNTIL] = time.monotonic() + PLAN_ON_LOG_AFTER_MISS_S
                 done = _append_and_fold_once(conn, commands, folder, redone, None)
         else:
             done = _append_and_fold_once(conn, commands, folder, redone, None)
     finally:
         stop_deferring(conn)
     appended = done[0]
-    if appended.fresh and conn.info.get(SAVEPOINT_AT_BEGIN):  # the held connection's
+    if (
+        appended.fresh
+        and conn.info.get(SAVEPOINT_AT_BEGIN)  # the held connection's
+        and time.monotonic() >= conn.info.get(_PLANNED_ON_LOG_UNTIL, 0.0)
+    ):
         conn.info[HEAD_LEFT] = appended.head
     return done
 

@@ -475,7 +475,8 @@ async def test_after_a_batch_of_new_deliveries_the_next_is_planned_as_new_withou
     pg_engine: AsyncEngine,
 ) -> None:
     """Only a batch of deliveries after one that found none received before; a batch with other
-    events, and the batch after a duplicate, read the head and the originals."""
+    events, the batch after a duplicate, and every batch for a second after a batch planned as
+    new met a key received before, read the head and the originals."""
     held = HeldConnection(pg_engine)
     try:
         await held.run(_append(make_delivery("a")))  # nothing expected yet: read
@@ -491,10 +492,11 @@ async def test_after_a_batch_of_new_deliveries_the_next_is_planned_as_new_withou
         (dup,) = await held.run(_append(make_delivery("a")))  # planned as new, then on the log
         assert dup.is_duplicate and await held.run(_reads) == 3
         await held.run(_append(make_delivery("g")))  # after a duplicate: read
-        assert await held.run(_reads) == 4
+        await held.run(_append(make_delivery("h")))  # within a second of a miss: read
+        assert await held.run(_reads) == 5
     finally:
         await held.close()
-    assert await _keys(pg_engine) == ["a", "b", "c", "d", "e", None, "f", "a", "g"]
+    assert await _keys(pg_engine) == ["a", "b", "c", "d", "e", None, "f", "a", "g", "h"]
     assert (await verify_chain(pg_engine)).ok
 
 
