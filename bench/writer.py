@@ -102,18 +102,14 @@ async def folding_appender(url: str, payload: Path = PAYLOAD) -> AsyncIterator[A
     appender = Appender(engine)
     runner = ProjectionRunner(engine, list(PROJECTIONS.values()))
     appender.folder = runner
-    writing = asyncio.create_task(appender.run())
     try:
-        body = payload.read_text()
-        for n in range(DUPLICATE_KEYS):
-            await appender.submit(delivery(key(n, duplicates=True), body))
-        await runner.catch_up()  # checkpoints at the head: from here on, folds are inline
-        yield appender
+        async with appender.running():
+            body = payload.read_text()
+            for n in range(DUPLICATE_KEYS):
+                await appender.submit(delivery(key(n, duplicates=True), body))
+            await runner.catch_up()  # checkpoints at the head: from here on, folds are inline
+            yield appender
     finally:
-        writing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writing
-        await appender.close()
         await engine.dispose()
 
 

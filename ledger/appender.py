@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,6 +254,19 @@ class Appender:
             await self._held.release()
         except Exception as exc:  # noqa: BLE001 - gone with its connection; the next connects
             logger.warning("evt=append_release_failed cause=%r", exc)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Appender]:
+        """This appender with `run` as a task, cancelled and the appender closed on leaving
+        (the CLI's, the tests' and the bench's; the server runs it among its own tasks)."""
+        task = asyncio.create_task(self.run())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.close()
 
     async def close(self) -> None:
         """Let the writer's thread and connection go (after `run` was cancelled)."""

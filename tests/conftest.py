@@ -7,7 +7,6 @@ they skip with the reason — unless HOOKLEDGER_REQUIRE_POSTGRES=1 (CI), where t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
@@ -121,24 +120,11 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-@contextlib.asynccontextmanager
-async def running(appender: Appender) -> AsyncIterator[Appender]:
-    """`appender` with its writer running, then stopped and closed."""
-    task = asyncio.create_task(appender.run())
-    try:
-        yield appender
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await appender.close()
-
-
 @pytest.fixture
 async def appender(engine: AsyncEngine) -> AsyncIterator[Appender]:
     """The group-commit appender on `engine`, running (no projections folded unless the test
     gives it a folder)."""
-    async with running(Appender(engine)) as appender:
+    async with Appender(engine).running() as appender:
         yield appender
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import running
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -428,7 +427,7 @@ async def test_a_command_its_caller_gave_up_is_left_out_and_the_writer_goes_on(
     appender = Appender(engine)
     kept = appender.enqueue(delivery("kept"))
     appender.enqueue(delivery("given up")).cancel()  # before the writer takes the batch
-    async with running(appender):
+    async with appender.running():
         await asyncio.wait_for(kept, 10)
         await asyncio.wait_for(appender.submit(delivery("later")), 10)  # the writer goes on
     async with engine.connect() as conn:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import create_pg_database, drop_pg_database, running
+from conftest import create_pg_database, drop_pg_database
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -664,7 +664,7 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
     from projections.runner import ProjectionRunner
 
     runner = ProjectionRunner(pg_engine, list(PROJECTIONS.values()))
-    async with running(Appender(pg_engine)) as appender, _connected(pg_engine) as other:
+    async with Appender(pg_engine).running() as appender, _connected(pg_engine) as other:
         appender.folder = runner
         await appender.submit(make_delivery("first"))
         await runner.catch_up()  # the checkpoints stand at the head: appends fold inline
@@ -824,7 +824,7 @@ async def test_the_appender_lets_the_lock_go_once_its_queue_runs_dry(
     from ledger.appender import Appender
 
     async with (
-        running(Appender(pg_engine, max_batch=8)) as appender,
+        Appender(pg_engine, max_batch=8).running() as appender,
         _connected(pg_engine) as other,
     ):
         outcomes = await asyncio.gather(
