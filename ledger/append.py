@@ -26,6 +26,7 @@ from ledger.commands import AppendEvents, Command, PlanState, RecordDelivery, re
 from ledger.deferred import defer_writes, discard, flush, stop_deferring
 from ledger.errors import LedgerError
 from ledger.events import Encoded, NewEvent, RecordedEvent
+from ledger.known import known_log, leave
 from ledger.originals import _read_head_and_originals
 from ledger.rows import execute_sql, insert_many
 from ledger.schema import events
@@ -52,15 +53,18 @@ _PLANNED_ON_LOG_UNTIL = "hookledger_planned_on_log_until"
 
 def _plan_state(
     conn: sa.Connection, commands: Sequence[Command], assumed: tuple[int, str] | None = None
-) -> tuple[tuple[int, str], PlanState]:
-    """The head of the log, and what planning `commands` reads; with `assumed`, that head and
-    every delivery new, nothing read."""
-    if assumed is not None:
-        return assumed, PlanState({}, {})
+) -> tuple[tuple[int, str], PlanState, bool]:
+    """The head of the log, what planning `commands` reads, and whether an original was read
+    (one the connection did not know: ledger.known); with `assumed`, that head, the originals
+    the connection knows and every other delivery new, nothing read."""
     keys = {key for c in commands if isinstance(c, RecordDelivery) and (key := c.key)}
-    head, originals, versions = _read_head_and_originals(conn, keys)
+    if assumed is not None:
+        known = known_log(conn)
+        originals, versions = known.recall(keys) if known is not None else ({}, {})
+        return assumed, PlanState(versions, originals), False
+    head, originals, versions, found = _read_head_and_originals(conn, keys)
     streams = [s for c in commands if isinstance(c, AppendEvents) for s in c.streams]
-    return head, PlanState(read_versions(conn, streams) | versions, originals)
+    return head, PlanState(read_versions(conn, streams) | versions, originals), found
 
 
 def _rows(
@@ -110,7 +114,7 @@ class Appended:
     events: list[RecordedEvent]
     rows: list[dict[str, Any]]  # the events' rows as inserted
     head: tuple[int, str]  # the head's seq and hash after it
-    fresh: bool  # no delivery of it had been received before
+    fresh: bool  # none of its deliveries' originals had to be read (ledger.known)
 
 
 async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
@@ -159,12 +163,13 @@ def append_and_fold(
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
     if folder is not None and not redone and not conn.info.get(SAVEPOINT_AT_BEGIN):
         execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
-    # PostgreSQL's held connection: deliveries alone, after an append of that connection whose
-    # deliveries were all new, are planned as new on the head it left, without reading the head
-    # or the originals (one round trip fewer a batch under a load of new deliveries). When one
-    # was received before, or another process appended since, the insert breaks a unique index
-    # (the idempotency arbiter, or `seq`'s): the statement writes nothing, the transaction goes
-    # back to the savepoint, and the batch is planned on what the log holds. The expectation is
+    # PostgreSQL's held connection: deliveries alone, after an append of that connection that
+    # read no original it did not know, are planned on the head it left and on what it knows
+    # (ledger.known: a known key's delivery is its duplicate, any other is new), without reading
+    # the head or the originals (one round trip fewer a batch). When one was received before
+    # unknown here, or another process appended since, the insert breaks a unique index (the
+    # idempotency arbiter, or `seq`'s): the statement writes nothing, the transaction goes back
+    # to the savepoint, and the batch is planned on what the log holds. The expectation is
     # taken here; the head this append leaves becomes the next one's only when its COMMIT
     # succeeds (ledger.held).
     assumed = conn.info.pop(HEAD_EXPECTED, None)
@@ -233,8 +238,7 @@ def _append_and_fold_once(
 def _append_locked(
     conn: sa.Connection, commands: Sequence[Command], assumed: tuple[int, str] | None = None
 ) -> Appended:
-    head, state = _plan_state(conn, commands, assumed)
-    fresh = not state.originals
+    head, state, found = _plan_state(conn, commands, assumed)
     planned_all: list[tuple[NewEvent, int]] = []
     spans: list[tuple[Command, int, int] | Exception] = []
     for command in commands:
@@ -259,8 +263,9 @@ def _append_locked(
         for span in spans
     ]
     after = (rows[-1]["seq"], rows[-1]["hash"]) if rows else head
+    leave(conn, after, state)  # what the connection knows of the log, once this is committed
     recorded = [_recorded(row) for row in rows]
-    return Appended(results, head[0], recorded, rows, after, fresh)
+    return Appended(results, head[0], recorded, rows, after, not found)
 
 
 def _encoded(command: Command) -> Command:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import await_only  # the async adapter's bridge, as in run_sync
 
+from ledger.known import knows_its_log, learned_at_commit
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
@@ -106,6 +107,7 @@ class HeldConnection:
             # above all), the pool's idle ones may be as dead as the one just closed.
             conn = await self._engine.connect()
             self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            knows_its_log(self._conn.sync_connection)  # type: ignore[arg-type]
         conn = self._conn
         timer = None
         if self._limit_s is not None:
@@ -237,6 +239,7 @@ def _locked_transaction(
             raise sa.exc.OperationalError("COMMIT", None, RuntimeError(message))
     if left is not None:
         conn.info[HEAD_EXPECTED] = left
+    learned_at_commit(conn, committed=True)
     return result, begun
 
 

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from ledger.commands import Original
 from ledger.events import WebhookReceived, execution_of_stream
+from ledger.known import known_log
 from ledger.rows import array_of, fetch_all, padded
 from ledger.schema import LIMIT_ONE, events, json_text, likely
 from ledger.store import head_of, read_head, read_head_statement
@@ -149,9 +150,34 @@ def _originals_statement(size: int) -> sa.Executable:
 
 def _read_head_and_originals(
     conn: sa.Connection, keys: set[tuple[str, str]]
-) -> tuple[tuple[int, str], dict[tuple[str, str], Original], dict[str, int]]:
+) -> tuple[tuple[int, str], dict[tuple[str, str], Original], dict[str, int], bool]:
     """The head of the log; the original of each key already received, and the version of its
-    stream."""
+    stream: read, or recalled from what `conn` knows of the log (ledger.known) while the head is
+    the one it left. And whether any original was read (not known here)."""
+    known = known_log(conn)
+    if known is None:
+        head, originals, versions = _read(conn, keys)
+        return head, originals, versions, bool(originals)
+    unknown = keys.difference(known.originals)  # (a set less a dict: one lookup a key)
+    head, originals, versions = _read(conn, unknown)
+    found = bool(originals)
+    unread = keys - unknown
+    if known.holds(head):  # else forgotten (someone else appended), and read
+        recalled, recalled_versions = known.recall(unread)
+        originals |= recalled
+        versions |= recalled_versions
+        unread -= recalled.keys()  # a stream let go before its key
+    if unread:
+        _, more, more_versions = _read(conn, unread)
+        originals |= more
+        versions |= more_versions
+        found = found or bool(more)
+    return head, originals, versions, found
+
+
+def _read(
+    conn: sa.Connection, keys: set[tuple[str, str]]
+) -> tuple[tuple[int, str], dict[tuple[str, str], Original], dict[str, int]]:
     # Of the original's data only the body's hash, read by the database: the whole text (the
     # body, the headers) was shipped to Python and parsed there for it, most of a duplicate's
     # read. Its execution is the one whose stream it opened.

@@ -21,6 +21,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.known import knows_its_log, learned_at_commit
 from ledger.rows import execute_sql
 from ledger.schema import SQLITE_RECURSIVE_TRIGGERS
 from ledger.store import (
@@ -197,6 +198,7 @@ class SqliteWriter:
             except BaseException:
                 self._discard()
                 raise
+            learned_at_commit(conn, committed=True)
             return result
 
     async def _begin(self) -> sa.Connection:
@@ -273,6 +275,8 @@ class SqliteWriter:
             execute_sql(self._conn, "PRAGMA temp_store=MEMORY")
             # Its COMMITs never copy the WAL into the database: the checkpointer's thread does.
             execute_sql(self._conn, "PRAGMA wal_autocheckpoint=0")
+            # What it appended, so that a duplicate of a recent key reads nothing (ledger.known).
+            knows_its_log(self._conn)
         return self._conn
 
     def _discard(self) -> None:

@@ -19,7 +19,7 @@ from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import store, writers
-from ledger.append import append_and_fold, append_batch
+from ledger.append import append_and_fold, append_batch, append_commands
 from ledger.chain import verify_chain
 from ledger.commands import AppendEvents, Command
 from ledger.events import NewEvent
@@ -471,12 +471,16 @@ def _reads(conn: sa.Connection) -> int:
     return int(fetch_all(conn, _HEAD_AND_ORIGINALS_READS)[0][0])
 
 
-async def test_after_a_batch_of_new_deliveries_the_next_is_planned_as_new_without_a_read(
+async def test_after_a_batch_that_read_no_original_the_next_is_planned_without_a_read(
     pg_engine: AsyncEngine,
 ) -> None:
-    """Only a batch of deliveries after one that found none received before; a batch with other
-    events, the batch after a duplicate, and every batch for a second after a batch planned as
-    new met a key received before, read the head and the originals."""
+    """Only a batch of deliveries after one that read no original it did not know
+    (ledger.known): a known key's delivery is planned as its duplicate, any other as new. A
+    batch with other events, the batch after one that read an original, and every batch for a
+    second after a batch planned so met a key received before, read the head and the
+    originals."""
+    async with store.write_transaction(pg_engine) as conn:  # received before the connection
+        await append_commands(conn, [make_delivery("before")])
     held = HeldConnection(pg_engine)
     try:
         await held.run(_append(make_delivery("a")))  # nothing expected yet: read
@@ -488,15 +492,19 @@ async def test_after_a_batch_of_new_deliveries_the_next_is_planned_as_new_withou
         await held.run(_append(make_delivery("e"), AppendEvents(events=[started])))
         assert await held.run(_reads) == 2  # not deliveries alone: read
         await held.run(_append(make_delivery("f")))
-        assert await held.run(_reads) == 2  # the batch before found none received: not read
-        (dup,) = await held.run(_append(make_delivery("a")))  # planned as new, then on the log
+        assert await held.run(_reads) == 2  # the batch before read no original: not read
+        (known,) = await held.run(_append(make_delivery("a")))  # a key it appended
+        await held.run(_append(make_delivery("g")))
+        assert known.is_duplicate and await held.run(_reads) == 2  # known: nothing read
+        (dup,) = await held.run(_append(make_delivery("before")))  # planned new, then on the log
         assert dup.is_duplicate and await held.run(_reads) == 3
-        await held.run(_append(make_delivery("g")))  # after a duplicate: read
-        await held.run(_append(make_delivery("h")))  # within a second of a miss: read
+        await held.run(_append(make_delivery("h")))  # after an original read: read
+        await held.run(_append(make_delivery("i")))  # within a second of a miss: read
         assert await held.run(_reads) == 5
     finally:
         await held.close()
-    assert await _keys(pg_engine) == ["a", "b", "c", "d", "e", None, "f", "a", "g", "h"]
+    keys = ["before", "a", "b", "c", "d", "e", None, "f", "a", "g", "before", "h", "i"]
+    assert await _keys(pg_engine) == keys
     assert (await verify_chain(pg_engine)).ok
 
 
@@ -664,12 +672,14 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
     from projections.runner import ProjectionRunner
 
     runner = ProjectionRunner(pg_engine, list(PROJECTIONS.values()))
+    async with store.write_transaction(pg_engine) as conn:  # a key the appender will not know
+        await append_commands(conn, [make_delivery("before")])
     async with Appender(pg_engine).running() as appender, _connected(pg_engine) as other:
         appender.folder = runner
         await appender.submit(make_delivery("first"))
         await runner.catch_up()  # the checkpoints stand at the head: appends fold inline
         if not planned_as_new:
-            await appender.submit(make_delivery("first"))  # a duplicate: the next one looks up
+            await appender.submit(make_delivery("before"))  # its original read: the next looks up
         execution = str(uuid.uuid4())
         racer = {
             "seq": 10**12,
