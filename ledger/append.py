@@ -114,7 +114,7 @@ class Appended:
     events: list[RecordedEvent]
     rows: list[dict[str, Any]]  # the events' rows as inserted
     head: tuple[int, str]  # the head's seq and hash after it
-    fresh: bool  # none of its deliveries' originals had to be read (ledger.known)
+    knew_all: bool  # it read no original: each was known (ledger.known), or none was
 
 
 async def append_commands(conn: AsyncConnection, commands: Sequence[Command]) -> list[Any]:
@@ -193,7 +193,7 @@ def append_and_fold(
         stop_deferring(conn)
     appended = done[0]
     if (
-        appended.fresh
+        appended.knew_all
         and conn.info.get(SAVEPOINT_AT_BEGIN)  # the held connection's
         and time.monotonic() >= conn.info.get(_PLANNED_ON_LOG_UNTIL, 0.0)
     ):

@@ -36,7 +36,7 @@ KNOWN = "hookledger_known"
 # ... and what its current transaction's append would add to it: (the head it left, its state).
 KNOWN_LEFT = "hookledger_known_left"
 
-CAPACITY = 4096  # keys (and as many streams): ~1.5 MB
+CAPACITY = 8192  # keys (and as many streams): ~4 MB
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -69,13 +69,16 @@ class KnownLog:
         """The originals of `keys` known here, with their streams' versions (after `holds`)."""
         originals: dict[tuple[str, str], Original] = {}
         versions: dict[str, int] = {}
+        kept_originals, kept_versions = self.originals, self.versions
         for key in keys:
-            fields = self.originals.get(key)
+            fields = kept_originals.pop(key, None)
             if fields is None:
                 continue
+            kept_originals[key] = fields  # to the end, as the most recently used
             stream = execution_stream(fields[1])
-            version = self.versions.get(stream)
+            version = kept_versions.pop(stream, None)
             if version is not None:
+                kept_versions[stream] = version
                 originals[key] = Original(*fields)
                 versions[stream] = version
         return originals, versions
@@ -85,8 +88,8 @@ class KnownLog:
         the head it left."""
         self.head = head
         learned = {k: _fields(o) for k, o in state.originals.items()}
-        self.originals = _bounded(self.originals, learned)
-        self.versions = _bounded(self.versions, state.versions)
+        _bound(self.originals, learned)
+        _bound(self.versions, state.versions)
 
     def forget(self) -> None:
         self.head = None
@@ -98,15 +101,15 @@ def _fields(original: Original) -> tuple[str, str, str]:
     return original.event_id, original.execution_id, original.body_sha256
 
 
-def _bounded(kept: dict[T, V], seen: dict[T, V]) -> dict[T, V]:
-    """`kept` updated with `seen`; past `CAPACITY` entries, the newer half of them. A name
-    updated keeps its place (a key's original never changes; a hot stream may be let go, and is
-    read again): one update in C a batch, and a rare rebuild, where keeping the order of last
-    use cost a lookup and a move a name."""
+def _bound(kept: dict[T, V], seen: dict[T, V]) -> None:
+    """`kept` updated with `seen`, then its oldest let go past `CAPACITY`. A name updated keeps
+    its place, but `recall` moved what it found to the end: what is in use stays (a mix of new
+    deliveries and retries of a few keys otherwise let those go every `CAPACITY` deliveries)."""
     kept.update(seen)
-    if len(kept) <= CAPACITY:
-        return kept
-    return dict(itertools.islice(kept.items(), len(kept) - CAPACITY // 2, None))
+    excess = len(kept) - CAPACITY
+    if excess > 0:
+        for name in list(itertools.islice(kept, excess)):
+            del kept[name]
 
 
 def knows_its_log(conn: sa.Connection) -> None:
