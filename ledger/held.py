@@ -239,7 +239,7 @@ def _locked_transaction(
             raise sa.exc.OperationalError("COMMIT", None, RuntimeError(message))
     if left is not None:
         conn.info[HEAD_EXPECTED] = left
-    learned_at_commit(conn, committed=True)
+    learned_at_commit(conn)
     return result, begun
 
 

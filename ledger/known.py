@@ -129,10 +129,10 @@ def leave(conn: sa.Connection, head: tuple[int, str], state: PlanState) -> None:
         conn.info[KNOWN_LEFT] = (head, state)
 
 
-def learned_at_commit(conn: sa.Connection, committed: bool) -> None:
-    """After a transaction of `conn`: what its append left is learned when it committed, else
-    dropped."""
+def learned_at_commit(conn: sa.Connection) -> None:
+    """After the COMMIT of a transaction of `conn` succeeded: what its append left, learned. (A
+    failed one's connection is dropped with it: SqliteWriter, HeldConnection.)"""
     left = conn.info.pop(KNOWN_LEFT, None)
     known = conn.info.get(KNOWN)
-    if committed and left is not None and known is not None:
+    if left is not None and known is not None:
         known.learn(*left)

@@ -198,7 +198,7 @@ class SqliteWriter:
             except BaseException:
                 self._discard()
                 raise
-            learned_at_commit(conn, committed=True)
+            learned_at_commit(conn)
             return result
 
     async def _begin(self) -> sa.Connection:
