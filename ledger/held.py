@@ -19,6 +19,7 @@ from ledger.store import (
     APPEND_SAVEPOINT,
     HEAD_EXPECTED,
     HEAD_LEFT,
+    INDEX_PLANS,
     LOCKED_AT_BEGIN,
     SAVEPOINT_AT_BEGIN,
     unpooled_engine,
@@ -33,22 +34,12 @@ T = TypeVar("T")
 IDLE_IN_APPEND_S = 10.0
 
 # The appender's session plans each of its statements once (a generic plan), not at each
-# execution, and only as index probes joined by nested loops, whatever the statistics say.
+# execution, and only as index probes joined by nested loops (`INDEX_PLANS`, ledger/store.py).
 # PostgreSQL plans a prepared statement anew while its custom plans have cost less on average
 # than its generic one, and the head-and-originals read never got past that: its first batches (a
 # delivery each, at start-up or under light load) were cheap custom plans, and ~0.45 ms of the
-# server's CPU went to planning it at every batch, more than running it. And a new deployment's
-# tables grow faster than autovacuum analyses them: with statistics saying a few rows, a batch's
-# duplicates were folded into `trigger_executions` by a hash join over a scan of the whole table
-# (6 ms a batch at 12k rows, growing with the table). Every statement of an append and its folds
-# touches a batch's rows through an index (the originals, ledger/originals.py; the folds' rows by
-# their keys); none gains from a scan or a hash.
-APPEND_SESSION = {
-    "plan_cache_mode": "force_generic_plan",
-    "enable_seqscan": "off",
-    "enable_hashjoin": "off",
-    "enable_mergejoin": "off",
-}
+# server's CPU went to planning it at every batch, more than running it.
+APPEND_SESSION = {"plan_cache_mode": "force_generic_plan", **INDEX_PLANS}
 
 
 class HeldConnection:

@@ -116,6 +116,26 @@ def is_postgres(conn: AsyncConnection | AsyncEngine) -> bool:
     return conn.dialect.name == "postgresql"
 
 
+# PostgreSQL: plans of index probes joined by nested loops, whatever the statistics say. Every
+# statement of an append, of its folds and of the projector's catch-up reaches a batch's rows
+# through an index (the originals by their key, the folds' rows by theirs); none gains from a
+# scan or a hash. And a new deployment's tables grow faster than autovacuum analyses them:
+# with statistics saying a few rows, a batch's duplicates were folded into
+# `trigger_executions` by a hash join over a scan of the whole table (6 ms a batch at 12k rows,
+# growing with the table). The appender's session has them (ledger/held.py `APPEND_SESSION`),
+# the projector's catch-up each transaction (`plan_by_index`).
+INDEX_PLANS = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
+_PLAN_BY_INDEX = sa.text(
+    "SELECT "
+    + ", ".join(f"set_config('{name}', '{value}', true)" for name, value in INDEX_PLANS.items())
+)
+
+
+async def plan_by_index(conn: AsyncConnection) -> None:
+    """PostgreSQL: the rest of this transaction plans as `INDEX_PLANS` says (SET LOCAL)."""
+    await conn.execute(_PLAN_BY_INDEX)
+
+
 async def write_connection(engine: AsyncEngine) -> AsyncConnection:
     """A connection whose transactions take the append lock (SQLite: BEGIN IMMEDIATE)."""
     conn = await engine.connect()

@@ -23,7 +23,7 @@ from ledger.failures import FailureLog
 from ledger.rows import array_of, execute_many, fetch_all
 from ledger.schema import events
 from ledger.schema import projection_checkpoints as checkpoints
-from ledger.store import is_postgres, read_events, write_transaction
+from ledger.store import is_postgres, plan_by_index, read_events, write_transaction
 from projections.base import Projection
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,10 @@ class ProjectionRunner:
         async with write_transaction(self.engine) as conn:
             if not await _take_projector_lock(conn, wait=False):
                 return 0
+            if is_postgres(conn):
+                # Its folds are the appender's, by index, into tables that may have outgrown
+                # their statistics (a catch-up after a restart, a failed inline fold).
+                await plan_by_index(conn)
             positions = await read_checkpoints(conn)
             low = min(positions.get(p.name, 0) for p in self.projections)
             batch = await read_events(conn, after=low, limit=self._batch)
