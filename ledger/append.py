@@ -26,14 +26,12 @@ from ledger.commands import AppendEvents, Command, PlanState, RecordDelivery, re
 from ledger.deferred import defer_writes, discard, flush, stop_deferring
 from ledger.errors import LedgerError
 from ledger.events import Encoded, NewEvent, RecordedEvent
-from ledger.known import known_log, leave
+from ledger.known import expected_head, known_log, leave, leave_unread_next
 from ledger.originals import _read_head_and_originals
 from ledger.rows import execute_sql, insert_many
 from ledger.schema import events
 from ledger.store import (
     APPEND_SAVEPOINT,
-    HEAD_EXPECTED,
-    HEAD_LEFT,
     SAVEPOINT_AT_BEGIN,
     read_versions,
     take_append_lock,
@@ -171,8 +169,8 @@ def append_and_fold(
     # idempotency arbiter, or `seq`'s): the statement writes nothing, the transaction goes back
     # to the savepoint, and the batch is planned on what the log holds. The expectation is
     # taken here; the head this append leaves becomes the next one's only when its COMMIT
-    # succeeds (ledger.held).
-    assumed = conn.info.pop(HEAD_EXPECTED, None)
+    # succeeds (ledger.known `learned_at_commit`, by ledger.held).
+    assumed = expected_head(conn)
     if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):
         assumed = None
     defer_writes(conn)
@@ -197,7 +195,7 @@ def append_and_fold(
         and conn.info.get(SAVEPOINT_AT_BEGIN)  # the held connection's
         and time.monotonic() >= conn.info.get(_PLANNED_ON_LOG_UNTIL, 0.0)
     ):
-        conn.info[HEAD_LEFT] = appended.head
+        leave_unread_next(conn)
     return done
 
 

@@ -17,8 +17,6 @@ from ledger.known import knows_its_log, learned_at_commit
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
-    HEAD_EXPECTED,
-    HEAD_LEFT,
     INDEX_PLANS,
     LOCKED_AT_BEGIN,
     SAVEPOINT_AT_BEGIN,
@@ -200,16 +198,12 @@ def _locked_transaction(
     if begin is not None:
         run(begin)
     conn.info[LOCKED_AT_BEGIN] = conn.info[SAVEPOINT_AT_BEGIN] = True
-    left = None
     try:
         result = work(conn)
     finally:
         if not conn.invalidated:  # else gone with its connection: asking would mask the error
             conn.info.pop(LOCKED_AT_BEGIN, None)
             conn.info.pop(SAVEPOINT_AT_BEGIN, None)
-            # The head this transaction's append left, for the next append to expect once it
-            # is committed (ledger.append); never that of a transaction that failed.
-            left = conn.info.pop(HEAD_LEFT, None)
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
     # error: nothing of it may be acknowledged then. Chained, the SELECT before it fails there.
     begun = False
@@ -228,8 +222,8 @@ def _locked_transaction(
         if status != "COMMIT":
             message = f"the commit was a {status}"
             raise sa.exc.OperationalError("COMMIT", None, RuntimeError(message))
-    if left is not None:
-        conn.info[HEAD_EXPECTED] = left
+    # What this transaction's append left (its head, for the next append to expect), learned
+    # once it is committed; never that of a transaction that failed (its connection is dropped).
     learned_at_commit(conn)
     return result, begun
 

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 # conn.info: the KnownLog of a connection whose runner keeps one (its committed appends)...
 KNOWN = "hookledger_known"
-# ... and what its current transaction's append would add to it: (the head it left, its state).
+# ... and what its current transaction's append would add to it: (the head it left, its state,
+# whether the next batch may be planned on what is known without a read).
 KNOWN_LEFT = "hookledger_known_left"
 
 CAPACITY = 8192  # keys (and as many streams): ~4 MB
@@ -45,10 +46,13 @@ V = TypeVar("V")
 class KnownLog:
     """The head a connection's last committed append left; recent originals and versions."""
 
-    __slots__ = ("head", "originals", "versions")
+    __slots__ = ("head", "originals", "unread_next", "versions")
 
     def __init__(self) -> None:
         self.head: tuple[int, str] | None = None
+        # The next batch of deliveries may be planned on `head` and what is known, reading
+        # nothing (PostgreSQL's held connection: ledger/append.py `append_and_fold`).
+        self.unread_next = False
         # Each original as a plain tuple of its fields, which the garbage collector stops
         # tracking: thousands of objects kept alive, each a delivery, made its full collections
         # more frequent and longer (+3 % of a new delivery's instructions, for a dataclass).
@@ -83,16 +87,18 @@ class KnownLog:
                 versions[stream] = version
         return originals, versions
 
-    def learn(self, head: tuple[int, str], state: PlanState) -> None:
+    def learn(self, head: tuple[int, str], state: PlanState, unread_next: bool) -> None:
         """What a committed append planned on (`state`, its versions moved by its events) and
         the head it left."""
         self.head = head
+        self.unread_next = unread_next
         learned = {k: _fields(o) for k, o in state.originals.items()}
         _bound(self.originals, learned)
         _bound(self.versions, state.versions)
 
     def forget(self) -> None:
         self.head = None
+        self.unread_next = False
         self.originals = {}
         self.versions = {}
 
@@ -126,7 +132,25 @@ def known_log(conn: sa.Connection) -> KnownLog | None:
 def leave(conn: sa.Connection, head: tuple[int, str], state: PlanState) -> None:
     """In an append's transaction: what it would teach `conn`'s KnownLog once committed."""
     if KNOWN in conn.info:
-        conn.info[KNOWN_LEFT] = (head, state)
+        conn.info[KNOWN_LEFT] = (head, state, False)
+
+
+def leave_unread_next(conn: sa.Connection) -> None:
+    """In an append's transaction, after `leave`: once it is committed, the next batch may be
+    planned on what it left without reading the log (`expected_head`)."""
+    left = conn.info.get(KNOWN_LEFT)
+    if left is not None:
+        conn.info[KNOWN_LEFT] = (*left[:2], True)
+
+
+def expected_head(conn: sa.Connection) -> tuple[int, str] | None:
+    """The head to plan this batch on without a read, if the last committed one left it so
+    (`leave_unread_next`); taken, for this batch only."""
+    known = known_log(conn)
+    if known is None or not known.unread_next:
+        return None
+    known.unread_next = False
+    return known.head
 
 
 def learned_at_commit(conn: sa.Connection) -> None:

@@ -153,13 +153,6 @@ LOCKED_AT_BEGIN = "hookledger_append_locked"
 # And while the append's savepoint (`APPEND_SAVEPOINT`) stands since that BEGIN, opened with it.
 SAVEPOINT_AT_BEGIN = "hookledger_append_savepoint"
 APPEND_SAVEPOINT = "append"
-# The head (seq, hash) left by an append that read no original its connection did not know,
-# set by `ledger.append` in its transaction (HEAD_LEFT); the held connection makes it the head
-# the next append of that connection expects (HEAD_EXPECTED) only once the COMMIT succeeded.
-# With it, deliveries alone are planned on what the connection knows (ledger.known) without
-# reading the log (ledger.append.append_and_fold).
-HEAD_LEFT = "hookledger_head_left"
-HEAD_EXPECTED = "hookledger_head_expected"
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")

@@ -185,7 +185,7 @@ def _learned(head: tuple[int, str], known: KnownLog | None = None) -> KnownLog:
     key = ("t", "a")
     state = PlanState({stream: 1}, {})
     state.originals[key] = known_module.Original("event-1", original.execution_id, "hash")
-    known.learn(head, state)
+    known.learn(head, state, unread_next=False)
     return known
 
 
