@@ -23,15 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.codec import canonical_bytes, chain_hash, dumps, format_time
 from ledger.commands import AppendEvents, Command, PlanState, RecordDelivery, result_of
-from ledger.deferred import defer_writes, discard, flush, stop_deferring
+from ledger.deferred import alone, defer_writes, discard, flush, send_alone, stop_deferring
 from ledger.errors import LedgerError
 from ledger.events import Encoded, NewEvent, RecordedEvent
-from ledger.known import expected_head, known_log, leave, leave_unread_next
+from ledger.known import expected_head, known_log, leave, leave_unread_next, unread_next
 from ledger.originals import _read_head_and_originals
 from ledger.rows import execute_sql, insert_many
 from ledger.schema import events
 from ledger.store import (
+    APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
+    BEGIN_LATE,
+    COMMITTED_ALONE,
     SAVEPOINT_AT_BEGIN,
     read_versions,
     take_append_lock,
@@ -47,6 +50,10 @@ logger = logging.getLogger(__name__)
 # retries now and then between new deliveries makes at most one a second.
 PLAN_ON_LOG_AFTER_MISS_S = 1.0
 _PLANNED_ON_LOG_UNTIL = "hookledger_planned_on_log_until"
+# Likewise, after a batch that could not go as one statement (`_append_alone`), for this long the
+# held connection's batches go in transactions: a fold that reads, say, would otherwise cost
+# every batch its planning twice.
+_ALONE_AFTER = "hookledger_alone_after"
 
 
 def _plan_state(
@@ -158,6 +165,74 @@ def append_and_fold(
     (`ledger.deferred.defer_writes`): the append's rows go with the fold's first statement, the
     fold's rows of all its tables in one, and all is sent before this returns.
     """
+    assumed = expected_head(conn)
+    if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):
+        assumed = None
+    begin = conn.info.pop(BEGIN_LATE, None)
+    if begin is not None:
+        if assumed is not None and time.monotonic() >= conn.info.get(_ALONE_AFTER, 0.0):
+            try:
+                done = _append_alone(conn, commands, folder, assumed)
+            except sa.exc.IntegrityError:
+                if conn.invalidated:
+                    raise
+                # A miss: a key received before unknown here, or another process appended.
+                conn.info[_PLANNED_ON_LOG_UNTIL] = time.monotonic() + PLAN_ON_LOG_AFTER_MISS_S
+                assumed = None
+            except Exception as exc:  # noqa: BLE001 - met again below, as it always was
+                if conn.invalidated or getattr(exc, "connection_invalidated", False):
+                    raise
+                # Another statement was needed (`NotAlone`: a fold that reads), the checkpoints
+                # had moved, or a fold failed: nothing was written, and the batch goes in a
+                # transaction, where each of those is met as it always was.
+                conn.info[_ALONE_AFTER] = time.monotonic() + PLAN_ON_LOG_AFTER_MISS_S
+            else:
+                conn.info[COMMITTED_ALONE] = True
+                return done
+        begin(conn)
+    return _append_in_transaction(conn, commands, folder, redone, assumed)
+
+
+def goes_alone_next(conn: sa.Connection) -> bool:
+    """Whether the held connection's next batch may go as one statement (`_append_alone`):
+    it will be planned without a read, and no batch that could not go so failed just now."""
+    return unread_next(conn) and time.monotonic() >= conn.info.get(_ALONE_AFTER, 0.0)
+
+
+def _append_alone(
+    conn: sa.Connection,
+    commands: Sequence[Command],
+    folder: Folder | None,
+    assumed: tuple[int, str],
+) -> tuple[Appended, bool]:
+    """PostgreSQL's held connection, no transaction begun (`BEGIN_LATE`): the batch planned on
+    the head its last append left, as `append_and_fold` does, and its rows, the fold's and the
+    checkpoints' move sent as one statement, which PostgreSQL runs as its own transaction: one
+    round trip for the batch (the COMMIT's was a sixth of its time under load). The statement
+    takes the append lock before it writes anything (ledger.deferred `send_alone`), and fails
+    whole when a unique index breaks (a miss, IntegrityError) or the fold's checkpoints were not
+    all at the head before it. Nothing else may be sent before it (ledger.compiled `NotAlone`)."""
+    alone(conn)
+    try:
+        appended = _append_locked(conn, commands, assumed)
+        folded = not appended.events
+        if appended.events and folder is not None:
+            folded = folder.fold_appended(conn, appended.before, appended.events)
+        send_alone(conn, f"pg_advisory_xact_lock({APPEND_LOCK_ID:d})")
+    finally:
+        stop_deferring(conn)
+    if appended.knew_all and time.monotonic() >= conn.info.get(_PLANNED_ON_LOG_UNTIL, 0.0):
+        leave_unread_next(conn)
+    return appended, folded
+
+
+def _append_in_transaction(
+    conn: sa.Connection,
+    commands: Sequence[Command],
+    folder: Folder | None,
+    redone: bool,
+    assumed: tuple[int, str] | None,
+) -> tuple[Appended, bool]:
     take_append_lock(conn)  # before the savepoint: a lock taken in it would go with a rollback
     if folder is not None and not redone and not conn.info.get(SAVEPOINT_AT_BEGIN):
         execute_sql(conn, f"SAVEPOINT {APPEND_SAVEPOINT}")
@@ -170,9 +245,6 @@ def append_and_fold(
     # to the savepoint, and the batch is planned on what the log holds. The expectation is
     # taken here; the head this append leaves becomes the next one's only when its COMMIT
     # succeeds (ledger.known `learned_at_commit`, by ledger.held).
-    assumed = expected_head(conn)
-    if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):
-        assumed = None
     defer_writes(conn)
     try:
         if assumed is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.append import Appended, Folder, FoldFailed, append_and_fold
+from ledger.append import Appended, Folder, FoldFailed, append_and_fold, goes_alone_next
 from ledger.commands import AppendEvents, Command
 from ledger.errors import StorageUnavailable
 from ledger.events import NewEvent
@@ -242,7 +242,7 @@ class Appender:
             return await self._writer.run(work)
         work = functools.partial(append_and_fold, commands=commands, folder=folder)
         if self._held is not None:
-            return await self._held.run(work, then=lambda: bool(self._queue))
+            return await self._held.run(work, then=lambda: bool(self._queue), late=goes_alone_next)
         async with write_transaction(self._engine) as conn:
             return await conn.run_sync(work)
 

@@ -43,7 +43,19 @@ def _memo(seen: dict[Any, Any], key: Any, value: Any, processor: Processor) -> A
     return found
 
 
+# Set on a connection while its writes must all go as one statement, its own transaction
+# (ledger.deferred `alone`): any statement sent before that one raises `NotAlone` unsent.
+ALONE = "hookledger_alone"
+
+
+class NotAlone(Exception):  # noqa: N818 - a signal, not a failure
+    """A statement was about to be sent before the one that must carry all of a transaction's
+    writes (`ALONE`): nothing was sent."""
+
+
 def _on_cursor(conn: sa.Connection, sql: str, params: Any, call: Callable[[Any], T]) -> T:
+    if ALONE in conn.info:
+        raise NotAlone(sql)
     connection = conn.connection
     dbapi_connection = connection.dbapi_connection
     if dbapi_connection is None:  # invalidated by an earlier statement: the database went away

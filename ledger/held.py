@@ -17,6 +17,8 @@ from ledger.known import knows_its_log, learned_at_commit
 from ledger.store import (
     APPEND_LOCK_ID,
     APPEND_SAVEPOINT,
+    BEGIN_LATE,
+    COMMITTED_ALONE,
     INDEX_PLANS,
     LOCKED_AT_BEGIN,
     SAVEPOINT_AT_BEGIN,
@@ -86,11 +88,18 @@ class HeldConnection:
         self._begun = False  # a transaction begun (with the lock and savepoint) for the next run
 
     async def run(
-        self, work: Callable[[sa.Connection], T], *, then: Callable[[], bool] | None = None
+        self,
+        work: Callable[[sa.Connection], T],
+        *,
+        then: Callable[[], bool] | None = None,
+        late: Callable[[sa.Connection], bool] | None = None,
     ) -> T:
         """`work(conn)` in one write transaction holding the append lock, committed on return;
         when `then()` says at the commit that another run follows, its transaction is begun in
-        the same round trip."""
+        the same round trip. When `late(conn)` says so before a transaction is begun, its BEGIN
+        is left to `work` (ledger.store `BEGIN_LATE`: ledger.append's, which may make its batch
+        one statement, its own transaction, and says so by `COMMITTED_ALONE`); and at a COMMIT,
+        a next run that will be so is not begun."""
         if self._conn is None:
             # A new connection, never one of the pool's: after a failure (a path gone silent
             # above all), the pool's idle ones may be as dead as the one just closed.
@@ -107,7 +116,12 @@ class HeldConnection:
         begun, self._begun = self._begun, False
         try:
             result, self._begun = await conn.run_sync(
-                _locked_transaction, None if begun else self._begin, work, self._chained, then
+                _locked_transaction,
+                None if begun else self._begin,
+                work,
+                self._chained,
+                then,
+                late,
             )
             return result
         except BaseException:
@@ -178,11 +192,13 @@ def _locked_transaction(
     work: Callable[[sa.Connection], T],
     chained: str,
     then: Callable[[], bool] | None,
+    late: Callable[[sa.Connection], bool] | None,
 ) -> tuple[T, bool]:
     """`work(conn)` between our own BEGIN (with the append lock; None: begun already) and
     COMMIT, in the greenlet of `AsyncConnection.run_sync`: the driver's calls are awaited as the
     adapter awaits its own. With the result, whether the next transaction was begun with the
-    COMMIT (`then()`; see HeldConnection)."""
+    COMMIT (`then()`; see HeldConnection). When `late(conn)` says so, the BEGIN is left to
+    `work` (`BEGIN_LATE`), which may commit alone (`COMMITTED_ALONE`)."""
     driver = conn.connection.driver_connection  # asyncpg's connection
     assert driver is not None
 
@@ -196,7 +212,10 @@ def _locked_transaction(
         return status
 
     if begin is not None:
-        run(begin)
+        if late is not None and late(conn):
+            conn.info[BEGIN_LATE] = lambda _: run(begin)
+        else:
+            run(begin)
     conn.info[LOCKED_AT_BEGIN] = conn.info[SAVEPOINT_AT_BEGIN] = True
     try:
         result = work(conn)
@@ -204,10 +223,14 @@ def _locked_transaction(
         if not conn.invalidated:  # else gone with its connection: asking would mask the error
             conn.info.pop(LOCKED_AT_BEGIN, None)
             conn.info.pop(SAVEPOINT_AT_BEGIN, None)
+            conn.info.pop(BEGIN_LATE, None)
+    if conn.info.pop(COMMITTED_ALONE, False):
+        learned_at_commit(conn)  # its one statement was its transaction, committed
+        return result, False
     # In a transaction an error left aborted, PostgreSQL answers COMMIT with a ROLLBACK, and no
     # error: nothing of it may be acknowledged then. Chained, the SELECT before it fails there.
     begun = False
-    if then is not None and then():
+    if then is not None and not (late is not None and late(conn)) and then():
         try:
             run(chained)
             begun = True

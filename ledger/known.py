@@ -143,6 +143,16 @@ def leave_unread_next(conn: sa.Connection) -> None:
         conn.info[KNOWN_LEFT] = (*left[:2], True)
 
 
+def unread_next(conn: sa.Connection) -> bool:
+    """Whether the next batch will be planned without a read (`expected_head`): what this
+    transaction's append left says so, or, before any, what the connection learned last."""
+    left = conn.info.get(KNOWN_LEFT)
+    if left is not None:
+        return bool(left[2])
+    known = known_log(conn)
+    return known is not None and known.unread_next
+
+
 def expected_head(conn: sa.Connection) -> tuple[int, str] | None:
     """The head to plan this batch on without a read, if the last committed one left it so
     (`leave_unread_next`); taken, for this batch only."""

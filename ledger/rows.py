@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from ledger.compiled import _Compiled, _compiled, _on_cursor, _result_processors, _values
-from ledger.deferred import _with_deferred, _write, flush
+from ledger.deferred import _with_deferred, _write, expect_rows, flush
 
 T = TypeVar("T")
 
@@ -151,6 +151,20 @@ def _fetch(
             listed[position] = processor(listed[position])
         converted.append(tuple(listed))
     return converted
+
+
+def write_expecting(
+    conn: sa.Connection,
+    statement: sa.Executable,
+    params: Mapping[str, Any],
+    rows: int,
+    what: str,
+) -> None:
+    """A write with RETURNING in a connection whose writes go as one statement (ledger.deferred
+    `alone`): that statement fails whole unless it returns `rows` rows (`what` says why)."""
+    compiled = _compiled(statement, conn.dialect, "")
+    assert compiled is not None  # PostgreSQL's paramstyle is positional
+    expect_rows(conn, compiled, _values([params], compiled)[0], rows, what)
 
 
 def execute_sql(conn: sa.Connection, sql: str) -> None:

@@ -199,3 +199,19 @@ POSTGRES_APPEND_ONLY = [
     """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
        FOR EACH STATEMENT EXECUTE FUNCTION hookledger_events_append_only()""",
 ]
+
+# Fails the statement it is in, and so its transaction, unless `actual = expected` (SQLSTATE
+# HL001, `EXPECTED_ROWS_STATE`): an append batch sent as one statement checks with it that its
+# inline fold's checkpoints all moved (ledger/append.py `_append_alone`). VOLATILE, so that it runs
+# where the statement puts it, never folded or skipped by the planner.
+EXPECTED_ROWS_STATE = "HL001"
+POSTGRES_EXPECT_ROWS = f"""
+CREATE OR REPLACE FUNCTION hookledger_expect_rows(actual bigint, expected bigint, what text)
+RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF actual IS DISTINCT FROM expected THEN
+        RAISE EXCEPTION 'hookledger: %: % rows where % were expected', what, actual, expected
+            USING ERRCODE = '{EXPECTED_ROWS_STATE}';
+    END IF;
+    RETURN actual;
+END $$"""

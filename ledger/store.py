@@ -153,6 +153,11 @@ LOCKED_AT_BEGIN = "hookledger_append_locked"
 # And while the append's savepoint (`APPEND_SAVEPOINT`) stands since that BEGIN, opened with it.
 SAVEPOINT_AT_BEGIN = "hookledger_append_savepoint"
 APPEND_SAVEPOINT = "append"
+# PostgreSQL's held connection (ledger.held), no transaction begun: the BEGIN with the lock and
+# the savepoint, `begin(conn)`, left to the append, which may send its batch as one statement in
+# autocommit instead (ledger.append `_append_alone`); `COMMITTED_ALONE` is set when it did.
+BEGIN_LATE = "hookledger_begin_late"
+COMMITTED_ALONE = "hookledger_committed_alone"
 
 
 _APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")

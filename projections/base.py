@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from ledger.deferred import disjoint_writes
 from ledger.events import RecordedEvent
 from ledger.rows import (
     execute_many,
@@ -137,6 +138,15 @@ class RowProjection:
         keyed = [(key, event) for event in events if (key := self.key_of(event)) is not None]
         if not keyed:
             return
+        # Each key's row is written once: by the increments (keys whose every event here is
+        # one) or else with the rest, inserted or updated. So on PostgreSQL all of them may go
+        # in one statement (ledger.deferred), the append's own when it goes alone.
+        with disjoint_writes(conn):
+            self._apply(conn, table, keyed)
+
+    def _apply(
+        self, conn: sa.Connection, table: sa.Table, keyed: list[tuple[str, RecordedEvent]]
+    ) -> None:
         if self.increment is not None:
             keyed = self._increment(conn, table, keyed, self.increment)
             if not keyed:

@@ -18,9 +18,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.append import CheckpointsMoved
+from ledger.deferred import is_alone
 from ledger.events import RecordedEvent
 from ledger.failures import FailureLog
-from ledger.rows import array_of, execute_many, fetch_all
+from ledger.rows import array_of, execute_many, fetch_all, write_expecting
 from ledger.schema import events
 from ledger.schema import projection_checkpoints as checkpoints
 from ledger.store import is_postgres, plan_by_index, read_events, write_transaction
@@ -179,6 +180,22 @@ class ProjectionRunner:
         """
         now, seq = datetime.now(UTC), appended[-1].seq
         names = [p.name for p in self.projections]
+        if conn.dialect.name == "postgresql" and is_alone(conn):
+            # The batch goes as one statement, its own transaction (ledger.append
+            # `_append_alone`): the fold's writes with it, then the checkpoints moved, which must
+            # all move, or nothing of it is written (and the batch is appended again in a
+            # transaction, as below).
+            self._fold_all(conn, appended)
+            asked = {"names": names, "before": before, "seq": seq, "at": now}
+            write_expecting(
+                conn,
+                _MOVE_LOCKED_CHECKPOINTS,
+                asked | {"k": PROJECTOR_LOCK_ID},
+                len(names),
+                "the inline fold's checkpoints were not all at the head before it",
+            )
+            self._folding_inline = True
+            return True
         if conn.dialect.name == "postgresql":
             # After a fold that stood at the head (steady appends) this one folds first: its
             # writes wait (ledger.deferred) and go with the append's rows in the statement that

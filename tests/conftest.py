@@ -121,6 +121,20 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
+async def pg_engine() -> AsyncIterator[AsyncEngine]:
+    """A migrated database of its own on PostgreSQL only (what SQLite has not: the appender's
+    held connection, its one-statement batches)."""
+    url = await create_pg_database()
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+        await drop_pg_database(url)
+
+
+@pytest.fixture
 async def appender(engine: AsyncEngine) -> AsyncIterator[Appender]:
     """The group-commit appender on `engine`, running (no projections folded unless the test
     gives it a folder)."""

@@ -15,7 +15,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger.deferred import defer_writes, discard, flush, stop_deferring
+from ledger.deferred import defer_writes, discard, disjoint_writes, flush, stop_deferring
 from ledger.rows import (
     execute_many,
     execute_sql,
@@ -347,6 +347,48 @@ async def test_discarded_writes_are_never_sent(engine: AsyncEngine, backend: str
     await _sync(engine, work)
     got = await _sync(engine, lambda conn: fetch_all(conn, sa.select(checkpoints.c.name)))
     assert got == [("b",)]
+
+
+def _sent_rows(conn: sa.Connection) -> list[tuple[str, int]]:
+    """The checkpoints as this transaction holds them on the server, read past the deferral."""
+    from sqlalchemy.util import await_only
+
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    query = "SELECT name, seq FROM projection_checkpoints ORDER BY name"
+    return [tuple(row) for row in await_only(driver.fetch(query))]
+
+
+async def test_disjoint_writes_to_one_table_wait_together(
+    engine: AsyncEngine, backend: str
+) -> None:
+    """Within `disjoint_writes` (a projection's increments and its other rows: never one key
+    twice), a second write to a table waits with the first; elsewhere it sends the first."""
+    if backend != "postgres":
+        pytest.skip("only PostgreSQL defers writes")
+    await _sync(engine, lambda conn: insert_many(conn, checkpoints, [_checkpoint("x", 1)]))
+
+    def work(conn: sa.Connection) -> list[Any]:
+        seen = []
+        defer_writes(conn)
+        try:
+            with disjoint_writes(conn):
+                execute_many(conn, _MOVE, [{"name": "x", "seq": 2}], prefix="b_")
+                insert_many(conn, checkpoints, [_checkpoint("y", 1)])
+            seen.append(_sent_rows(conn))  # both wait
+            execute_many(conn, _MOVE, [{"name": "y", "seq": 3}], prefix="b_")
+            seen.append(_sent_rows(conn))  # the two before were sent
+            flush(conn)
+            seen.append(_sent_rows(conn))
+        finally:
+            stop_deferring(conn)
+        return seen
+
+    assert await _sync(engine, work) == [
+        [("x", 1)],
+        [("x", 2), ("y", 1)],
+        [("x", 2), ("y", 3)],
+    ]
 
 
 # Any sequence of writes and reads gives the same reads and the same tables, deferred or not.

@@ -14,7 +14,6 @@ from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
-from conftest import create_pg_database, drop_pg_database
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -373,19 +372,6 @@ async def test_the_checkpointers_thread_ends_with_the_writer(tmp_path: Path) -> 
 
 
 # --- PostgreSQL: the appender's held connection begins its own transactions, lock included ---
-
-
-@pytest.fixture
-async def pg_engine() -> AsyncIterator[AsyncEngine]:
-    """A migrated database of its own on PostgreSQL only (SQLite's writer is SqliteWriter)."""
-    url = await create_pg_database()
-    engine = create_engine(url)
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
-        await drop_pg_database(url)
 
 
 async def _locks_held(engine: AsyncEngine) -> int:
