@@ -163,7 +163,10 @@ def append_and_fold(
     fold: on PostgreSQL the held connection opens it with BEGIN and the lock, so it costs no
     round trip of its own. On PostgreSQL the writes also wait for the statement after them
     (`ledger.deferred.defer_writes`): the append's rows go with the fold's first statement, the
-    fold's rows of all its tables in one, and all is sent before this returns.
+    fold's rows of all its tables in one, and all is sent before this returns. And when the held
+    connection left the transaction unbegun (`BEGIN_LATE`), a batch planned without a read goes
+    as one statement, its own transaction (`_append_alone`); if it cannot, the BEGIN is sent
+    and all goes as above.
     """
     assumed = expected_head(conn)
     if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):

@@ -2,7 +2,9 @@
 
 Each statement is a round trip there, resumed only when the busy loop gets to it, and an append
 batch's writes then take two instead of four. ledger.rows hands its writes here (`_write`), and
-its reads take what waits along when they may (`_with_deferred`).
+its reads take what waits along when they may (`_with_deferred`). A connection in autocommit may
+also send all its writes as one statement, its own transaction (`alone`, `send_alone`): an
+append batch in one round trip, COMMIT included.
 """
 
 from __future__ import annotations
