@@ -224,8 +224,7 @@ def _append_alone(
         send_alone(conn, f"pg_advisory_xact_lock({APPEND_LOCK_ID:d})")
     finally:
         stop_deferring(conn)
-    if appended.knew_all and time.monotonic() >= conn.info.get(_PLANNED_ON_LOG_UNTIL, 0.0):
-        leave_unread_next(conn)
+    _next_unread_if_known(conn, appended)
     return appended, folded
 
 
@@ -264,14 +263,19 @@ def _append_in_transaction(
             done = _append_and_fold_once(conn, commands, folder, redone, None)
     finally:
         stop_deferring(conn)
-    appended = done[0]
+    _next_unread_if_known(conn, done[0])
+    return done
+
+
+def _next_unread_if_known(conn: sa.Connection, appended: Appended) -> None:
+    """The held connection's append that read no original it did not know, not within a while
+    of a miss: the next batch of deliveries may be planned without a read, once it commits."""
     if (
         appended.knew_all
         and conn.info.get(SAVEPOINT_AT_BEGIN)  # the held connection's
         and time.monotonic() >= conn.info.get(_PLANNED_ON_LOG_UNTIL, 0.0)
     ):
         leave_unread_next(conn)
-    return done
 
 
 def _append_and_fold_once(
