@@ -22,6 +22,11 @@ def _plain(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://")
 
 
+def postgres_dsn(url: str) -> str | None:
+    """The driver's own address of a PostgreSQL database URL (None for SQLite's)."""
+    return _plain(url) if url.startswith("postgresql") else None
+
+
 @contextlib.asynccontextmanager
 async def postgres_database(server_url: str, label: str = "bench") -> AsyncIterator[str]:
     """A new database on the server of `server_url` (any database there to connect to)."""

@@ -65,7 +65,7 @@ class _Progress:
         self.done += 1
         print(
             f" {point.rps:,.0f} req/s, p50 {point.p50_ms:.2f} ms, p99 {point.p99_ms:.2f} ms, "
-            f"RSS {point.rss_mb:.0f} MB" + _lag_text(point),
+            f"RSS {point.rss_mb:.0f} MB" + _lag_text(point) + _checkpoint_text(point),
             flush=True,
         )
 
@@ -75,6 +75,12 @@ def _lag_text(point: Point) -> str:
         return ""
     zero = "never" if point.lag_zero_s is None else f"{point.lag_zero_s:.2f} s"
     return f", lag max {point.lag_max_events} events, 0 after {zero}"
+
+
+def _checkpoint_text(point: Point) -> str:
+    if not point.pg_checkpointing:
+        return ""
+    return f", PostgreSQL checkpointing {point.pg_checkpointing:.0%} of it"
 
 
 def _machine() -> dict[str, Any]:

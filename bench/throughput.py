@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from bench import servers
 from bench.checks import Acknowledged, Check, check_log, check_projections
+from bench.databases import postgres_dsn
 from bench.load import PAYLOAD, TRIGGER_ID, Load, LoadResult, run_load
 from ledger.store import create_engine
 
@@ -52,6 +54,9 @@ class Point:
     errors: dict[str, int]
     lag_max_events: int | None = None
     lag_zero_s: float | None = None
+    # PostgreSQL: the share of the point's samples in which the server was checkpointing (its
+    # writes compete with each commit's WAL flush: a tail there is the shared server's).
+    pg_checkpointing: float | None = None
 
 
 @dataclass(slots=True)
@@ -118,21 +123,52 @@ async def seed(admin: Admin, count: int) -> tuple[list[str], list[str]]:
     return new, [event_id for status, event_id in answers if status == 200]
 
 
+@dataclass(slots=True)
+class _Samples:
+    lags: list[int] = field(default_factory=list)
+    checkpointing: list[bool] = field(default_factory=list)
+
+
+# The checkpointer between checkpoints waits in `CheckpointerMain`; any other wait (the pauses of
+# a spread checkpoint's writes, its syncs) or none is a checkpoint in progress.
+_CHECKPOINTING = (
+    "SELECT coalesce(wait_event, '') <> 'CheckpointerMain' FROM pg_stat_activity"
+    " WHERE backend_type = 'checkpointer'"
+)
+
+
+async def sample_checkpointer(pg_url: str, into: list[bool], every_s: float = 0.1) -> None:
+    """Append to `into`, every `every_s` until cancelled, whether the PostgreSQL server is
+    checkpointing."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        while True:
+            into.append(bool(await conn.fetchval(_CHECKPOINTING)))
+            await asyncio.sleep(every_s)
+    finally:
+        await conn.close()
+
+
 @contextlib.asynccontextmanager
-async def _watch(server: servers.Server, admin: Admin | None) -> AsyncIterator[list[int]]:
-    """Sample RSS (and the projector's lag, when there is one) while the body runs."""
-    lags: list[int] = []
+async def _watch(
+    server: servers.Server, admin: Admin | None, pg_url: str | None
+) -> AsyncIterator[_Samples]:
+    """Sample RSS (and the projector's lag, when there is one, and whether PostgreSQL is
+    checkpointing, when it is on PostgreSQL) while the body runs."""
+    samples = _Samples()
 
     async def sample_lag() -> None:
         while admin is not None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                lags.append(await admin.lag())
+                samples.lags.append(await admin.lag())
             await asyncio.sleep(0.25)
 
     server.sampled_peak = 0
     tasks = [asyncio.create_task(servers.sample_rss(server)), asyncio.create_task(sample_lag())]
+    if pg_url is not None:
+        tasks.append(asyncio.create_task(sample_checkpointer(pg_url, samples.checkpointing)))
     try:
-        yield lags
+        yield samples
     finally:
         for task in tasks:
             task.cancel()
@@ -169,30 +205,38 @@ def _point(server: servers.Server, load: Load, result: LoadResult) -> Point:
 class _Measure:
     """Runs the plan's loads against one server and keeps what the load generators were told."""
 
-    def __init__(self, plan: Plan, server: servers.Server, admin: Admin | None) -> None:
-        self.plan, self.server, self.admin = plan, server, admin
+    def __init__(
+        self,
+        plan: Plan,
+        server: servers.Server,
+        admin: Admin | None,
+        pg_url: str | None = None,
+    ) -> None:
+        self.plan, self.server, self.admin, self.pg_url = plan, server, admin, pg_url
         self.new_ids: list[str] = []
         self.dup_ids: list[str] = []
         self.in_flight = 0
 
-    async def load(self, load: Load) -> tuple[LoadResult, list[int]]:
+    async def load(self, load: Load) -> tuple[LoadResult, _Samples]:
         out = self.plan.workdir / f"{self.server.name}-{load.prefix}.json"
-        async with _watch(self.server, self.admin) as lags:
+        async with _watch(self.server, self.admin, self.pg_url) as samples:
             result = await run_load(self.plan.wrk, self.server.url, load, out)
         self.new_ids += result.new_ids
         self.dup_ids += result.dup_ids
         self.in_flight += load.connections + result.errors.get("timeout", 0)
-        return result, lags
+        return result, samples
 
     async def point(self, scenario: str, connections: int) -> Point:
         load = Load(
             scenario, connections, self.plan.seconds, f"{scenario}-c{connections}", DUP_KEYS
         )
-        result, lags = await self.load(load)
+        result, samples = await self.load(load)
         point = _point(self.server, load, result)
         if self.admin is not None:
-            point.lag_max_events = max(lags, default=0)
+            point.lag_max_events = max(samples.lags, default=0)
             point.lag_zero_s = await _time_to_zero(self.admin)
+        if samples.checkpointing:
+            point.pg_checkpointing = sum(samples.checkpointing) / len(samples.checkpointing)
         return point
 
     def acknowledged(self) -> Acknowledged:
@@ -233,7 +277,7 @@ async def run_hookledger(
     ):
         admin = Admin(session, server)
         await admin.create_trigger()
-        measure = _Measure(plan, server, admin)
+        measure = _Measure(plan, server, admin, postgres_dsn(database_url))
         seeded_new, seeded_dup = await seed(admin, DUP_KEYS)
         measure.new_ids += seeded_new
         measure.dup_ids += seeded_dup

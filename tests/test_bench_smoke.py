@@ -8,12 +8,16 @@ never asserted here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,3 +121,47 @@ def test_the_wal_reader_counts_every_commit_past_a_checkpoint() -> None:
     many, few = per_commit(60, *lowered), per_commit(5)
     assert many * 60 > 4 * 64
     assert 0.7 * few < many < 1.3 * few
+
+
+_SAMPLER = """
+import asyncio, sys
+from bench.throughput import sample_checkpointer
+
+async def main():
+    seen = []
+    sampling = asyncio.create_task(sample_checkpointer(sys.argv[1], seen, every_s=0.002))
+    for _ in range(1000):
+        await asyncio.sleep(0.01)
+        if any(seen):
+            break
+    sampling.cancel()
+    print("sampled", len(seen), "checkpointing", sum(seen), flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_bench_sees_postgresql_checkpointing(pg_engine: AsyncEngine) -> None:
+    """A point on PostgreSQL says how much of it the shared server spent checkpointing (its
+    writes compete with each commit's WAL flush): sampled while checkpoints run, it is seen."""
+    dsn = pg_engine.url.render_as_string(hide_password=False).replace("+asyncpg", "")
+    sampler = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SAMPLER, dsn, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    async with pg_engine.connect() as conn:
+        await conn.execute(sa.text("CREATE TABLE dirty (n int, s text)"))
+        await conn.commit()
+        for _ in range(50):  # pages to write, so that each checkpoint takes a while
+            if sampler.returncode is not None:
+                break
+            fill = "INSERT INTO dirty SELECT g, repeat('x', 500) FROM generate_series(1, 50000) g"
+            await conn.execute(sa.text(fill))
+            await conn.commit()
+            await conn.execute(sa.text("CHECKPOINT"))
+            await conn.commit()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(sampler.wait()), 0.05)
+    out, _ = await sampler.communicate()
+    assert sampler.returncode == 0
+    sampled, checkpointing = re.findall(r"\d+", out.decode())
+    assert int(sampled) > 0 and int(checkpointing) > 0, out
