@@ -36,9 +36,6 @@ _EXECUTED = sa.text(
 )
 
 
-_WHILE_S = 0.3
-
-
 def _folded(folder: Folder | None, *commands: Command) -> Callable[[sa.Connection], Any]:
     """The appender's work for a batch: its results, and whether `folder` folded it inline."""
 
@@ -185,13 +182,11 @@ async def test_the_statement_takes_the_append_lock_before_it_writes_or_locks_any
 
 
 async def test_checkpoints_another_runner_holds_fail_the_statement_and_the_batch_is_kept(
-    pg_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+    pg_engine: AsyncEngine,
 ) -> None:
     """The inline fold's checkpoints cannot all move (another runner holds the projector
     lock): the statement fails whole, the batch is appended in a transaction, its fold left to
-    the runner; and for a while after (a second; shortened here), batches go in transactions,
-    then alone again."""
-    monkeypatch.setattr(append_module, "PLAN_ON_LOG_AFTER_MISS_S", _WHILE_S)
+    the runner; and for a second after, batches go in transactions, then alone again."""
     runner = ProjectionRunner(pg_engine, list(PROJECTIONS.values()))
     held = HeldConnection(pg_engine)
     other = await pg_engine.connect()
@@ -209,7 +204,7 @@ async def test_checkpoints_another_runner_holds_fail_the_statement_and_the_batch
         assert results[0].is_duplicate and not folded
         await other.commit()
         await runner.catch_up()
-        await asyncio.sleep(_WHILE_S)
+        await asyncio.sleep(append_module.PLAN_ON_LOG_AFTER_MISS_S)
         (results, folded), prepared, simple = await _sent(held, _folded(runner, make_delivery("z")))
         assert (prepared, simple) == (1, []) and folded
     finally:
