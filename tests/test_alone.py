@@ -41,8 +41,6 @@ def _folded(folder: Folder | None, *commands: Command) -> Callable[[sa.Connectio
 
     def work(conn: sa.Connection) -> tuple[list[Any], bool]:
         appended, folded = append_and_fold(conn, commands, folder)
-        if folded and appended.events and isinstance(folder, ProjectionRunner):
-            folder.folded(appended.events[-1].seq)  # after the commit, in the appender
         return appended.results, folded
 
     return work
