@@ -171,24 +171,25 @@ def append_and_fold(
     assumed = expected_head(conn)
     if assumed is not None and not all(isinstance(c, RecordDelivery) for c in commands):
         assumed = None
+    # Left by the held connection only when `goes_alone_next` said so: no cooldown stands.
     begin = conn.info.pop(BEGIN_LATE, None)
     if begin is not None:
-        if assumed is not None and time.monotonic() >= conn.info.get(_ALONE_AFTER, 0.0):
+        if assumed is not None:
             try:
                 done = _append_alone(conn, commands, folder, assumed)
-            except sa.exc.IntegrityError:
-                if conn.invalidated:
-                    raise
-                # A miss: a key received before unknown here, or another process appended.
-                conn.info[_PLANNED_ON_LOG_UNTIL] = time.monotonic() + PLAN_ON_LOG_AFTER_MISS_S
-                assumed = None
             except Exception as exc:  # noqa: BLE001 - met again below, as it always was
                 if conn.invalidated or getattr(exc, "connection_invalidated", False):
                     raise
-                # Another statement was needed (`NotAlone`: a fold that reads), the checkpoints
-                # had moved, or a fold failed: nothing was written, and the batch goes in a
-                # transaction, where each of those is met as it always was.
-                conn.info[_ALONE_AFTER] = time.monotonic() + PLAN_ON_LOG_AFTER_MISS_S
+                # Nothing was written; the batch goes in a transaction, where each cause is met
+                # as it always was. A miss (a key received before unknown here, or another
+                # process appended): planned on the log. Else another statement was needed
+                # (`NotAlone`: a fold that reads), the checkpoints had moved, or a fold failed.
+                until = time.monotonic() + PLAN_ON_LOG_AFTER_MISS_S
+                if isinstance(exc, sa.exc.IntegrityError):
+                    conn.info[_PLANNED_ON_LOG_UNTIL] = until
+                    assumed = None
+                else:
+                    conn.info[_ALONE_AFTER] = until
             else:
                 conn.info[COMMITTED_ALONE] = True
                 return done

@@ -180,23 +180,29 @@ class ProjectionRunner:
         """
         now, seq = datetime.now(UTC), appended[-1].seq
         names = [p.name for p in self.projections]
-        if conn.dialect.name == "postgresql" and is_alone(conn):
-            # The batch goes as one statement, its own transaction (ledger.append
-            # `_append_alone`): the fold's writes with it, then the checkpoints moved, which must
-            # all move, or nothing of it is written (and the batch is appended again in a
-            # transaction, as below).
-            self._fold_all(conn, appended)
-            asked = {"names": names, "before": before, "seq": seq, "at": now}
-            write_expecting(
-                conn,
-                _MOVE_LOCKED_CHECKPOINTS,
-                asked | {"k": PROJECTOR_LOCK_ID},
-                len(names),
-                "the inline fold's checkpoints were not all at the head before it",
-            )
-            self._folding_inline = True
-            return True
         if conn.dialect.name == "postgresql":
+            asked = {
+                "names": names,
+                "before": before,
+                "seq": seq,
+                "at": now,
+                "k": PROJECTOR_LOCK_ID,
+            }
+            if is_alone(conn):
+                # The batch goes as one statement, its own transaction (ledger.append
+                # `_append_alone`): the fold's writes with it, then the checkpoints moved, which
+                # must all move, or nothing of it is written (and the batch is appended again in
+                # a transaction, as below).
+                self._fold_all(conn, appended)
+                write_expecting(
+                    conn,
+                    _MOVE_LOCKED_CHECKPOINTS,
+                    asked,
+                    len(names),
+                    "the inline fold's checkpoints were not all at the head before it",
+                )
+                self._folding_inline = True
+                return True
             # After a fold that stood at the head (steady appends) this one folds first: its
             # writes wait (ledger.deferred) and go with the append's rows in the statement that
             # checks and moves the checkpoints, one round trip for the three; declined, they
@@ -206,8 +212,7 @@ class ProjectionRunner:
             ahead, self._folding_inline = self._folding_inline, False  # until this one stands
             if ahead:
                 self._fold_all(conn, appended)
-            asked = {"names": names, "before": before, "seq": seq, "at": now}
-            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked | {"k": PROJECTOR_LOCK_ID})
+            moved = fetch_all(conn, _MOVE_LOCKED_CHECKPOINTS, asked)
             if moved and len(moved) != len(names):
                 # All stood at `before` in the statement's snapshot, but one changed before
                 # the lock was won (a rebuild's swap): undo (see `append_and_fold`).

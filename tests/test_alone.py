@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from factories import delivery as make_delivery
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_rebuild_concurrency import assert_live_equals_a_fresh_rebuild
+from test_writers import _keys, _locks_held, _waiting_for_a_lock
 
 from ledger import append as append_module
 from ledger import store
@@ -25,7 +26,6 @@ from ledger.events import RecordedEvent
 from ledger.held import HeldConnection
 from ledger.rows import fetch_all
 from ledger.schema import EXPECTED_ROWS_STATE
-from ledger.store import read_events
 from projections.registry import PROJECTIONS
 from projections.runner import PROJECTOR_LOCK_ID, ProjectionRunner
 
@@ -79,30 +79,6 @@ def _transactions(simple: list[str]) -> list[str]:
     return [q.split(";")[0] for q in simple if q.startswith(("BEGIN", "COMMIT"))]
 
 
-async def _keys(engine: AsyncEngine) -> list[str | None]:
-    async with engine.connect() as conn:
-        return [e.idempotency_key for e in await read_events(conn, limit=1000)]
-
-
-async def _locks_held(engine: AsyncEngine, key: int) -> int:
-    async with engine.connect() as conn:
-        query = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        return int((await conn.execute(sa.text(query), {"k": key})).scalar_one())
-
-
-async def _waiting_for_a_lock(engine: AsyncEngine) -> list[tuple[str, str]]:
-    """What each session waiting for a lock on this database waits for, and its statement."""
-    async with engine.connect() as conn:
-        query = (
-            "SELECT wait_event, query FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        return [tuple(row) for row in (await conn.execute(sa.text(query))).all()]
-
-
 async def _started(runner: ProjectionRunner, held: HeldConnection) -> None:
     """Two batches, the first reading the log, the projections at the head and folded inline:
     the next batch may go alone."""
@@ -122,7 +98,7 @@ async def test_a_batch_planned_without_a_read_is_one_statement_and_its_own_trans
         (results, folded), prepared, simple = await _sent(held, _folded(runner, *batch))
         assert _transactions(simple) == []  # no BEGIN, no COMMIT
         assert folded
-        assert await _locks_held(pg_engine, store.APPEND_LOCK_ID) == 0  # its transaction ended
+        assert await _locks_held(pg_engine) == 0  # its transaction ended
         assert await _keys(pg_engine) == ["first", "second", "a", "b", "first"]  # committed
         a, b, again = results
         assert not a.is_duplicate and not b.is_duplicate and again.is_duplicate

@@ -749,10 +749,15 @@ async def test_a_race_on_the_idempotency_index_is_absorbed_as_a_duplicate(
     assert [e.type for e in received] == ["webhook.received", "webhook.duplicate"]
 
 
-async def _waiting_for_a_lock(engine: AsyncEngine) -> bool:
+async def _waiting_for_a_lock(engine: AsyncEngine) -> list[tuple[str, str]]:
+    """What each session waiting for a lock on `engine`'s database waits for, and its statement
+    (the server is shared: other databases' sessions are not counted)."""
     async with engine.connect() as conn:
-        query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        return bool((await conn.execute(sa.text(query))).scalar_one())
+        query = (
+            "SELECT wait_event, query FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return [(str(w), str(q)) for w, q in (await conn.execute(sa.text(query))).all()]
 
 
 _TAKE_APPEND_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
