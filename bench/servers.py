@@ -181,16 +181,19 @@ async def floor(workdir: Path) -> AsyncIterator[Server]:
 async def hookledger(
     name: str, database_url: str, workdir: Path, workers: int = 0, root: Path = ROOT
 ) -> AsyncIterator[Server]:
-    """`hookledger serve` as a user starts it: the console script, dispatch off (no destination),
-    with `workers` ingest workers (`serve --workers N`); the code of the checkout at `root`
-    (`bench.probe --against`: another commit's, for an A/B)."""
+    """`hookledger serve` as a user starts it: the console script, its dispatcher running (the
+    bench's trigger has no destination: it finds nothing due), with `workers` ingest workers
+    (`serve --workers N`); the code of the checkout at `root` (`bench.probe --against`: another
+    commit's, for an A/B). `HOOKLEDGER_BENCH_NO_DISPATCH=1` adds `--no-dispatch`."""
     command = [str(Path(sys.executable).parent / "hookledger"), "--database-url", database_url]
     env = {
         "HOOKLEDGER_ADMIN_TOKEN": ADMIN_TOKEN,
         "HOOKLEDGER_SECRET_KEY": SECRET_KEY,
         "HOOKLEDGER_LOG_FORMAT": "json",
     }
-    serve = [*command, "serve", "--no-dispatch", "--workers", str(workers)]
+    serve = [*command, "serve", "--workers", str(workers)]
+    if os.environ.get("HOOKLEDGER_BENCH_NO_DISPATCH") == "1":
+        serve.insert(-2, "--no-dispatch")
     server = await _spawn(name, serve, workdir, env, root)
     try:
         await _wait_ready(server, "/healthz")

@@ -386,6 +386,6 @@ class Folder(Protocol):
         before them; left to the runner). If it raises, `append_and_fold` undoes what it did."""
         ...
 
-    def folded(self, seq: int) -> None:
+    def folded(self, appended: list[RecordedEvent]) -> None:
         """On the event loop, after the commit of a transaction whose events were folded."""
         ...

@@ -228,7 +228,7 @@ class Appender:
             logger.exception("evt=inline_fold_failed")
             appended, folded = await self._append(commands, None)
         if appended.events and folded and folder is not None:
-            folder.folded(appended.events[-1].seq)
+            folder.folded(appended.events)
         self._behind = self._behind or not folded
         return appended.results
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -109,13 +109,18 @@ class ProjectionRunner:
         batch: int = 1000,
         poll_s: float = 0.2,
         wake: asyncio.Event | None = None,
+        wakes: Callable[[RecordedEvent], bool] | None = None,
     ) -> None:
         self.engine = engine
         self.projections = list(projections)
         self._batch = batch
         self._poll_s = poll_s
         self._wake = wake or asyncio.Event()
+        # Set after a fold of events of which one at least `wakes` says wakes (any, without it):
+        # the dispatcher's wake. A duplicate wakes nothing, so a burst of them costs the
+        # dispatcher no look for due executions a batch.
         self.advanced = asyncio.Event()
+        self._wakes = wakes
         self._failures = FailureLog(logger, "projector_failed")
         self.positions: dict[str, int] = {}
         self.caught_up_at = time.monotonic()
@@ -142,8 +147,7 @@ class ProjectionRunner:
         self.positions = (
             positions | {p.name: batch[-1].seq for p in self.projections} if batch else positions
         )
-        if batch:
-            self.advanced.set()
+        self._advanced(batch)
         return len(batch)
 
     async def _behind(self) -> bool:
@@ -238,10 +242,15 @@ class ProjectionRunner:
         for projection in self.projections:
             projection.apply(conn, projection.table, appended)
 
-    def folded(self, seq: int) -> None:
-        """After the commit of events `fold_appended` folded (on the event loop)."""
-        self.positions = {p.name: seq for p in self.projections}
-        self.advanced.set()
+    def folded(self, appended: list[RecordedEvent]) -> None:
+        """After the commit of the events `fold_appended` folded (on the event loop)."""
+        self.positions = {p.name: appended[-1].seq for p in self.projections}
+        self._advanced(appended)
+
+    def _advanced(self, folded: list[RecordedEvent]) -> None:
+        wakes = self._wakes
+        if folded and (wakes is None or any(map(wakes, folded))):
+            self.advanced.set()
 
     async def catch_up(self) -> None:
         while await self.step():

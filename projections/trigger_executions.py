@@ -60,6 +60,20 @@ def shadow_table(name: str) -> sa.Table:
     return sa.Table(name, sa.MetaData(), *columns())
 
 
+def may_make_due(event: RecordedEvent) -> bool:
+    """Whether folding `event` may leave an execution due for dispatch, so that the dispatcher
+    looks (server/app.py gives it to the runner, whose `advanced` wakes the dispatcher). Only
+    what surely cannot is left out: a duplicate (it changes counts only) and a delivery received
+    as `recorded` or `filtered` (nothing to dispatch). Everything else may (a pending delivery,
+    a failed attempt's retry, a replay, a trigger resumed or given a destination), and the
+    dispatcher's poll (`HOOKLEDGER_DISPATCH_POLL_S`) catches what becomes due with time."""
+    if event.type == "webhook.duplicate":
+        return False
+    if event.type == "webhook.received":
+        return bool(event.data.get("initial_status", "pending") == "pending")
+    return True
+
+
 def _received(event: RecordedEvent) -> Row:
     data = event.data
     status = data.get("initial_status", "pending")

@@ -18,6 +18,7 @@ from ledger.store import create_engine
 from ledger.vault import Vault
 from projections.registry import PROJECTIONS
 from projections.runner import ProjectionRunner
+from projections.trigger_executions import may_make_due
 from server import admin, audit, feed, monitoring, openapi, replays, stats
 from server.catalog import TriggerCache
 from server.config import Settings
@@ -105,7 +106,10 @@ def build_services(settings: Settings, link: LedgerLink | None = None) -> Servic
             metrics=RemoteMetrics(link),
         )
     appender = Appender(engine, wait_s=settings.append_timeout_s)
-    runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wake=appender.committed)
+    # Its `advanced` wakes the dispatcher: only after folding what may have made one due.
+    runner = ProjectionRunner(
+        engine, list(PROJECTIONS.values()), wake=appender.committed, wakes=may_make_due
+    )
     if settings.projector:
         appender.folder = runner
     metrics = Metrics()  # one registry per app; the dispatcher calls metrics.observe_attempt

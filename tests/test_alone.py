@@ -204,7 +204,7 @@ class _ReadingFolder:
         self.folds.append(len(appended))
         return True
 
-    def folded(self, seq: int) -> None:
+    def folded(self, appended: list[RecordedEvent]) -> None:
         pass
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN_TOKEN, AUTH, MakeClient, create_trigger
+from conftest import ADMIN_TOKEN, AUTH, MakeClient, create_trigger, serve_app
 from destinations import (
     Client,
     Destination,
@@ -42,6 +42,7 @@ from ledger.store import create_engine
 from projections.rebuild import rebuild
 from projections.registry import TRIGGER_EXECUTIONS
 from projections.trigger_executions import table as executions
+from server import dispatcher as dispatcher_module
 from server.app import make_app
 from server.config import Settings
 from server.state import SERVICES
@@ -280,6 +281,57 @@ async def test_an_answer_that_cannot_be_parsed_is_transient(app: Client) -> None
     failed = event(row, "execution.failed")
     assert (failed["error_category"], failed["status_code"]) == ("transient", None)
     assert failed["retry_at"] is not None
+
+
+async def test_the_dispatcher_looks_after_what_may_be_due_not_after_duplicates_or_recorded(
+    aiohttp_client: MakeClient,
+    dispatching: Settings,
+    lane: str,
+    destination: Destination,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Polling once a minute: a delivery dispatched within seconds was woken for.
+    app = await serve_app(aiohttp_client, make_app(replace(dispatching, dispatch_poll_s=60)), lane)
+    looks: list[float] = []  # each look of the dispatcher for due executions
+    find_due = dispatcher_module.find_due
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        looks.append(time.monotonic())
+        return await find_due(*args, **kwargs)
+
+    monkeypatch.setattr(dispatcher_module, "find_due", counted)
+
+    async def settled() -> int:
+        """The number of looks, once 0.3 s went by without one."""
+        for _ in range(50):
+            count = len(looks)
+            await asyncio.sleep(0.3)
+            if len(looks) == count:
+                return count
+        raise AssertionError("the dispatcher never stopped looking")
+
+    await create_trigger(app, id="kept")  # no destination: its deliveries are `recorded`
+    await trigger_to(app, destination.script("/ok", Reply(200)))
+    started = time.monotonic()
+    execution_id = await send(app, "t", Idempotency_Key="order-1")
+    row = await wait_until(app, execution_id, within_s=10)
+    assert row["status"] == "succeeded" and time.monotonic() - started < 10
+    before = await settled()
+
+    for n in range(8):  # duplicates of a dispatched delivery, and deliveries kept only
+        assert (
+            await app.post("/webhooks/t", json={"n": 1}, headers={"Idempotency-Key": "order-1"})
+        ).status == 200
+        await send(app, "kept", f'{{"n": {n}}}')
+    row = await execution(app, execution_id)
+    assert row["duplicate_count"] == 8  # all folded
+    await asyncio.sleep(0.3)
+    assert len(looks) == before  # not one look for them
+    assert destination.count(execution_id) == 1
+
+    later = await send(app, "t", Idempotency_Key="order-2")  # and a pending one is looked for
+    assert (await wait_until(app, later, within_s=10))["status"] == "succeeded"
+    assert len(looks) > before
 
 
 async def test_a_paused_trigger_holds_its_executions_and_drains_them_on_resume(

@@ -37,6 +37,7 @@ from ledger.store import create_engine, read_events, read_last_seq, write_transa
 from projections.rebuild import rebuild
 from projections.registry import PROJECTIONS, TRIGGER_EXECUTIONS
 from projections.runner import ProjectionRunner, read_checkpoints
+from projections.trigger_executions import may_make_due
 from server.config import Settings
 from server.monitoring import read_lag
 
@@ -327,6 +328,40 @@ async def test_the_appender_acknowledges_a_delivery_whose_inline_fold_failed_onc
     rows = await snapshot(engine, "trigger_executions")
     assert sorted(r["idempotency_key"] for r in rows) == ["a", "b", "c"]
     assert [r["duplicate_count"] for r in rows if r["idempotency_key"] == "b"] == [1]
+
+
+async def test_a_fold_wakes_the_dispatcher_only_for_what_may_be_due(
+    engine: AsyncEngine, appender: Appender
+) -> None:
+    """`advanced` (the dispatcher's wake) after an inline fold and after the runner's own, both
+    judged by `may_make_due`: a delivery kept or filtered and a duplicate wake nothing."""
+    runner = ProjectionRunner(engine, list(PROJECTIONS.values()), wakes=may_make_due)
+    await appender.submit(delivery("first", initial_status="recorded"))
+    await runner.catch_up()  # the runner's fold of a delivery kept only
+    assert not runner.advanced.is_set()
+    appender.folder = runner  # from here on, folded inline
+
+    async def woke(*commands: Any) -> bool:
+        runner.advanced.clear()
+        await asyncio.gather(*(appender.submit(c) for c in commands))
+        async with engine.connect() as conn:
+            assert set((await read_checkpoints(conn)).values()) == {await read_last_seq(conn)}
+        return runner.advanced.is_set()
+
+    kept = delivery("a", initial_status="recorded")
+    assert not await woke(kept, delivery("b", initial_status="filtered"))
+    assert not await woke(delivery("first"), delivery("a"))  # duplicates
+    assert await woke(delivery("first"), delivery("c"))  # one pending among them
+    replay = NewEvent.of(
+        execution_stream(kept.execution_id), "t", ExecutionReplayRequested(requested_by="op")
+    )
+    assert await woke(AppendEvents(events=[replay]))
+
+    appender.folder = None  # the runner folds after the commit
+    await appender.submit(delivery("d"))
+    runner.advanced.clear()
+    await runner.catch_up()
+    assert runner.advanced.is_set()
 
 
 async def test_an_inline_fold_on_postgres_moves_every_checkpoint_or_none(

@@ -667,7 +667,7 @@ async def test_a_fold_failing_on_a_held_transaction_keeps_the_append_and_the_loc
             fetch_all(conn, sa.text("SELECT 1 / 0"))  # the transaction is aborted here
             return True
 
-        def folded(self, seq: int) -> None:
+        def folded(self, appended: list[Any]) -> None:
             raise AssertionError("never folded")
 
     def work(conn: sa.Connection) -> tuple[Any, bool]:
