@@ -41,8 +41,10 @@ class BulkFold:
 
     In each window (`IN_WINDOW`) a rebuild runs `create` (rows made from the covered
     events that open a stream), then folds every event `covers` leaves out with `apply`, in seq
-    order, then `amend`. So `amend` may only change columns that no other event reads or
-    writes, and `last_seq`/`version` only where its event is the later one.
+    order; after the last window, `amend` once over the whole log (its changes, spread over the
+    table, are then each written once, not once a window). So `amend` may only change columns
+    that no other event reads or writes, and `last_seq`/`version` only where its event is the
+    later one: it commutes with every other event.
     """
 
     covers: sa.ColumnElement[bool]  # over ledger.schema.events: the events create/amend fold

@@ -86,6 +86,8 @@ async def _fill(
                 done += await conn.run_sync(
                     _fold_window, projection, table, statements, after, upto
                 )
+                if upto == until:
+                    await conn.run_sync(_amend, statements, until)
             if progress:
                 progress(upto, until, done)
         return done
@@ -128,6 +130,8 @@ def _fill_sqlite(
                     driver.execute(f"PRAGMA synchronous={'FULL' if upto == until else 'NORMAL'}")
                     with write_conn.begin():
                         done += _fold_window(write_conn, projection, table, statements, after, upto)
+                        if upto == until:
+                            _amend(write_conn, statements, until)
                     if progress:
                         progress(upto, until, done)
             return done
@@ -183,17 +187,23 @@ def _fold_window(
     after: int,
     until: int,
 ) -> int:
-    """One window of a bulk rebuild, in the caller's transaction: the bulk fold's `create`, the
-    other events through `apply` in seq order, then its `amend` (projections.base.BulkFold).
-    Returns how many events the window holds."""
+    """One window of a bulk rebuild, in the caller's transaction: the bulk fold's `create`, then
+    the other events through `apply` in seq order (projections.base.BulkFold). Returns how many
+    events the window holds."""
     window = {"after": after, "until": until}
     conn.execute(statements.create, window)
     reached = after
     while batch := fetch_all(conn, statements.rest, window | {"after": reached}):
         projection.apply(conn, table, [to_recorded(row) for row in batch])
         reached = batch[-1][0]
-    conn.execute(statements.amend, window)
     return until - after  # seq is gap-free (the appender assigns head + 1, …, under its lock)
+
+
+def _amend(conn: sa.Connection, statements: _BulkStatements, until: int) -> None:
+    """The bulk fold's `amend` over the whole log, once, with the last window: each row it
+    changes is written once, where an `amend` a window rewrote the rows of a window's
+    duplicates, spread over the whole table, window after window (projections.base.BulkFold)."""
+    conn.execute(statements.amend, {"after": 0, "until": until})
 
 
 # The raw driver's rows: SQLAlchemy's row processing cost more than decoding the event.
