@@ -6,6 +6,7 @@ A stored type name never changes; evolve with a new type or an upcaster.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import threading
 import time
@@ -28,6 +29,16 @@ _RAND_B = (1 << 62) - 1
 _VERSION_AND_VARIANT = 0x7 << 76 | 0x2 << 62  # version 7, RFC 4122 variant
 _last_uuid7 = 0  # this process's last, as an integer
 _uuid7_lock = threading.Lock()  # two threads must not both take the last one's successor
+
+
+def _forget_last_uuid7() -> None:
+    # A forked child would otherwise go on from its parent's last id, as the parent does: in the
+    # same millisecond, both would make its successor.
+    global _last_uuid7
+    _last_uuid7 = 0
+
+
+os.register_at_fork(after_in_child=_forget_last_uuid7)
 
 
 def uuid7() -> str:

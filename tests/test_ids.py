@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -54,3 +55,16 @@ def test_threads_never_make_the_same_id() -> None:
         thread.join()
     assert len({i for m in made for i in m}) == 80_000
     assert all(m == sorted(m) for m in made)
+
+
+def test_a_forked_child_does_not_go_on_from_its_parents_last_id() -> None:
+    uuid7()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id is not its parent's last one's successor
+        os.write(write, str(events._last_uuid7).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == "0"
+    os.waitpid(pid, 0)
