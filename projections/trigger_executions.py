@@ -180,9 +180,10 @@ def execution_id_of(event: RecordedEvent) -> str | None:
 
 
 # The rebuild's set-wise fold (projections.base.BulkFold): a log's bulk is its deliveries and
-# their duplicates, so those are folded by SQL in the database, each window of the log in two
-# statements; the rest (attempts, replays) still goes through `evolve`. The statements say, in
-# SQL, what `_received` and the `webhook.duplicate` case of `_change` say: keep them together.
+# their duplicates, so those are folded by SQL in the database: each window's deliveries in one
+# statement, the whole log's duplicates in one after the last window; the rest (attempts,
+# replays) still goes through `evolve`. The statements say, in SQL, what `_received` and the
+# `webhook.duplicate` case of `_change` say: keep them together.
 _e = events
 _IN_EXECUTIONS = sa.func.substr(_e.c.stream, 1, len("execution-")) == "execution-"
 _OPENS = sa.and_(_e.c.type == "webhook.received", _e.c.version == 1, _IN_EXECUTIONS)
@@ -226,7 +227,8 @@ def _bulk_create(target: sa.Table, dialect: str) -> sa.Executable:
 
 
 def _bulk_amend(target: sa.Table, dialect: str) -> sa.Executable:
-    """The `webhook.duplicate` case of `_change`, for every execution of the window at once."""
+    """The `webhook.duplicate` case of `_change`, for every execution of the range at once (a
+    rebuild gives it the whole log, after its last window)."""
     found = (
         sa.select(
             sa.func.substr(_e.c.stream, len("execution-") + 1).label("execution_id"),
