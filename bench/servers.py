@@ -191,9 +191,8 @@ async def hookledger(
         "HOOKLEDGER_SECRET_KEY": SECRET_KEY,
         "HOOKLEDGER_LOG_FORMAT": "json",
     }
-    serve = [*command, "serve", "--workers", str(workers)]
-    if os.environ.get("HOOKLEDGER_BENCH_NO_DISPATCH") == "1":
-        serve.insert(-2, "--no-dispatch")
+    dispatch = ["--no-dispatch"] if os.environ.get("HOOKLEDGER_BENCH_NO_DISPATCH") == "1" else []
+    serve = [*command, "serve", *dispatch, "--workers", str(workers)]
     server = await _spawn(name, serve, workdir, env, root)
     try:
         await _wait_ready(server, "/healthz")

@@ -84,10 +84,8 @@ async def _fill(
         for after, upto in _windows(until, window):
             async with write_transaction(engine) as conn:
                 done += await conn.run_sync(
-                    _fold_window, projection, table, statements, after, upto
+                    _fold_window, projection, table, statements, after, upto, until
                 )
-                if upto == until:
-                    await conn.run_sync(_amend, statements, until)
             if progress:
                 progress(upto, until, done)
         return done
@@ -129,9 +127,9 @@ def _fill_sqlite(
                     # synced; syncing the WAL makes every earlier window durable with it.
                     driver.execute(f"PRAGMA synchronous={'FULL' if upto == until else 'NORMAL'}")
                     with write_conn.begin():
-                        done += _fold_window(write_conn, projection, table, statements, after, upto)
-                        if upto == until:
-                            _amend(write_conn, statements, until)
+                        done += _fold_window(
+                            write_conn, projection, table, statements, after, upto, until
+                        )
                     if progress:
                         progress(upto, until, done)
             return done
@@ -185,25 +183,23 @@ def _fold_window(
     table: sa.Table,
     statements: _BulkStatements,
     after: int,
+    upto: int,
     until: int,
 ) -> int:
-    """One window of a bulk rebuild, in the caller's transaction: the bulk fold's `create`, then
-    the other events through `apply` in seq order (projections.base.BulkFold). Returns how many
-    events the window holds."""
-    window = {"after": after, "until": until}
+    """The window (after, upto] of a bulk rebuild up to `until`, in the caller's transaction:
+    the bulk fold's `create`, then the other events through `apply` in seq order; with the last
+    window, the `amend` of the whole log, once (projections.base.BulkFold): each row it changes
+    is written once, where an `amend` a window rewrote rows spread over the whole table, window
+    after window. Returns how many events the window holds."""
+    window = {"after": after, "until": upto}
     conn.execute(statements.create, window)
     reached = after
     while batch := fetch_all(conn, statements.rest, window | {"after": reached}):
         projection.apply(conn, table, [to_recorded(row) for row in batch])
         reached = batch[-1][0]
-    return until - after  # seq is gap-free (the appender assigns head + 1, …, under its lock)
-
-
-def _amend(conn: sa.Connection, statements: _BulkStatements, until: int) -> None:
-    """The bulk fold's `amend` over the whole log, once, with the last window: each row it
-    changes is written once, where an `amend` a window rewrote the rows of a window's
-    duplicates, spread over the whole table, window after window (projections.base.BulkFold)."""
-    conn.execute(statements.amend, {"after": 0, "until": until})
+    if upto == until:
+        conn.execute(statements.amend, {"after": 0, "until": until})
+    return upto - after  # seq is gap-free (the appender assigns head + 1, …, under its lock)
 
 
 # The raw driver's rows: SQLAlchemy's row processing cost more than decoding the event.

@@ -70,13 +70,18 @@ def may_make_due(event: RecordedEvent) -> bool:
     if event.type == "webhook.duplicate":
         return False
     if event.type == "webhook.received":
-        return bool(event.data.get("initial_status", "pending") == "pending")
+        return _initial_status(event) == "pending"
     return True
+
+
+def _initial_status(event: RecordedEvent) -> str:
+    """The status a delivery's execution starts in (a log older than `initial_status`: pending)."""
+    return str(event.data.get("initial_status", "pending"))
 
 
 def _received(event: RecordedEvent) -> Row:
     data = event.data
-    status = data.get("initial_status", "pending")
+    status = _initial_status(event)
     return {
         "execution_id": data["execution_id"],
         "trigger_id": event.trigger_id,
