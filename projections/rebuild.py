@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.events import RecordedEvent
 from ledger.rows import fetch_all
@@ -52,11 +52,26 @@ class RebuildResult:
     swapped: bool
 
 
-async def _recreate(engine: AsyncEngine, table: sa.Table) -> None:
-    """The scratch table: its name is reserved, so what holds it is a dead rebuild's leftover."""
+async def _recreate(engine: AsyncEngine, shadow: sa.Table, live: str) -> sa.Table:
+    """The scratch table, made as the live one stands, so that the swap leaves the schema as
+    the migrations made it: the columns in the live table's order (a migration adds a column
+    last, where the model may list it elsewhere), and the primary key named as theirs name it
+    (`pk_<table>`). SQLite's constraint names are text in the CREATE statement, which no rename
+    changes, so it is given now; PostgreSQL's are index names, one per schema, the live one's
+    taken until the swap drops it, so `_swap` renames it there. Its name is reserved, so what
+    holds it is a dead rebuild's leftover."""
     async with write_transaction(engine) as conn:
+        order = await conn.run_sync(
+            lambda sync: [c["name"] for c in sa.inspect(sync).get_columns(live)]
+        )
+        table = shadow
+        if sorted(order) == sorted(shadow.c.keys()):
+            table = sa.Table(shadow.name, sa.MetaData(), *(shadow.c[n]._copy() for n in order))
+        sqlite = conn.dialect.name == "sqlite"
+        table.primary_key.name = f"pk_{live}" if sqlite else f"pk_{table.name}"
         await conn.run_sync(lambda sync: table.drop(sync, checkfirst=True))
         await conn.run_sync(lambda sync: table.create(sync))
+    return table
 
 
 async def _make_into(
@@ -236,9 +251,28 @@ async def _swap(engine: AsyncEngine, projection: Projection, shadow: str, until:
         await _take_projector_lock(conn, wait=True)
         await conn.execute(sa.text(f'DROP TABLE "{live}"'))
         await conn.execute(sa.text(f'ALTER TABLE "{shadow}" RENAME TO "{live}"'))
+        if conn.dialect.name == "postgresql":
+            await _rename_primary_key(conn, live)
         for index in projection.index_ddl(live):
             await conn.run_sync(_create_index, index)
         await set_checkpoint(conn, projection.name, until)
+
+
+async def _rename_primary_key(conn: AsyncConnection, live: str) -> None:
+    """The swapped-in table's primary key given its migration's name (`_recreate`), found by
+    what it is: a table swapped in before this named it `<scratch table>_pkey`."""
+    current = await conn.scalar(
+        sa.text(
+            "SELECT conname FROM pg_constraint"
+            " WHERE conrelid = CAST(:table AS regclass) AND contype = 'p'"
+        ),
+        {"table": f'"{live}"'},
+    )
+    wanted = f"pk_{live}"
+    if current is not None and current != wanted:
+        await conn.execute(
+            sa.text(f'ALTER TABLE "{live}" RENAME CONSTRAINT "{current}" TO "{wanted}"')
+        )
 
 
 async def rebuild(
@@ -271,7 +305,7 @@ async def rebuild(
         until = head if until_seq is None else min(until_seq, head)
         table = projection.shadow_table(target)
         if into is None:
-            await _recreate(engine, table)
+            table = await _recreate(engine, table, projection.table.name)
         else:
             await _make_into(engine, projection, table, until, replace=replace)
         done = await _fill(engine, projection, table, until, progress, window)

@@ -109,6 +109,40 @@ async def test_a_table_made_by_rebuild_into_can_be_rebuilt_into_again(
     assert await snapshot(traffic, "trigger_executions") == live
 
 
+def _schema_of(sync: sa.Connection, table: str) -> dict[str, Any]:
+    inspector = sa.inspect(sync)
+    return {
+        "columns": [c["name"] for c in inspector.get_columns(table)],
+        "primary_key": inspector.get_pk_constraint(table),
+        "indexes": sorted(
+            (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+            for i in inspector.get_indexes(table)
+        ),
+        "unique": sorted(
+            (u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)
+        ),
+    }
+
+
+async def test_a_swapping_rebuild_leaves_each_table_as_its_migration_made_it(
+    traffic: AsyncEngine,
+) -> None:
+    """Names and order and all: a swapped-in table's primary key was named after the scratch
+    table on PostgreSQL (`trigger_executions__rebuild_pkey`, then `…_pkey1` at the next swap)
+    and not named on SQLite, and its columns came in the model's order, not the migrations'."""
+    for projection in PROJECTIONS.values():
+        name = projection.table.name
+        async with traffic.connect() as conn:
+            migrated = await conn.run_sync(_schema_of, name)
+        live = await rows_of(traffic, name)
+        assert live
+        for _ in range(2):
+            assert (await rebuild(traffic, projection)).swapped
+            async with traffic.connect() as conn:
+                assert await conn.run_sync(_schema_of, name) == migrated, name
+            assert await rows_of(traffic, name) == live
+
+
 USERS_ROWS = [(1, "ada"), (2, "grace")]
 
 
