@@ -7,6 +7,7 @@ time by server.monitoring and set here with `set_gauges`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -117,7 +118,13 @@ class Metrics:
         self._database_up.set(1)
 
     def set_database_down(self) -> None:
+        """The gauges read from the database are unknown while it cannot be read: the labelled
+        ones leave the page (a dashboard shows no data, not the last scrape's numbers as if
+        current) and the backlog reads NaN, until a scrape reads them again (`set_gauges`)."""
         self._database_up.set(0)
+        for gauge in (self._executions, self._lag_events, self._lag_seconds):
+            gauge.clear()
+        self._backlog.set(math.nan)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -199,6 +200,14 @@ async def test_readyz_answers_503_while_the_database_is_unreachable_then_recover
     assert down["error"]["code"] == "not_ready"
     metrics = await scrape(client)
     assert metrics[("hookledger_database_up", ())] == (0 if proxy is not None else 1)
+    read_from_database = {
+        "hookledger_executions",
+        "hookledger_projection_lag_events",
+        "hookledger_projection_lag_seconds",
+    }
+    if proxy is not None:  # unknown now: not the last scrape's numbers, as if current
+        assert not {name for name, _ in metrics} & read_from_database
+        assert math.isnan(metrics[("hookledger_dispatch_backlog", ())])
     if proxy is not None:
         refused = await client.post("/webhooks/t", data="{}", headers=JSON_HEADERS)
         assert refused.status == 503 and refused.headers["Retry-After"]
@@ -216,7 +225,11 @@ async def test_readyz_answers_503_while_the_database_is_unreachable_then_recover
         os.replace(aside, path)
     assert (await wait_ready(client, 200))["status"] == "ready"
     await deliver(client, "t")  # and it takes deliveries again
-    assert (await scrape(client))[("hookledger_database_up", ())] == 1
+    metrics = await scrape(client)
+    assert metrics[("hookledger_database_up", ())] == 1
+    assert metrics[("hookledger_dispatch_backlog", ())] == 0
+    assert {name for name, _ in metrics} >= read_from_database
+    assert sum(v for (name, _), v in metrics.items() if name == "hookledger_executions") == 2
 
 
 @pytest.fixture
