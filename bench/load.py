@@ -87,6 +87,11 @@ def _python_command(url: str, load: Load) -> list[str]:
 
 async def run_load(wrk: str | None, url: str, load: Load, out: Path) -> LoadResult:
     command = _wrk_command(wrk, url, load) if wrk else _python_command(url, load)
+    # What ran before is on the disk first (the earlier servers' files and logs, a filled log):
+    # the kernel writes dirty pages back ~30 s after they were made, and that writeback held a
+    # PostgreSQL commit's sync for 100-160 ms, so a point paid for the runs before it; the
+    # servers run one after the other, PostgreSQL's last (bench/README.md, session 24).
+    await asyncio.to_thread(os.sync)
     env = {"BENCH_PAYLOAD": str(load.payload), "BENCH_WRK_OUT": str(out)}
     process = await asyncio.create_subprocess_exec(
         *command,
