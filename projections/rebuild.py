@@ -66,6 +66,8 @@ async def _recreate(engine: AsyncEngine, shadow: sa.Table, live: str) -> sa.Tabl
         )
         table = shadow
         if sorted(order) == sorted(shadow.c.keys()):
+            # Column._copy(): the column whole (type, nullability, key), as Table.to_metadata
+            # copies it; the public copy() is deprecated for it.
             table = sa.Table(shadow.name, sa.MetaData(), *(shadow.c[n]._copy() for n in order))
         sqlite = conn.dialect.name == "sqlite"
         table.primary_key.name = f"pk_{live}" if sqlite else f"pk_{table.name}"
