@@ -205,10 +205,10 @@ async def test_readyz_answers_503_while_the_database_is_unreachable_then_recover
         "hookledger_projection_lag_events",
         "hookledger_projection_lag_seconds",
     }
-    if proxy is not None:  # unknown now: not the last scrape's numbers, as if current
+    if proxy is not None:
+        # Unknown now: not the last scrape's numbers, as if current.
         assert not {name for name, _ in metrics} & read_from_database
         assert math.isnan(metrics[("hookledger_dispatch_backlog", ())])
-    if proxy is not None:
         refused = await client.post("/webhooks/t", data="{}", headers=JSON_HEADERS)
         assert refused.status == 503 and refused.headers["Retry-After"]
         # An id nobody made, while it cannot be looked up: refused, and never a metric label
